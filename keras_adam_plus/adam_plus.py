@@ -1,0 +1,366 @@
+"""AdamPlus: Adam (Kingma & Ba, 2015) for Keras 3, exact and validated."""
+
+import re
+
+import keras
+from keras import ops
+
+from keras_adam_plus import validation
+
+EPSILON_MODES = ("paper", "hat")
+WEIGHT_DECAY_MODES = ("decoupled", "decoupled_unscaled", "l2")
+
+
+@keras.saving.register_keras_serializable(package="keras_adam_plus")
+class AdamPlus(keras.optimizers.Optimizer):
+    """Adam, as in Algorithm 1 of Kingma & Ba (2015), with validated options.
+
+    For each variable `theta` with gradient `g`, at step `t = 1, 2, ...`:
+
+    ```
+    m = beta_1 * m + (1 - beta_1) * g
+    v = beta_2 * v + (1 - beta_2) * g**2
+    v_max = max(v_max, v)                        # amsgrad=True: use v_max
+    m_hat = m / (1 - beta_1**t)                  # bias_correction=True
+    v_hat = v / (1 - beta_2**t)
+    # epsilon_mode="paper" (Algorithm 1; torch.optim.Adam, optax.adam):
+    theta = theta - alpha * m_hat / (sqrt(v_hat) + epsilon)
+    # epsilon_mode="hat" (end of Section 2; keras.optimizers.Adam, TF):
+    alpha_t = alpha * sqrt(1 - beta_2**t) / (1 - beta_1**t)
+    theta = theta - alpha_t * m / (sqrt(v) + epsilon)
+    ```
+
+    The two epsilon conventions agree only when the "hat" epsilon equals
+    `epsilon * sqrt(1 - beta_2**t)`, so with a constant epsilon they differ
+    in the first steps and on coordinates whose `v` is tiny. Use
+    `epsilon_mode="hat", epsilon=1e-7` to reproduce `keras.optimizers.Adam`
+    exactly; the default (`"paper"`, `1e-8`) follows the paper, PyTorch and
+    optax. With `bias_correction=False` both modes use `m` and `v` as they
+    are, which is RMSProp with momentum (the paper's Section 6.4).
+
+    Weight decay (`lambda = weight_decay`), applied before the Adam step:
+
+    ```
+    "decoupled":          theta = theta - alpha * lambda * theta  # Keras AdamW
+    "decoupled_unscaled": theta = theta - lambda * theta          # L&H 2019
+    "l2":                 g = g + lambda * theta                  # torch Adam
+    ```
+
+    Args:
+        learning_rate: The step size alpha: a float (ints and NumPy scalars
+            are converted), a
+            `keras.optimizers.schedules.LearningRateSchedule`, or a callable
+            taking no arguments. Must be finite and >= 0. Defaults to
+            `0.001`.
+        beta_1: Exponential decay rate of the first moment, in [0, 1).
+            Defaults to `0.9`.
+        beta_2: Exponential decay rate of the second moment, in [0, 1).
+            Defaults to `0.999`.
+        epsilon: Small constant added to the denominator, finite and > 0.
+            Defaults to `1e-8`.
+        epsilon_mode: `"paper"` adds `epsilon` to `sqrt(v_hat)` (Algorithm
+            1); `"hat"` adds it to `sqrt(v)` and folds the bias correction
+            into the step size (the paper's "epsilon hat", as in
+            `keras.optimizers.Adam`). Defaults to `"paper"`.
+        amsgrad: Whether to use AMSGrad (Reddi et al., 2018): the running
+            maximum of the raw second moment `v`, bias-corrected afterwards
+            (PyTorch's ordering). Defaults to `False`.
+        bias_correction: Whether to divide the moments by `1 - beta**t`.
+            `False` gives RMSProp with momentum. Defaults to `True`.
+        weight_decay: Weight decay coefficient `lambda`, finite and >= 0, or
+            `None` for none. Defaults to `None`.
+        weight_decay_mode: How weight decay is applied: `"decoupled"`,
+            `"decoupled_unscaled"` or `"l2"` (see above). Defaults to
+            `"decoupled"`.
+        weight_decay_exclude: Regular expressions; a variable whose path or
+            name matches any of them (`re.search`) gets no weight decay,
+            e.g. `["bias", "norm"]`. Kept in the config, so it survives
+            save and load. Defaults to `None`.
+        clipnorm: If set, each gradient is clipped to this L2 norm (> 0).
+        clipvalue: If set, each gradient is clipped to [-clipvalue,
+            clipvalue] (> 0).
+        global_clipnorm: If set, all gradients are clipped together to this
+            global L2 norm (> 0).
+        use_ema: Whether to keep Keras's exponential moving average of the
+            weights. Defaults to `False`.
+        ema_momentum: Momentum of that average, in [0, 1]. Defaults to
+            `0.99`.
+        ema_overwrite_frequency: Every this many steps (an int >= 1) the
+            weights are overwritten with their average; `None` never.
+        loss_scale_factor: If set (> 0), the loss is multiplied by it and
+            the gradients divided by it.
+        gradient_accumulation_steps: If an int > 1, gradients are averaged
+            over this many batches and the update (bias correction and
+            weight decay included) happens once per that many batches.
+            `1` and `None` mean no accumulation. Defaults to `None`.
+        name: Name of the optimizer and prefix of its variables. Defaults
+            to `"adam_plus"`.
+
+    Example:
+
+    >>> import keras, numpy as np
+    >>> from keras_adam_plus import AdamPlus
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    >>> model.compile(optimizer=AdamPlus(learning_rate=1e-2), loss="mse")
+    >>> history = model.fit(np.ones((8, 4)), np.ones((8, 1)), verbose=0)
+
+    References:
+        Kingma & Ba, "Adam: A Method for Stochastic Optimization", ICLR
+        2015, https://arxiv.org/abs/1412.6980.
+        Reddi, Kale & Kumar, "On the Convergence of Adam and Beyond", ICLR
+        2018 (AMSGrad).
+        Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR
+        2019, https://arxiv.org/abs/1711.05101.
+    """
+
+    def __init__(
+        self,
+        learning_rate=0.001,
+        beta_1=0.9,
+        beta_2=0.999,
+        epsilon=1e-8,
+        epsilon_mode="paper",
+        amsgrad=False,
+        bias_correction=True,
+        weight_decay=None,
+        weight_decay_mode="decoupled",
+        weight_decay_exclude=None,
+        clipnorm=None,
+        clipvalue=None,
+        global_clipnorm=None,
+        use_ema=False,
+        ema_momentum=0.99,
+        ema_overwrite_frequency=None,
+        loss_scale_factor=None,
+        gradient_accumulation_steps=None,
+        name="adam_plus",
+        **kwargs,
+    ):
+        v = validation
+        accumulation = v.check_int(
+            "gradient_accumulation_steps", gradient_accumulation_steps, 1,
+            optional=True,
+        )
+        super().__init__(
+            learning_rate=v.check_learning_rate(learning_rate),
+            weight_decay=v.check_float(
+                "weight_decay", weight_decay, low=0.0, optional=True
+            ),
+            clipnorm=v.check_float(
+                "clipnorm", clipnorm, low=0.0, low_inclusive=False,
+                optional=True,
+            ),
+            clipvalue=v.check_float(
+                "clipvalue", clipvalue, low=0.0, low_inclusive=False,
+                optional=True,
+            ),
+            global_clipnorm=v.check_float(
+                "global_clipnorm", global_clipnorm, low=0.0,
+                low_inclusive=False, optional=True,
+            ),
+            use_ema=v.check_bool("use_ema", use_ema),
+            ema_momentum=v.check_float(
+                "ema_momentum", ema_momentum, low=0.0, high=1.0
+            ),
+            ema_overwrite_frequency=v.check_int(
+                "ema_overwrite_frequency", ema_overwrite_frequency, 1,
+                optional=True,
+            ),
+            loss_scale_factor=v.check_float(
+                "loss_scale_factor", loss_scale_factor, low=0.0,
+                low_inclusive=False, optional=True,
+            ),
+            # Keras wants None or >= 2; 1 means no accumulation.
+            gradient_accumulation_steps=(
+                accumulation if accumulation and accumulation > 1 else None
+            ),
+            name=v.check_name(name),
+            **kwargs,
+        )
+        self.beta_1 = v.check_float(
+            "beta_1", beta_1, low=0.0, high=1.0, high_inclusive=False
+        )
+        self.beta_2 = v.check_float(
+            "beta_2", beta_2, low=0.0, high=1.0, high_inclusive=False
+        )
+        self.epsilon = v.check_float(
+            "epsilon", epsilon, low=0.0, low_inclusive=False
+        )
+        self.epsilon_mode = v.check_choice(
+            "epsilon_mode", epsilon_mode, EPSILON_MODES
+        )
+        self.amsgrad = v.check_bool("amsgrad", amsgrad)
+        self.bias_correction = v.check_bool("bias_correction", bias_correction)
+        self.weight_decay_mode = v.check_choice(
+            "weight_decay_mode", weight_decay_mode, WEIGHT_DECAY_MODES
+        )
+        self.weight_decay_exclude = v.check_patterns(
+            "weight_decay_exclude", weight_decay_exclude
+        )
+        self._pending_state = None
+
+    def build(self, var_list):
+        """Creates `m`, `v` (and `v_max` with amsgrad) for each variable."""
+        if self.built:
+            return
+        super().build(var_list)
+        names = ["momentum", "velocity"] + (
+            ["velocity_max"] if self.amsgrad else []
+        )
+        slots = self.add_optimizer_variables(var_list, names)
+        self._momentums, self._velocities = slots[0], slots[1]
+        self._velocity_maxes = slots[2] if self.amsgrad else None
+        self._decays = [self._decays_variable(var) for var in var_list]
+        if self._pending_state is not None:
+            self._assign_state(self._pending_state)
+            self._pending_state = None
+
+    def _decays_variable(self, variable):
+        """Whether weight decay applies to `variable` (decided at build)."""
+        if not self.weight_decay:
+            return False
+        for pattern in self.weight_decay_exclude:
+            for label in (getattr(variable, "path", ""), variable.name):
+                if re.search(pattern, label):
+                    return False
+        # Also honour Keras's exclude_from_weight_decay().
+        return self._use_weight_decay(variable)
+
+    def _apply_weight_decay(self, variables):
+        # Every weight decay mode is applied in update_step instead.
+        return
+
+    def _get_current_learning_rate(self):
+        # Schedules see real steps, not micro-steps of gradient accumulation
+        # (Keras passes the micro-step count).
+        schedule = keras.optimizers.schedules.LearningRateSchedule
+        if isinstance(self._learning_rate, schedule):
+            return self._learning_rate(self.iterations)
+        return super()._get_current_learning_rate()
+
+    def update_step(self, gradient, variable, learning_rate):
+        """Applies one Adam step to `variable` (see the class docstring)."""
+        dtype = variable.dtype
+        index = self._get_variable_index(variable)
+        m = self._momentums[index]
+        v = self._velocities[index]
+        lr = ops.cast(learning_rate, dtype)
+        gradient = ops.cast(gradient, dtype)
+
+        if self._decays[index]:
+            wd = ops.cast(self.weight_decay, dtype)
+            if self.weight_decay_mode == "l2":
+                gradient = ops.add(gradient, ops.multiply(wd, variable))
+            elif self.weight_decay_mode == "decoupled":
+                # Same operation order as Keras's base optimizer.
+                self.assign_sub(variable, variable * wd * lr)
+            else:
+                self.assign_sub(variable, ops.multiply(variable, wd))
+
+        self.assign_add(
+            m, ops.multiply(ops.subtract(gradient, m), 1 - self.beta_1)
+        )
+        self.assign_add(
+            v,
+            ops.multiply(
+                ops.subtract(ops.square(gradient), v), 1 - self.beta_2
+            ),
+        )
+        if self.amsgrad:
+            v_max = self._velocity_maxes[index]
+            self.assign(v_max, ops.maximum(v_max, v))
+            v = v_max
+
+        if not self.bias_correction:
+            # Section 6.4: RMSProp with momentum; both modes coincide.
+            self.assign_sub(
+                variable,
+                ops.divide(ops.multiply(m, lr), ops.add(ops.sqrt(v), self.epsilon)),
+            )
+            return
+
+        t = ops.cast(self.iterations + 1, dtype)
+        correction_1 = 1 - ops.power(ops.cast(self.beta_1, dtype), t)
+        correction_2 = 1 - ops.power(ops.cast(self.beta_2, dtype), t)
+        if self.epsilon_mode == "hat":
+            # End of Section 2, in keras.optimizers.Adam's operation order.
+            alpha = lr * ops.sqrt(correction_2) / correction_1
+            self.assign_sub(
+                variable,
+                ops.divide(
+                    ops.multiply(m, alpha), ops.add(ops.sqrt(v), self.epsilon)
+                ),
+            )
+        else:
+            # Algorithm 1: epsilon after bias correction (torch's order).
+            denominator = ops.add(
+                ops.divide(ops.sqrt(v), ops.sqrt(correction_2)), self.epsilon
+            )
+            self.assign_sub(
+                variable,
+                ops.multiply(ops.divide(m, denominator), lr / correction_1),
+            )
+
+    def get_config(self):
+        """Returns the JSON-serializable config; every key is an argument."""
+        config = super().get_config()
+        config.update(
+            {
+                "beta_1": self.beta_1,
+                "beta_2": self.beta_2,
+                "epsilon": self.epsilon,
+                "epsilon_mode": self.epsilon_mode,
+                "amsgrad": self.amsgrad,
+                "bias_correction": self.bias_correction,
+                "weight_decay_mode": self.weight_decay_mode,
+                "weight_decay_exclude": list(self.weight_decay_exclude),
+            }
+        )
+        return config
+
+    def load_own_variables(self, store):
+        """Loads saved state; a state that does not fit raises, never skips.
+
+        Keras only warns and keeps fresh moments when the number of saved
+        optimizer variables differs from this optimizer's; AdamPlus raises
+        a `ValueError` saying what differs.
+        """
+        saved = len(store.keys())
+        mine = len(self.variables)
+        if saved != mine:
+            hint = (
+                " The optimizer is not built yet: call "
+                "`optimizer.build(model.trainable_variables)` first."
+                if not self.built
+                else " Check that amsgrad, use_ema and "
+                "gradient_accumulation_steps match the saved optimizer's "
+                "and that the model has the same trainable variables."
+            )
+            raise ValueError(
+                f"Cannot load the state of optimizer '{self.name}': the saved "
+                f"state has {saved} variables, this optimizer has {mine}."
+                + hint
+            )
+        self._assign_state([store[str(i)] for i in range(saved)])
+
+    def _assign_state(self, values):
+        for variable, value in zip(self.variables, values):
+            if tuple(variable.shape) != tuple(value.shape):
+                raise ValueError(
+                    f"Cannot load the state of optimizer '{self.name}': "
+                    f"variable {variable.path} has shape {variable.shape}, "
+                    f"the saved value has shape {value.shape}."
+                )
+            variable.assign(value)
+
+    def __reduce__(self):
+        # Pickle keeps the config and, once built, the state; the state is
+        # assigned when the unpickled optimizer is built.
+        state = [v.numpy() for v in self.variables] if self.built else None
+        return _unpickle, (self.__class__, self.get_config(), state)
+
+
+def _unpickle(cls, config, state):
+    optimizer = cls.from_config(config)
+    optimizer._pending_state = state
+    return optimizer

@@ -1,0 +1,74 @@
+"""An independent float64 NumPy implementation of Adam (Kingma & Ba, 2015).
+
+Written from Algorithm 1 of the paper (and the end of its Section 2 for the
+"epsilon hat" form), not from the package, so that the tests compare two
+separate implementations. Everything is computed in float64.
+"""
+
+import numpy as np
+
+
+class ReferenceAdam:
+    """Algorithm 1 with the options AdamPlus documents, in float64.
+
+    `step(params, grads, lr)` updates a list of float64 arrays in place.
+    """
+
+    def __init__(self, beta_1=0.9, beta_2=0.999, epsilon=1e-8,
+                 epsilon_mode="paper", amsgrad=False, bias_correction=True,
+                 weight_decay=None, weight_decay_mode="decoupled",
+                 decay_mask=None):
+        self.b1, self.b2, self.eps = beta_1, beta_2, epsilon
+        self.epsilon_mode = epsilon_mode
+        self.amsgrad = amsgrad
+        self.bias_correction = bias_correction
+        self.wd = weight_decay or 0.0
+        self.wd_mode = weight_decay_mode
+        self.decay_mask = decay_mask
+        self.t = 0
+        self.m = self.v = self.v_max = None
+
+    def step(self, params, grads, lr):
+        if self.m is None:
+            self.m = [np.zeros_like(p) for p in params]
+            self.v = [np.zeros_like(p) for p in params]
+            self.v_max = [np.zeros_like(p) for p in params]
+        self.t += 1
+        t = self.t
+        for i, (p, g) in enumerate(zip(params, grads)):
+            g = np.asarray(g, np.float64)
+            decays = self.wd and (self.decay_mask is None or self.decay_mask[i])
+            if decays and self.wd_mode == "l2":
+                g = g + self.wd * p
+            elif decays and self.wd_mode == "decoupled":
+                p -= lr * self.wd * p
+            elif decays and self.wd_mode == "decoupled_unscaled":
+                p -= self.wd * p
+            self.m[i] = self.b1 * self.m[i] + (1 - self.b1) * g
+            self.v[i] = self.b2 * self.v[i] + (1 - self.b2) * g * g
+            self.v_max[i] = np.maximum(self.v_max[i], self.v[i])
+            v = self.v_max[i] if self.amsgrad else self.v[i]
+            c1 = 1 - self.b1**t if self.bias_correction else 1.0
+            c2 = 1 - self.b2**t if self.bias_correction else 1.0
+            if self.epsilon_mode == "paper":
+                m_hat, v_hat = self.m[i] / c1, v / c2
+                p -= lr * m_hat / (np.sqrt(v_hat) + self.eps)
+            else:
+                alpha_t = lr * np.sqrt(c2) / c1
+                p -= alpha_t * self.m[i] / (np.sqrt(v) + self.eps)
+        return params
+
+
+def run_reference(config, params, grad_steps, lr_of_step=None):
+    """Runs `ReferenceAdam(**config)` over a list of per-step gradient lists.
+
+    `lr_of_step(t)` gives the learning rate at step t = 0, 1, ...; by default
+    the constant `config["learning_rate"]`.
+    """
+    config = dict(config)
+    lr = config.pop("learning_rate", 0.001)
+    ref = ReferenceAdam(**config)
+    params = [np.array(p, np.float64) for p in params]
+    for t, grads in enumerate(grad_steps):
+        ref.step(params, grads, lr_of_step(t) if lr_of_step else lr)
+    return params
