@@ -2,11 +2,37 @@
 
 import os
 import random
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _offline_keras_home():
+    """Points KERAS_HOME at a temp folder linking ../shared/datasets.
+
+    CI sets KERAS_HOME itself; this makes a plain `pytest` find the offline
+    dataset files too. Keras reads KERAS_HOME when it is first imported, so
+    this runs before any test imports keras.
+    """
+    shared = Path(__file__).resolve().parent.parent / "shared" / "datasets"
+    if "KERAS_HOME" in os.environ or not shared.is_dir():
+        return
+    home = Path(tempfile.mkdtemp(prefix="keras_home_"))
+    for source in shared.rglob("*"):
+        if source.is_file() and source.suffix != ".md" and (
+            source.name != "SHA256SUMS"
+        ):
+            target = home / "datasets" / source.relative_to(shared)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(source)
+    os.environ["KERAS_HOME"] = str(home)
+
+
+_offline_keras_home()
 
 
 def pytest_addoption(parser):
