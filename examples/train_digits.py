@@ -7,29 +7,23 @@ import os
 import tempfile
 
 import keras
-import numpy as np
-from sklearn.datasets import load_digits
 
 import keras_adam_plus  # noqa: F401  (registers AdamPlus for load_model)
 from keras_adam_plus import AdamPlus
+from tuning.benchmarks import digits_mlp
+from tuning.datasets import digits
 
 
 def main():
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype("float32")
-    order = np.random.default_rng(0).permutation(len(x))
-    x, y = x[order], y[order]
-    model = keras.Sequential([
-        keras.Input((64,)),
-        keras.layers.Dense(64, activation="relu"),
-        keras.layers.Dense(10, activation="softmax"),
-    ])
+    data = digits()
+    model = digits_mlp((64,))
     model.compile(optimizer=AdamPlus(learning_rate=3e-3),
                   loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"])
     print(f"backend: {keras.backend.backend()}")
-    history = model.fit(x[:1400], y[:1400], batch_size=32, epochs=10,
-                        validation_data=(x[1400:], y[1400:]), verbose=0)
+    history = model.fit(data.x_train, data.y_train, batch_size=32,
+                        epochs=10, verbose=0,
+                        validation_data=(data.x_val, data.y_val))
     for epoch, (loss, acc) in enumerate(
         zip(history.history["loss"], history.history["val_accuracy"]), 1
     ):

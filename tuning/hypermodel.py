@@ -1,0 +1,75 @@
+"""A keras-tuner HyperModel: a benchmark compiled with AdamPlus from hp."""
+
+import math
+
+import keras
+import keras_tuner
+
+from keras_adam_plus import AdamPlus, InverseSqrtDecay
+from tuning.search_space import SearchSpace
+
+
+class AdamPlusHyperModel(keras_tuner.HyperModel):
+    """Builds `benchmark`'s model and compiles it with AdamPlus from `hp`.
+
+    Args:
+        benchmark: A `tuning.benchmarks.Benchmark`.
+        input_shape: Shape of one example (without the batch axis).
+        space: The `SearchSpace`; defaults to all four hyperparameters.
+        batch_size: Batch size of `fit`.
+        epochs: Epochs of `fit` (Hyperband overrides it per trial).
+        seed: Seed set before every build: every trial starts from the same
+            initial weights and sees the same dropout masks and batches.
+    """
+
+    def __init__(self, benchmark, input_shape, space=None, batch_size=32,
+                 epochs=1, seed=0):
+        super().__init__(name=benchmark.name)
+        if batch_size < 1 or epochs < 1:
+            raise ValueError(
+                "Arguments `batch_size` and `epochs` must be >= 1. Received: "
+                f"batch_size={batch_size}, epochs={epochs}"
+            )
+        self.benchmark = benchmark
+        self.input_shape = tuple(input_shape)
+        self.space = space or SearchSpace()
+        self.batch_size = batch_size
+        self.epochs = epochs
+        self.seed = seed
+        self.last_history = {}
+
+    def build(self, hp):
+        """Declares the search space on `hp`; returns the compiled model."""
+        kwargs = self.space.optimizer_kwargs(self.space.declare(hp))
+        keras.utils.set_random_seed(self.seed)
+        model = self.benchmark.build(self.input_shape)
+        if self.benchmark.inverse_sqrt_lr:
+            kwargs["learning_rate"] = InverseSqrtDecay(kwargs["learning_rate"])
+        model.compile(optimizer=AdamPlus(**kwargs), loss=self.benchmark.loss,
+                      metrics=list(self.benchmark.metrics))
+        return model
+
+    def fit(self, hp, model, *args, **kwargs):
+        """Trains; a non-finite loss fails the trial instead of scoring it."""
+        kwargs.setdefault("batch_size", self.batch_size)
+        kwargs.setdefault("epochs", self.epochs)
+        kwargs.setdefault("verbose", 0)
+        kwargs["callbacks"] = list(kwargs.get("callbacks", [])) + [
+            keras.callbacks.TerminateOnNaN()
+        ]
+        keras.utils.set_random_seed(self.seed)
+        history = model.fit(*args, **kwargs)
+        self.last_history = {k: [float(x) for x in v]
+                             for k, v in history.history.items()}
+        for name, values in self.last_history.items():
+            bad = [i for i, x in enumerate(values) if not math.isfinite(x)]
+            if not values:
+                raise keras_tuner.errors.FailedTrialError(
+                    f"{name} has no values: the trial trained no epoch"
+                )
+            if bad:
+                raise keras_tuner.errors.FailedTrialError(
+                    f"{name} became non-finite ({values[bad[0]]}) at epoch "
+                    f"{bad[0] + 1}: diverged"
+                )
+        return history

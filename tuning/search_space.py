@@ -1,0 +1,129 @@
+"""The one declaration of AdamPlus's hyperparameters and their priors.
+
+learning_rate and epsilon are log-uniform. beta_1 and beta_2 are sampled so
+that 1 - beta is log-uniform: keras-tuner's samplings cannot express that on
+beta itself ("reverse_log" is log-uniform in max + min - beta), so the
+keras-tuner hyperparameters are named `one_minus_beta_1` and
+`one_minus_beta_2` and `SearchSpace.optimizer_kwargs` turns them back into
+`beta_1` and `beta_2`. Defaults are the paper's (Algorithm 1), so a trial with
+default values is Adam as published.
+"""
+
+import dataclasses
+
+TUNABLE = ("learning_rate", "beta_1", "beta_2", "epsilon")
+PAPER_DEFAULTS = {"learning_rate": 1e-3, "beta_1": 0.9, "beta_2": 0.999,
+                  "epsilon": 1e-8}
+DEFAULT_RANGES = {
+    "learning_rate": (1e-5, 1e-1),
+    "beta_1": (0.0, 0.99),  # 1 - beta_1 in [0.01, 1]
+    "beta_2": (0.9, 0.9999),  # 1 - beta_2 in [1e-4, 0.1]
+    "epsilon": (1e-10, 1e-3),
+}
+MODE_HPS = ("amsgrad", "epsilon_mode", "weight_decay_mode", "weight_decay")
+
+
+@dataclasses.dataclass
+class SearchSpace:
+    """Which AdamPlus hyperparameters are tuned, over which ranges.
+
+    Args:
+        tune: Names (of `TUNABLE`) that are searched; the others are fixed
+            at `fixed` or the paper's defaults.
+        ranges: Overrides of `DEFAULT_RANGES`, name -> (low, high) in the
+            hyperparameter's own units (beta, not 1 - beta).
+        fixed: AdamPlus keyword arguments fixed for every trial.
+        modes: Whether to also search `amsgrad`, `epsilon_mode` and weight
+            decay (a mode, then, conditionally, its coefficient).
+        grid_steps: For GridSearch, the log-spaced steps per decade count:
+            each tuned hyperparameter takes values a factor `10**(1/n)`
+            apart.
+    """
+
+    tune: tuple = TUNABLE
+    ranges: dict = dataclasses.field(default_factory=dict)
+    fixed: dict = dataclasses.field(default_factory=dict)
+    modes: bool = False
+    grid_steps: int = 0
+
+    def __post_init__(self):
+        unknown = set(self.tune) - set(TUNABLE)
+        if unknown:
+            raise ValueError(
+                f"Argument `tune` must name only {', '.join(TUNABLE)}. "
+                f"Received: tune={list(self.tune)!r}"
+            )
+        self.tune = tuple(self.tune)
+        for name, (low, high) in self.ranges.items():
+            if name not in TUNABLE or not low < high:
+                raise ValueError(
+                    "Argument `ranges` must map names of "
+                    f"{', '.join(TUNABLE)} to (low, high) with low < high. "
+                    f"Received: ranges={self.ranges!r}"
+                )
+
+    def range(self, name):
+        return self.ranges.get(name, DEFAULT_RANGES[name])
+
+    def declare(self, hp):
+        """Declares the hyperparameters on `hp` and returns their values.
+
+        The returned dict holds keras-tuner's names (`one_minus_beta_1`...).
+        """
+        values = {}
+        for name in self.tune:
+            low, high = self.range(name)
+            default = self.fixed.get(name, PAPER_DEFAULTS[name])
+            if name.startswith("beta"):
+                hp_name = f"one_minus_{name}"
+                low, high, default = 1 - high, 1 - low, 1 - default
+            else:
+                hp_name = name
+            step = 10 ** (1 / self.grid_steps) if self.grid_steps else None
+            values[hp_name] = hp.Float(
+                hp_name, low, high, sampling="log", step=step,
+                default=_snap(default, low, step),
+            )
+        if self.modes:
+            values["amsgrad"] = hp.Boolean("amsgrad", default=False)
+            values["epsilon_mode"] = hp.Choice(
+                "epsilon_mode", ["paper", "hat"], default="paper"
+            )
+            mode = hp.Choice("weight_decay_mode",
+                             ["none", "decoupled", "l2"], default="none")
+            values["weight_decay_mode"] = mode
+            with hp.conditional_scope("weight_decay_mode",
+                                      ["decoupled", "l2"]):
+                if mode != "none":
+                    values["weight_decay"] = hp.Float(
+                        "weight_decay", 1e-6, 1e-1, sampling="log",
+                        default=1e-4,
+                    )
+        return values
+
+    def optimizer_kwargs(self, values):
+        """AdamPlus keyword arguments from keras-tuner values."""
+        kwargs = dict(PAPER_DEFAULTS)
+        kwargs.update(self.fixed)
+        for hp_name, value in values.items():
+            if hp_name.startswith("one_minus_"):
+                # round() undoes 1 - (1 - beta)'s last-bit error.
+                kwargs[hp_name[len("one_minus_"):]] = round(1 - value, 15)
+            elif hp_name == "weight_decay_mode":
+                if value == "none":
+                    kwargs.pop("weight_decay", None)
+                else:
+                    kwargs["weight_decay_mode"] = value
+            elif hp_name in TUNABLE or hp_name in MODE_HPS:
+                kwargs[hp_name] = value
+        return kwargs
+
+
+def _snap(default, low, step):
+    """With a grid step, the nearest grid value to `default`."""
+    if not step:
+        return default
+    import math
+
+    k = round(math.log(default / low) / math.log(step))
+    return low * step**k
