@@ -238,6 +238,37 @@ class AdamPlus(keras.optimizers.Optimizer):
             return self._learning_rate(self.iterations)
         return super()._get_current_learning_rate()
 
+    @property
+    def fast_path(self):
+        """Which update this optimizer runs on the current backend.
+
+        `"torch_fused"` on the PyTorch backend (torch's fused multi-tensor
+        Adam kernel, see `keras_adam_plus.backends.torch_fused`), else
+        `"generic"` (`update_step` per variable, compiled by XLA under
+        `jit_compile` on TensorFlow and always on JAX), followed by the
+        reason where a fast path exists but this configuration falls back.
+        """
+        fast = _fast_path_module()
+        if fast is None:
+            return "generic"
+        reason = fast.fallback_reason(self)
+        if reason is None:
+            return fast.__name__.rsplit(".", 1)[-1]
+        return f"generic ({reason})"
+
+    def _fast_path_blocker(self):
+        # Subclasses and modes with no fused form return a reason here.
+        return None
+
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        fast = _fast_path_module()
+        if fast is not None and fast.fallback_reason(self) is None:
+            fast.update(self, grads, trainable_variables, learning_rate)
+        else:
+            super()._backend_update_step(
+                grads, trainable_variables, learning_rate
+            )
+
     def update_step(self, gradient, variable, learning_rate):
         """Applies one Adam step to `variable` (see the class docstring)."""
         dtype = variable.dtype
@@ -246,6 +277,11 @@ class AdamPlus(keras.optimizers.Optimizer):
         v = self._velocities[index]
         lr = ops.cast(learning_rate, dtype)
         gradient = ops.cast(gradient, dtype)
+        # Constants in the variable's dtype: a bare Python float would be
+        # rounded to float32 first on some backends (float64 variables).
+        one_minus_beta_1 = ops.cast(1 - self.beta_1, dtype)
+        one_minus_beta_2 = ops.cast(1 - self.beta_2, dtype)
+        epsilon = ops.cast(self.epsilon, dtype)
 
         if self._decays[index]:
             wd = ops.cast(self.weight_decay, dtype)
@@ -258,24 +294,24 @@ class AdamPlus(keras.optimizers.Optimizer):
                 self.assign_sub(variable, ops.multiply(variable, wd))
 
         self.assign_add(
-            m, ops.multiply(ops.subtract(gradient, m), 1 - self.beta_1)
+            m, ops.multiply(ops.subtract(gradient, m), one_minus_beta_1)
         )
         self.assign_add(
             v,
             ops.multiply(
-                ops.subtract(ops.square(gradient), v), 1 - self.beta_2
+                ops.subtract(ops.square(gradient), v), one_minus_beta_2
             ),
         )
         if self.amsgrad:
             v_max = self._velocity_maxes[index]
-            self.assign(v_max, ops.maximum(v_max, v))
+            self.assign(v_max, _maximum(v_max, v))
             v = v_max
 
         if not self.bias_correction:
             # Section 6.4: RMSProp with momentum; both modes coincide.
             self.assign_sub(
                 variable,
-                ops.divide(ops.multiply(m, lr), ops.add(ops.sqrt(v), self.epsilon)),
+                ops.divide(ops.multiply(m, lr), ops.add(ops.sqrt(v), epsilon)),
             )
             return
 
@@ -288,13 +324,13 @@ class AdamPlus(keras.optimizers.Optimizer):
             self.assign_sub(
                 variable,
                 ops.divide(
-                    ops.multiply(m, alpha), ops.add(ops.sqrt(v), self.epsilon)
+                    ops.multiply(m, alpha), ops.add(ops.sqrt(v), epsilon)
                 ),
             )
         else:
             # Algorithm 1: epsilon after bias correction (torch's order).
             denominator = ops.add(
-                ops.divide(ops.sqrt(v), ops.sqrt(correction_2)), self.epsilon
+                ops.divide(ops.sqrt(v), ops.sqrt(correction_2)), epsilon
             )
             self.assign_sub(
                 variable,
@@ -358,6 +394,27 @@ class AdamPlus(keras.optimizers.Optimizer):
         # assigned when the unpickled optimizer is built.
         state = [v.numpy() for v in self.variables] if self.built else None
         return _unpickle, (self.__class__, self.get_config(), state)
+
+
+def _maximum(x, y):
+    """Elementwise max that keeps float64 on every backend.
+
+    Keras 3.15's `ops.maximum` on the torch backend computes float64 inputs
+    in float32 (its result_type does not recognise torch dtypes and falls
+    back to floatx); `where` keeps the inputs' dtype.
+    """
+    if keras.backend.backend() == "torch":
+        return ops.where(ops.greater(y, x), y, x)
+    return ops.maximum(x, y)
+
+
+def _fast_path_module():
+    """The fast-path module of the current backend, or None."""
+    if keras.backend.backend() == "torch":
+        from keras_adam_plus.backends import torch_fused
+
+        return torch_fused
+    return None
 
 
 def _unpickle(cls, config, state):
