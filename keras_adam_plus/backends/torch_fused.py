@@ -29,22 +29,40 @@ def fallback_reason(optimizer):
     return optimizer._fast_path_blocker()
 
 
-@torch.no_grad()
-def update(optimizer, grads, variables, learning_rate):
-    """Applies one AdamPlus step to `variables` with fused torch kernels."""
+def _groups(optimizer, variables):
+    """Variables grouped by (device, dtype, decays), cached per var list.
+
+    Each group holds the positions of its variables in `variables` and the
+    torch tensors of the parameters and of their m, v (and v_max) slots;
+    the cache saves re-gathering them on every step (Keras's torch
+    variables keep their tensor across `assign`).
+    """
+    key = tuple(id(v) for v in variables)
+    cached = optimizer.__dict__.get("_torch_fused_groups")
+    if cached is not None and cached[0] == key:
+        return cached[1]
     groups = {}
-    for grad, variable in zip(grads, variables):
+    for position, variable in enumerate(variables):
         index = optimizer._get_variable_index(variable)
         param = variable.value
-        key = (param.device, param.dtype, optimizer._decays[index])
-        group = groups.setdefault(key, ([], [], [], [], []))
-        group[0].append(param)
-        group[1].append(grad.to(param.dtype))
+        group = groups.setdefault(
+            (param.device, param.dtype, optimizer._decays[index]),
+            ([], [], [], [], []),
+        )
+        group[0].append(position)
+        group[1].append(param)
         group[2].append(optimizer._momentums[index].value)
         group[3].append(optimizer._velocities[index].value)
         if optimizer.amsgrad:
             group[4].append(optimizer._velocity_maxes[index].value)
+    optimizer.__dict__["_torch_fused_groups"] = (key, groups)
+    return groups
 
+
+@torch.no_grad()
+def update(optimizer, grads, variables, learning_rate):
+    """Applies one AdamPlus step to `variables` with fused torch kernels."""
+    groups = _groups(optimizer, variables)
     iterations = optimizer.iterations
     step = float(getattr(iterations, "value", iterations)) + 1.0
     epsilon = optimizer.epsilon
@@ -56,8 +74,11 @@ def update(optimizer, grads, variables, learning_rate):
     lr = learning_rate.value if hasattr(learning_rate, "value") else (
         learning_rate
     )
-    for (device, _dtype, decays), group in groups.items():
-        params, grad_list, ms, vs, v_maxes = group
+    for (device, dtype, decays), group in groups.items():
+        positions, params, ms, vs, v_maxes = group
+        grad_list = [grads[i] for i in positions]
+        grad_list = [g if g.dtype == dtype else g.to(dtype)
+                     for g in grad_list]
         lr_t = torch.as_tensor(lr, device=device).detach().to(torch.float32)
         decay = optimizer.weight_decay if decays else 0.0
         if decay and wd_mode == "decoupled_unscaled":
