@@ -91,8 +91,11 @@ class _Bookkeeping:
         values = self.hypermodel.space.optimizer_kwargs(
             done.hyperparameters.values
         )
-        shown = " ".join(f"{k}={v:.3g}" for k, v in values.items()
-                         if isinstance(v, float))
+        # Betas near 1 need more digits than alpha and epsilon.
+        shown = " ".join(
+            f"{k}={v:.5g}" if k.startswith("beta") else f"{k}={v:.3g}"
+            for k, v in values.items() if isinstance(v, float)
+        )
         result = (f"{self.oracle.objective.name}={score:.4f}"
                   if score is not None else str(done.status))
         print(f"trial {trial.trial_id}: {shown} -> {result}", flush=True)
