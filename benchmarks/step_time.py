@@ -1,0 +1,383 @@
+"""Time one optimizer step of AdamPlus against its peers, per backend.
+
+    python benchmarks/step_time.py                    # all three backends
+    python benchmarks/step_time.py --backend torch    # one backend
+    python benchmarks/step_time.py --quick            # small sizes, smoke run
+
+Each backend runs in its own process (KERAS_BACKEND is fixed at import).
+For every case (10M parameters in 1 variable, 10M in 200, 1M in 1000) it
+prints the median time of one step of AdamPlus (default, amsgrad, weight
+decay), its keras.optimizers peers, and the framework's own Adam
+(torch.optim.Adam foreach and fused; optax.adam under jit), each as a ratio
+to the memory bandwidth floor and to its keras.optimizers peer (Adam,
+Adam(amsgrad=True), AdamW; torch and optax rows against Adam) measured in
+the same run.
+
+The floor is 28 bytes per float32 parameter (read theta, g, m, v; write
+theta, m, v) over the streaming bandwidth measured here with a large
+in-place add (`a += b`, 12 bytes per element), the best of NumPy and torch.
+Finally, `model.fit` step time of the paper's MLP (784-1000-1000-10, batch
+128, random MNIST-shaped data) with AdamPlus and keras.optimizers.Adam.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+BACKENDS = ("tensorflow", "jax", "torch")
+CASES = {
+    "10M x 1": [10_000_000],
+    "10M x 200": [50_000] * 200,
+    "1M x 1000": [1_000] * 1000,
+}
+QUICK_CASES = {"1M x 1": [1_000_000], "1M x 100": [10_000] * 100}
+BYTES_PER_PARAM = 28
+
+
+def median_time(step, repeats, warmup=3, sync=lambda: None):
+    """Median wall time of `step()` in seconds over `repeats` calls."""
+    return measure({"": (step, sync)}, repeats, warmup, rounds=1)[""]
+
+
+def measure(steps, repeats, warmup=3, rounds=3):
+    """Median step time of each `{label: (step, sync)}`, interleaved.
+
+    Every step is warmed up (traced, compiled), then the labels take turns:
+    `rounds` rounds of `repeats // rounds` timed calls each, so that drift
+    in the machine's speed during the run hits every label alike.
+    """
+    times = {label: [] for label in steps}
+    for step, sync in steps.values():
+        for _ in range(warmup):
+            step()
+        sync()
+    for _ in range(rounds):
+        for label, (step, sync) in steps.items():
+            for _ in range(max(1, repeats // rounds)):
+                start = time.perf_counter()
+                step()
+                sync()
+                times[label].append(time.perf_counter() - start)
+    return {label: statistics.median(t) for label, t in times.items()}
+
+
+def bandwidth(repeats, n=40_000_000):
+    """Streaming bandwidth in bytes/s: `a += b`, best of NumPy and torch.
+
+    In place, as the optimizers update theta, m and v: 12 bytes per element
+    (read a and b, write a) with no write-allocate traffic.
+    """
+    import numpy as np
+
+    a, b = (np.full(n, 1.0, np.float32) for _ in range(2))
+    best = median_time(lambda: np.add(a, b, out=a), repeats)
+    del a, b
+    try:
+        import torch
+    except ImportError:
+        return 12 * n / best
+    a, b = (torch.ones(n) for _ in range(2))
+    best = min(best, median_time(lambda: a.add_(b), repeats))
+    return 12 * n / best
+
+
+# label -> (constructor, the keras.optimizers peer it is compared with).
+def keras_variants():
+    import keras
+
+    from keras_adam_plus import AdamPlus
+
+    return {
+        "keras Adam": (keras.optimizers.Adam, None),
+        "AdamPlus": (AdamPlus, "keras Adam"),
+        "keras Adam amsgrad": (
+            lambda: keras.optimizers.Adam(amsgrad=True), None),
+        "AdamPlus amsgrad": (
+            lambda: AdamPlus(amsgrad=True), "keras Adam amsgrad"),
+        "keras AdamW": (
+            lambda: keras.optimizers.AdamW(weight_decay=0.01), None),
+        "AdamPlus wd": (
+            lambda: AdamPlus(weight_decay=0.01), "keras AdamW"),
+    }
+
+
+def peer_of(label, labels):
+    """The keras peer a row's ratio is taken against, if it was measured.
+
+    AdamPlus variants against their keras counterpart, the frameworks' own
+    Adam (torch, optax) against keras.optimizers.Adam, each with the same
+    compilation suffix ("(XLA)") where there is one.
+    """
+    base, suffix = label, ""
+    if " (" in label:
+        base, suffix = label[:label.find(" (")], label[label.find(" ("):]
+    variants = keras_variants()
+    peer = variants[base][1] or base if base in variants else "keras Adam"
+    for candidate in (peer + suffix, peer):
+        if candidate in labels:
+            return candidate
+    return None
+
+
+def _release():
+    """Frees the last variant's variables before the next is built."""
+    import gc
+
+    import keras
+
+    keras.utils.clear_session()
+    gc.collect()
+
+
+# --- one runner per backend: {label: seconds} for one case --------------
+
+def run_torch(sizes, repeats):
+    import keras
+    import torch
+
+    steps = {}
+    grads = [torch.randn(n) for n in sizes]
+    for label, (make, _) in keras_variants().items():
+        variables = [keras.Variable(torch.zeros(n)) for n in sizes]
+        optimizer = make()
+        optimizer.build(variables)
+        steps[label] = (
+            lambda o=optimizer, v=variables: o.apply(grads, v), _no_sync
+        )
+    for label, kwargs in (("torch Adam foreach", {"foreach": True}),
+                          ("torch Adam fused", {"fused": True})):
+        params = [torch.zeros(n, requires_grad=True) for n in sizes]
+        for p, g in zip(params, grads):
+            p.grad = g
+        optimizer = torch.optim.Adam(params, lr=1e-3, **kwargs)
+        steps[label] = (optimizer.step, _no_sync)
+    return measure(steps, repeats)
+
+
+def _no_sync():
+    return None
+
+
+def _applier(optimizer, grads, variables):
+    # A closure, not default arguments: tf.function would trace those.
+    def apply():
+        optimizer.apply(grads, variables)
+
+    return apply
+
+
+def run_tensorflow(sizes, repeats):
+    import keras
+    import tensorflow as tf
+
+    results = {}
+    grads = [tf.random.normal((n,)) for n in sizes]
+    for jit in (False, True):
+        suffix = " (XLA)" if jit else " (tf.function)"
+        steps = {}
+        for label, (make, _) in keras_variants().items():
+            variables = [keras.Variable(tf.zeros((n,))) for n in sizes]
+            optimizer = make()
+            optimizer.build(variables)
+            step = tf.function(_applier(optimizer, grads, variables),
+                               jit_compile=jit)
+            steps[label + suffix] = (
+                step, lambda v=variables: v[0].numpy()
+            )
+        results.update(measure(steps, repeats))
+        del steps
+        _release()
+    return results
+
+
+def run_jax(sizes, repeats):
+    import jax
+    import jax.numpy as jnp
+    import keras
+
+    steps = {}
+    key = jax.random.PRNGKey(0)
+    grads = [jax.random.normal(key, (n,)) for n in sizes]
+    for label, (make, _) in keras_variants().items():
+        variables = [keras.Variable(jnp.zeros((n,))) for n in sizes]
+        optimizer = make()
+        optimizer.build(variables)
+        # As model.fit runs it: stateless, jitted, buffers donated, the
+        # arguments in the order of the results (trainable, optimizer).
+        # Donated inputs are paired with outputs of the same shape in
+        # order; stateless_apply's own order (optimizer, grads, trainable)
+        # pairs m with theta, v with m and theta with v, and XLA then
+        # copies every buffer (4 extra passes: ~6x the floor, not ~1.4x).
+        state = {"t": [v.value for v in variables],
+                 "o": [v.value for v in optimizer.variables]}
+        del variables
+        apply = jax.jit(
+            lambda t_vars, o_vars, g, opt=optimizer: opt.stateless_apply(
+                o_vars, g, t_vars
+            ),
+            donate_argnums=(0, 1),
+        )
+
+        def step(apply=apply, state=state):
+            state["t"], state["o"] = apply(state["t"], state["o"], grads)
+
+        steps[label] = (
+            step, lambda s=state: jax.block_until_ready(s["t"])
+        )
+    try:
+        import optax
+    except ImportError:
+        return measure(steps, repeats)
+    tx = optax.adam(1e-3)
+    state = {"p": [jnp.zeros((n,)) for n in sizes]}
+    state["s"] = tx.init(state["p"])
+
+    def _update(params, opt_state, g):
+        updates, opt_state = tx.update(g, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    update = jax.jit(_update, donate_argnums=(0, 1))
+
+    def optax_step():
+        state["p"], state["s"] = update(state["p"], state["s"], grads)
+
+    steps["optax adam (jit)"] = (
+        optax_step, lambda: jax.block_until_ready(state["p"])
+    )
+    return measure(steps, repeats)
+
+
+def fit_step_time(steps, rounds=5):
+    """Median `model.fit` batch time of the 2x1000 MLP, per optimizer.
+
+    The two models train in alternating epochs of `steps` batches, `rounds`
+    times each, so that drift in the machine's speed hits both alike.
+    """
+    import keras
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.random((128 * steps, 784), dtype=np.float32)
+    y = rng.integers(0, 10, 128 * steps)
+    models, times = {}, {}
+    for label in ("keras Adam", "AdamPlus"):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([
+            keras.Input((784,)),
+            keras.layers.Dense(1000, activation="relu"),
+            keras.layers.Dropout(0.5),
+            keras.layers.Dense(1000, activation="relu"),
+            keras.layers.Dropout(0.5),
+            keras.layers.Dense(10, activation="softmax"),
+        ])
+        model.compile(optimizer=keras_variants()[label][0](),
+                      loss="sparse_categorical_crossentropy")
+        model.fit(x[:256], y[:256], batch_size=128, epochs=1, verbose=0)
+        models[label], times[label] = model, []
+    for _ in range(rounds):
+        for label, model in models.items():
+            ends = []
+            timer = keras.callbacks.LambdaCallback(
+                on_train_batch_end=lambda batch, logs, ends=ends: ends.append(
+                    time.perf_counter()
+                )
+            )
+            model.fit(x, y, batch_size=128, epochs=1, verbose=0,
+                      callbacks=[timer])
+            times[label] += [b - a for a, b in zip(ends, ends[1:])]
+    keras.utils.clear_session()
+    return {label: statistics.median(t) for label, t in times.items()}
+
+
+RUNNERS = {"torch": run_torch, "tensorflow": run_tensorflow, "jax": run_jax}
+
+
+def worker(quick, repeats):
+    """Runs every case on the current backend; prints and returns a table."""
+    import keras
+
+    import keras_adam_plus
+
+    backend = keras.backend.backend()
+    bw = bandwidth(repeats)
+    rows = []
+    for case, sizes in (QUICK_CASES if quick else CASES).items():
+        n = sum(sizes)
+        floor = BYTES_PER_PARAM * n / bw
+        print(f"# {backend} {case}: measuring", file=sys.stderr,
+              flush=True)
+        times = RUNNERS[backend](sizes, repeats)
+        _release()
+        rows.append({"case": case, "floor_s": floor, "times": times})
+    fit = fit_step_time(8 if quick else 20, rounds=2 if quick else 5)
+    table = {"backend": backend, "bandwidth_gb_s": bw / 1e9, "rows": rows,
+             "fit": fit, "versions": {
+                 "keras": keras.__version__,
+                 "keras_adam_plus": keras_adam_plus.__version__}}
+    print_table(table)
+    return table
+
+
+def print_table(table):
+    print(f"\n## {table['backend']}  (streaming bandwidth "
+          f"{table['bandwidth_gb_s']:.1f} GB/s)\n")
+    print("| case | optimizer | ms/step | x floor | x keras peer |")
+    print("| --- | --- | ---: | ---: | ---: |")
+    for row in table["rows"]:
+        floor, times = row["floor_s"], row["times"]
+        print(f"| {row['case']} | floor (28 B/param) | "
+              f"{1e3 * floor:.2f} | 1.00 | |")
+        for label, seconds in times.items():
+            keras_time = times.get(peer_of(label, times))
+            versus = f"{seconds / keras_time:.2f}" if keras_time else ""
+            print(f"| {row['case']} | {label} | {1e3 * seconds:.2f} | "
+                  f"{seconds / floor:.2f} | {versus} |")
+    fit = table["fit"]
+    print(f"\nmodel.fit, MLP 784-1000-1000-10, batch 128: "
+          f"keras Adam {1e3 * fit['keras Adam']:.1f} ms/step, AdamPlus "
+          f"{1e3 * fit['AdamPlus']:.1f} ms/step, ratio "
+          f"{fit['AdamPlus'] / fit['keras Adam']:.3f}", flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--backend", choices=BACKENDS, action="append",
+                   help="backend(s) to run (default: all three)")
+    p.add_argument("--quick", action="store_true",
+                   help="1M-parameter cases only: a smoke run")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed steps per measurement (default 30, quick 5)")
+    p.add_argument("--json", metavar="FILE", help="also write the tables")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    repeats = args.repeats or (5 if args.quick else 30)
+    if args.worker:
+        print("@@" + json.dumps(worker(args.quick, repeats)), flush=True)
+        return 0
+    tables = []
+    for backend in args.backend or BACKENDS:
+        cmd = [sys.executable, __file__, "--worker", "--repeats",
+               str(repeats)] + (["--quick"] if args.quick else [])
+        env = dict(os.environ, KERAS_BACKEND=backend,
+                   TF_CPP_MIN_LOG_LEVEL="3")
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                text=True)
+        for line in proc.stdout:
+            if line.startswith("@@"):
+                tables.append(json.loads(line[2:]))
+            else:
+                print(line, end="", flush=True)
+        if proc.wait():
+            return proc.returncode
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(tables, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
