@@ -67,6 +67,16 @@ class AdamPlus(keras.optimizers.Optimizer):
             (PyTorch's ordering). Defaults to `False`.
         bias_correction: Whether to divide the moments by `1 - beta**t`.
             `False` gives RMSProp with momentum. Defaults to `True`.
+        adamax: Whether to run AdaMax (Algorithm 2) instead of Adam; then
+            `epsilon` and `epsilon_mode` are unused, and `amsgrad` must be
+            `False`. Defaults to `False`.
+        nesterov: Whether to use Nesterov momentum in the step (with Adam
+            or AdaMax). Defaults to `False`.
+        skip_nonfinite: Whether to skip every step whose gradients hold a
+            NaN or an Inf: weights, moments, accumulators, EMA and the step
+            count stay unchanged, and `skipped_steps` (a saved variable)
+            counts the skips. Costs one copy of the state per step.
+            Defaults to `False`.
         weight_decay: Weight decay coefficient `lambda`, finite and >= 0, or
             `None` for none. Defaults to `None`.
         weight_decay_mode: How weight decay is applied: `"decoupled"`,
@@ -109,6 +119,8 @@ class AdamPlus(keras.optimizers.Optimizer):
         2015, https://arxiv.org/abs/1412.6980.
         Reddi, Kale & Kumar, "On the Convergence of Adam and Beyond", ICLR
         2018 (AMSGrad).
+        Dozat, "Incorporating Nesterov Momentum into Adam", ICLR 2016
+        workshop (Nesterov).
         Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR
         2019, https://arxiv.org/abs/1711.05101.
     """
@@ -122,6 +134,9 @@ class AdamPlus(keras.optimizers.Optimizer):
         epsilon_mode="paper",
         amsgrad=False,
         bias_correction=True,
+        adamax=False,
+        nesterov=False,
+        skip_nonfinite=False,
         weight_decay=None,
         weight_decay_mode="decoupled",
         weight_decay_exclude=None,
@@ -191,6 +206,15 @@ class AdamPlus(keras.optimizers.Optimizer):
         )
         self.amsgrad = v.check_bool("amsgrad", amsgrad)
         self.bias_correction = v.check_bool("bias_correction", bias_correction)
+        self.adamax = v.check_bool("adamax", adamax)
+        self.nesterov = v.check_bool("nesterov", nesterov)
+        self.skip_nonfinite = v.check_bool("skip_nonfinite", skip_nonfinite)
+        if self.adamax and self.amsgrad:
+            raise ValueError(
+                "Arguments `adamax` and `amsgrad` cannot both be True: "
+                "AdaMax's u = max(beta_2 * u, |g|) is already a running "
+                "maximum. Received: adamax=True, amsgrad=True"
+            )
         self.weight_decay_mode = v.check_choice(
             "weight_decay_mode", weight_decay_mode, WEIGHT_DECAY_MODES
         )
@@ -211,9 +235,55 @@ class AdamPlus(keras.optimizers.Optimizer):
         self._momentums, self._velocities = slots[0], slots[1]
         self._velocity_maxes = slots[2] if self.amsgrad else None
         self._decays = [self._decays_variable(var) for var in var_list]
+        self._skipped_steps = None
+        if self.skip_nonfinite:
+            self._skipped_steps = self.add_variable(
+                (), initializer="zeros", dtype=self.iterations.dtype,
+                name="skipped_steps",
+            )
         if self._pending_state is not None:
             self._assign_state(self._pending_state)
             self._pending_state = None
+
+    @property
+    def skipped_steps(self):
+        """Steps skipped for non-finite gradients (`skip_nonfinite=True`).
+
+        A saved optimizer variable; `None` before `build` or when
+        `skip_nonfinite` is off.
+        """
+        return getattr(self, "_skipped_steps", None)
+
+    def apply(self, grads, trainable_variables=None):
+        """Applies one step; see `keras.optimizers.Optimizer.apply`.
+
+        With `skip_nonfinite=True`, a step whose gradients hold any NaN or
+        Inf leaves every variable (weights, moments, accumulators, EMA and
+        the step count) as it was and adds 1 to `skipped_steps`. Without
+        control flow (a select per variable), so it runs inside
+        `tf.function`, XLA and `jax.jit` alike.
+        """
+        if not self.skip_nonfinite:
+            return super().apply(grads, trainable_variables)
+        grads = list(grads)
+        if trainable_variables is not None:
+            trainable_variables = list(trainable_variables)
+            if not self.built:
+                with keras.name_scope(self.name, caller=self):
+                    self.build(trainable_variables)
+                self.built = True
+        variables = (self._trainable_variables if trainable_variables is None
+                     else trainable_variables)
+        finite = _all_finite(grads)
+        state = [v for v in list(variables) + list(self.variables)
+                 if v is not self._skipped_steps]
+        saved = [ops.copy(v.value) for v in state]
+        super().apply(grads, trainable_variables)
+        for variable, old in zip(state, saved):
+            variable.assign(ops.where(finite, variable.value, old))
+        self._skipped_steps.assign_add(
+            ops.cast(ops.logical_not(finite), self._skipped_steps.dtype)
+        )
 
     def _decays_variable(self, variable):
         """Whether weight decay applies to `variable` (decided at build)."""
@@ -257,7 +327,14 @@ class AdamPlus(keras.optimizers.Optimizer):
         return f"generic ({reason})"
 
     def _fast_path_blocker(self):
-        # Subclasses and modes with no fused form return a reason here.
+        # Modes with no fused form, and subclasses that change the update,
+        # return a reason here (subclasses may add their own).
+        if type(self).update_step is not AdamPlus.update_step:
+            return f"{type(self).__name__} overrides update_step"
+        if self.adamax:
+            return "adamax has no fused torch kernel"
+        if self.nesterov:
+            return "nesterov has no fused torch kernel"
         return None
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
@@ -296,16 +373,27 @@ class AdamPlus(keras.optimizers.Optimizer):
         self.assign_add(
             m, ops.multiply(ops.subtract(gradient, m), one_minus_beta_1)
         )
-        self.assign_add(
-            v,
-            ops.multiply(
-                ops.subtract(ops.square(gradient), v), one_minus_beta_2
-            ),
-        )
+        if self.adamax:
+            # Algorithm 2: u = max(beta_2 * u, |g|), kept in the v slot.
+            beta_2 = ops.cast(self.beta_2, dtype)
+            self.assign(
+                v, _maximum(ops.multiply(v, beta_2), ops.abs(gradient))
+            )
+        else:
+            self.assign_add(
+                v,
+                ops.multiply(
+                    ops.subtract(ops.square(gradient), v), one_minus_beta_2
+                ),
+            )
         if self.amsgrad:
             v_max = self._velocity_maxes[index]
             self.assign(v_max, _maximum(v_max, v))
             v = v_max
+
+        if self.adamax or self.nesterov:
+            self._assign_general_step(variable, gradient, m, v, lr, epsilon)
+            return
 
         if not self.bias_correction:
             # Section 6.4: RMSProp with momentum; both modes coincide.
@@ -331,6 +419,45 @@ class AdamPlus(keras.optimizers.Optimizer):
             ops.divide(ops.multiply(m, alpha), ops.add(ops.sqrt(v), epsilon)),
         )
 
+    def _assign_general_step(self, variable, gradient, m, v, lr, epsilon):
+        """The step of the AdaMax and Nesterov modes (m, v already updated).
+
+        numerator: m_hat, or with Nesterov (optax's form)
+            beta_1 * m / (1 - beta_1**(t+1)) + (1 - beta_1) * g / c1
+        denominator: u (AdaMax; 1 where u == 0, where m == 0 too), else
+            sqrt(v_hat) + eps ("paper") or (sqrt(v) + eps) / sqrt(c2)
+            ("hat"), with c1 = 1 - beta_1**t and c2 = 1 - beta_2**t.
+        """
+        dtype = variable.dtype
+        # Tensors, not Variables: jnp.where refuses Keras Variables.
+        m, v = ops.convert_to_tensor(m), ops.convert_to_tensor(v)
+        beta_1 = ops.cast(self.beta_1, dtype)
+        one = ops.cast(1.0, dtype)
+        if self.bias_correction:
+            t = ops.cast(self.iterations + 1, dtype)
+            c1 = one - ops.power(beta_1, t)
+            c1_next = one - ops.power(beta_1, t + 1)
+            c2 = one - ops.power(ops.cast(self.beta_2, dtype), t)
+        else:
+            c1 = c1_next = c2 = one
+        if self.nesterov:
+            numerator = ops.add(
+                ops.multiply(m, beta_1 / c1_next),
+                ops.multiply(gradient, (one - beta_1) / c1),
+            )
+        else:
+            numerator = ops.divide(m, c1)
+        if self.adamax:
+            zero = ops.zeros((), dtype)
+            denominator = ops.where(ops.greater(v, zero), v, one)
+            step = ops.multiply(ops.divide(numerator, denominator), lr)
+        else:
+            if self.epsilon_mode == "paper":
+                epsilon = ops.multiply(epsilon, ops.sqrt(c2))
+            step = ops.divide(ops.multiply(numerator, lr * ops.sqrt(c2)),
+                              ops.add(ops.sqrt(v), epsilon))
+        self.assign_sub(variable, step)
+
     def get_config(self):
         """Returns the JSON-serializable config; every key is an argument."""
         config = super().get_config()
@@ -342,6 +469,9 @@ class AdamPlus(keras.optimizers.Optimizer):
                 "epsilon_mode": self.epsilon_mode,
                 "amsgrad": self.amsgrad,
                 "bias_correction": self.bias_correction,
+                "adamax": self.adamax,
+                "nesterov": self.nesterov,
+                "skip_nonfinite": self.skip_nonfinite,
                 "weight_decay_mode": self.weight_decay_mode,
                 "weight_decay_exclude": list(self.weight_decay_exclude),
             }
@@ -400,6 +530,21 @@ def _maximum(x, y):
     if keras.backend.backend() == "torch":
         return ops.where(ops.greater(y, x), y, x)
     return ops.maximum(x, y)
+
+
+def _all_finite(grads):
+    """A scalar bool tensor: no gradient holds a NaN or an Inf."""
+    flags = []
+    for grad in grads:
+        if grad is None:
+            continue
+        # tf.IndexedSlices: its values (torch tensors have a .values too).
+        values = (grad.values if type(grad).__name__ == "IndexedSlices"
+                  else grad)
+        flags.append(ops.all(ops.isfinite(values)))
+    if not flags:
+        return ops.convert_to_tensor(True)
+    return ops.all(ops.stack(flags))
 
 
 def _fast_path_module():

@@ -16,12 +16,14 @@ class ReferenceAdam:
 
     def __init__(self, beta_1=0.9, beta_2=0.999, epsilon=1e-8,
                  epsilon_mode="paper", amsgrad=False, bias_correction=True,
+                 adamax=False, nesterov=False,
                  weight_decay=None, weight_decay_mode="decoupled",
                  decay_mask=None):
         self.b1, self.b2, self.eps = beta_1, beta_2, epsilon
         self.epsilon_mode = epsilon_mode
         self.amsgrad = amsgrad
         self.bias_correction = bias_correction
+        self.adamax, self.nesterov = adamax, nesterov
         self.wd = weight_decay or 0.0
         self.wd_mode = weight_decay_mode
         self.decay_mask = decay_mask
@@ -45,12 +47,30 @@ class ReferenceAdam:
             elif decays and self.wd_mode == "decoupled_unscaled":
                 p -= self.wd * p
             self.m[i] = self.b1 * self.m[i] + (1 - self.b1) * g
-            self.v[i] = self.b2 * self.v[i] + (1 - self.b2) * g * g
+            if self.adamax:
+                # Algorithm 2: the exponentially weighted infinity norm.
+                self.v[i] = np.maximum(self.b2 * self.v[i], np.abs(g))
+            else:
+                self.v[i] = self.b2 * self.v[i] + (1 - self.b2) * g * g
             self.v_max[i] = np.maximum(self.v_max[i], self.v[i])
             v = self.v_max[i] if self.amsgrad else self.v[i]
             c1 = 1 - self.b1**t if self.bias_correction else 1.0
             c2 = 1 - self.b2**t if self.bias_correction else 1.0
-            if self.epsilon_mode == "paper":
+            if self.nesterov:
+                # Dozat (2016): the momentum one step ahead, bias-corrected.
+                c1_next = 1 - self.b1**(t + 1) if self.bias_correction else 1.0
+                m_hat = (self.b1 * self.m[i] / c1_next
+                         + (1 - self.b1) * g / c1)
+            else:
+                m_hat = self.m[i] / c1
+            if self.adamax:
+                p -= lr * np.divide(m_hat, v, out=np.zeros_like(v),
+                                    where=v > 0)
+            elif self.nesterov and self.epsilon_mode == "paper":
+                p -= lr * m_hat / (np.sqrt(v / c2) + self.eps)
+            elif self.nesterov:
+                p -= lr * np.sqrt(c2) * m_hat / (np.sqrt(v) + self.eps)
+            elif self.epsilon_mode == "paper":
                 m_hat, v_hat = self.m[i] / c1, v / c2
                 p -= lr * m_hat / (np.sqrt(v_hat) + self.eps)
             else:

@@ -57,6 +57,16 @@ INVALID = [
     (dict(amsgrad=1), TypeError,
      "Argument `amsgrad` must be a bool (True or False). "
      "Received: amsgrad=1 (of type int)"),
+    (dict(adamax="True"), TypeError,
+     "Argument `adamax` must be a bool (True or False). "
+     "Received: adamax='True' (of type str)"),
+    (dict(nesterov=0), TypeError,
+     "Argument `nesterov` must be a bool (True or False). "
+     "Received: nesterov=0 (of type int)"),
+    (dict(adamax=True, amsgrad=True), ValueError,
+     "Arguments `adamax` and `amsgrad` cannot both be True: AdaMax's u = "
+     "max(beta_2 * u, |g|) is already a running maximum. Received: "
+     "adamax=True, amsgrad=True"),
     (dict(bias_correction=None), TypeError,
      "Argument `bias_correction` must be a bool (True or False). "
      "Received: bias_correction=None (of type NoneType)"),
