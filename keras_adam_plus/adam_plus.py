@@ -52,10 +52,15 @@ class AdamPlus(keras.optimizers.Optimizer):
             `keras.optimizers.schedules.LearningRateSchedule`, or a callable
             taking no arguments. Must be finite and >= 0. Defaults to
             `0.001`.
-        beta_1: Exponential decay rate of the first moment, in [0, 1).
+        beta_1: Exponential decay rate of the first moment, in [0, 1), or
+            a schedule: a `LearningRateSchedule` (e.g. `BetaDecay`, the
+            paper's Theorem 4.1 schedule) or a callable of the step
+            (0-based), giving the beta of each step. Scheduled betas are
+            bias-corrected by `1 - prod(beta_i)` over the steps taken (kept
+            in the saved variables `beta_1_power`, `beta_2_power`).
             Defaults to `0.9`.
-        beta_2: Exponential decay rate of the second moment, in [0, 1).
-            Defaults to `0.999`.
+        beta_2: Exponential decay rate of the second moment, in [0, 1), or
+            a schedule as for `beta_1`. Defaults to `0.999`.
         epsilon: Small constant added to the denominator, finite and > 0.
             Defaults to `1e-8`.
         epsilon_mode: `"paper"` adds `epsilon` to `sqrt(v_hat)` (Algorithm
@@ -192,12 +197,8 @@ class AdamPlus(keras.optimizers.Optimizer):
             name=v.check_name(name),
             **kwargs,
         )
-        self.beta_1 = v.check_float(
-            "beta_1", beta_1, low=0.0, high=1.0, high_inclusive=False
-        )
-        self.beta_2 = v.check_float(
-            "beta_2", beta_2, low=0.0, high=1.0, high_inclusive=False
-        )
+        self.beta_1 = v.check_beta("beta_1", beta_1)
+        self.beta_2 = v.check_beta("beta_2", beta_2)
         self.epsilon = v.check_float(
             "epsilon", epsilon, low=0.0, low_inclusive=False
         )
@@ -235,6 +236,14 @@ class AdamPlus(keras.optimizers.Optimizer):
         self._momentums, self._velocities = slots[0], slots[1]
         self._velocity_maxes = slots[2] if self.amsgrad else None
         self._decays = [self._decays_variable(var) for var in var_list]
+        self._beta_powers = None
+        if self._betas_scheduled:
+            # prod_{i<=t} beta_i, the bias correction of scheduled betas.
+            self._beta_powers = [
+                self.add_variable((), initializer="ones", dtype="float32",
+                                  name=f"beta_{i}_power")
+                for i in (1, 2)
+            ]
         self._skipped_steps = None
         if self.skip_nonfinite:
             self._skipped_steps = self.add_variable(
@@ -244,6 +253,40 @@ class AdamPlus(keras.optimizers.Optimizer):
         if self._pending_state is not None:
             self._assign_state(self._pending_state)
             self._pending_state = None
+
+    @property
+    def _betas_scheduled(self):
+        return not all(isinstance(b, float) for b in (self.beta_1,
+                                                       self.beta_2))
+
+    def _beta(self, which, dtype, ahead=0):
+        """beta_1 or beta_2 at this step (+ `ahead`), in `dtype`."""
+        beta = self.beta_1 if which == 1 else self.beta_2
+        if isinstance(beta, float):
+            return ops.cast(beta, dtype)
+        return ops.cast(beta(self.iterations + ahead), dtype)
+
+    def _corrections(self, dtype):
+        """(1 - beta_1**t, 1 - beta_2**t, 1 - beta_1**(t+1)) in `dtype`.
+
+        With scheduled betas, products of the betas actually used (kept in
+        `beta_1_power`, `beta_2_power`) replace the powers: the weights of
+        m and v then still sum to 1 after correction.
+        """
+        one = ops.cast(1.0, dtype)
+        if not self.bias_correction:
+            return one, one, one
+        if not self._betas_scheduled:
+            t = ops.cast(self.iterations + 1, dtype)
+            beta_1 = ops.cast(self.beta_1, dtype)
+            return (one - ops.power(beta_1, t),
+                    one - ops.power(ops.cast(self.beta_2, dtype), t),
+                    one - ops.power(beta_1, t + 1))
+        p1, p2 = (ops.cast(p, dtype) for p in self._beta_powers)
+        p1 = ops.multiply(p1, self._beta(1, dtype))
+        p2 = ops.multiply(p2, self._beta(2, dtype))
+        return (one - p1, one - p2,
+                one - ops.multiply(p1, self._beta(1, dtype, ahead=1)))
 
     @property
     def skipped_steps(self):
@@ -335,6 +378,8 @@ class AdamPlus(keras.optimizers.Optimizer):
             return "adamax has no fused torch kernel"
         if self.nesterov:
             return "nesterov has no fused torch kernel"
+        if self._betas_scheduled:
+            return "scheduled betas have no fused torch kernel"
         return None
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
@@ -345,6 +390,11 @@ class AdamPlus(keras.optimizers.Optimizer):
             super()._backend_update_step(
                 grads, trainable_variables, learning_rate
             )
+        if self._beta_powers is not None:
+            # Once per real step, after every variable used the old value.
+            for which, power in zip((1, 2), self._beta_powers):
+                power.assign(ops.multiply(power, self._beta(which,
+                                                            "float32")))
 
     def update_step(self, gradient, variable, learning_rate):
         """Applies one Adam step to `variable` (see the class docstring)."""
@@ -356,8 +406,13 @@ class AdamPlus(keras.optimizers.Optimizer):
         gradient = ops.cast(gradient, dtype)
         # Constants in the variable's dtype: a bare Python float would be
         # rounded to float32 first on some backends (float64 variables).
-        one_minus_beta_1 = ops.cast(1 - self.beta_1, dtype)
-        one_minus_beta_2 = ops.cast(1 - self.beta_2, dtype)
+        if self._betas_scheduled:
+            one = ops.cast(1.0, dtype)
+            one_minus_beta_1 = one - self._beta(1, dtype)
+            one_minus_beta_2 = one - self._beta(2, dtype)
+        else:
+            one_minus_beta_1 = ops.cast(1 - self.beta_1, dtype)
+            one_minus_beta_2 = ops.cast(1 - self.beta_2, dtype)
         epsilon = ops.cast(self.epsilon, dtype)
 
         if self._decays[index]:
@@ -375,7 +430,7 @@ class AdamPlus(keras.optimizers.Optimizer):
         )
         if self.adamax:
             # Algorithm 2: u = max(beta_2 * u, |g|), kept in the v slot.
-            beta_2 = ops.cast(self.beta_2, dtype)
+            beta_2 = self._beta(2, dtype)
             self.assign(
                 v, _maximum(ops.multiply(v, beta_2), ops.abs(gradient))
             )
@@ -403,9 +458,12 @@ class AdamPlus(keras.optimizers.Optimizer):
             )
             return
 
-        t = ops.cast(self.iterations + 1, dtype)
-        correction_1 = 1 - ops.power(ops.cast(self.beta_1, dtype), t)
-        correction_2 = 1 - ops.power(ops.cast(self.beta_2, dtype), t)
+        if self._betas_scheduled:
+            correction_1, correction_2, _ = self._corrections(dtype)
+        else:
+            t = ops.cast(self.iterations + 1, dtype)
+            correction_1 = 1 - ops.power(ops.cast(self.beta_1, dtype), t)
+            correction_2 = 1 - ops.power(ops.cast(self.beta_2, dtype), t)
         alpha = lr * ops.sqrt(correction_2) / correction_1
         if self.epsilon_mode == "paper":
             # Algorithm 1, rearranged as the end of Section 2 suggests:
@@ -431,15 +489,9 @@ class AdamPlus(keras.optimizers.Optimizer):
         dtype = variable.dtype
         # Tensors, not Variables: jnp.where refuses Keras Variables.
         m, v = ops.convert_to_tensor(m), ops.convert_to_tensor(v)
-        beta_1 = ops.cast(self.beta_1, dtype)
+        beta_1 = self._beta(1, dtype)
         one = ops.cast(1.0, dtype)
-        if self.bias_correction:
-            t = ops.cast(self.iterations + 1, dtype)
-            c1 = one - ops.power(beta_1, t)
-            c1_next = one - ops.power(beta_1, t + 1)
-            c2 = one - ops.power(ops.cast(self.beta_2, dtype), t)
-        else:
-            c1 = c1_next = c2 = one
+        c1, c2, c1_next = self._corrections(dtype)
         if self.nesterov:
             numerator = ops.add(
                 ops.multiply(m, beta_1 / c1_next),
@@ -463,8 +515,8 @@ class AdamPlus(keras.optimizers.Optimizer):
         config = super().get_config()
         config.update(
             {
-                "beta_1": self.beta_1,
-                "beta_2": self.beta_2,
+                "beta_1": _serialize_beta(self.beta_1),
+                "beta_2": _serialize_beta(self.beta_2),
                 "epsilon": self.epsilon,
                 "epsilon_mode": self.epsilon_mode,
                 "amsgrad": self.amsgrad,
@@ -477,6 +529,17 @@ class AdamPlus(keras.optimizers.Optimizer):
             }
         )
         return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        """Builds an AdamPlus from `get_config()`, schedules included."""
+        config = dict(config)
+        for name in ("beta_1", "beta_2"):
+            if isinstance(config.get(name), dict):
+                config[name] = keras.saving.deserialize_keras_object(
+                    config[name], custom_objects=custom_objects
+                )
+        return super().from_config(config, custom_objects=custom_objects)
 
     def load_own_variables(self, store):
         """Loads saved state; a state that does not fit raises, never skips.
@@ -530,6 +593,12 @@ def _maximum(x, y):
     if keras.backend.backend() == "torch":
         return ops.where(ops.greater(y, x), y, x)
     return ops.maximum(x, y)
+
+
+def _serialize_beta(beta):
+    if isinstance(beta, keras.optimizers.schedules.LearningRateSchedule):
+        return keras.saving.serialize_keras_object(beta)
+    return beta  # a float, or a plain callable (not JSON, as in Keras)
 
 
 def _all_finite(grads):

@@ -34,3 +34,42 @@ class InverseSqrtDecay(keras.optimizers.schedules.LearningRateSchedule):
     def get_config(self):
         """Returns the config: `{"initial_learning_rate": alpha}`."""
         return {"initial_learning_rate": self.initial_learning_rate}
+
+
+@keras.saving.register_keras_serializable(package="keras_adam_plus")
+class BetaDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """beta_t = beta * lambda**(t - 1), t = step + 1 (the paper's Thm 4.1).
+
+    The decaying first-moment rate of the paper's convergence analysis
+    (Theorem 4.1 assumes beta_{1,t} = beta_1 lambda^{t-1}, lambda in (0, 1)).
+    Pass it as `beta_1` (or `beta_2`) of `AdamPlus`; the bias correction
+    then uses the product of the betas actually applied.
+
+    Args:
+        initial_beta: beta at the first step, a float in [0, 1).
+        decay: lambda, a float in (0, 1]; the paper uses 1 - 1e-8.
+
+    Example:
+
+    >>> from keras_adam_plus import AdamPlus, BetaDecay
+    >>> optimizer = AdamPlus(beta_1=BetaDecay(0.9, 1 - 1e-8))
+    """
+
+    def __init__(self, initial_beta=0.9, decay=1 - 1e-8):
+        self.initial_beta = validation.check_float(
+            "initial_beta", initial_beta, low=0.0, high=1.0,
+            high_inclusive=False,
+        )
+        self.decay = validation.check_float(
+            "decay", decay, low=0.0, high=1.0, low_inclusive=False
+        )
+
+    def __call__(self, step):
+        step = ops.cast(step, "float32")
+        return self.initial_beta * ops.power(
+            ops.cast(self.decay, "float32"), step
+        )
+
+    def get_config(self):
+        """Returns the config: `{"initial_beta": ..., "decay": ...}`."""
+        return {"initial_beta": self.initial_beta, "decay": self.decay}

@@ -168,6 +168,17 @@ def check_learning_rate(value):
     return check_float("learning_rate", value, low=0.0)
 
 
+def check_beta(name, value):
+    """Returns a float beta in [0, 1), or the schedule/callable unchanged."""
+    from keras.optimizers.schedules import LearningRateSchedule
+
+    if isinstance(value, LearningRateSchedule) or (
+        callable(value) and not _is_real_number(value)
+    ):
+        return value
+    return check_float(name, value, low=0.0, high=1.0, high_inclusive=False)
+
+
 def check_name(value):
     """Returns the optimizer name: `None` or a non-empty string."""
     if value is None or (isinstance(value, str) and value):

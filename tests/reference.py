@@ -19,7 +19,8 @@ class ReferenceAdam:
                  adamax=False, nesterov=False,
                  weight_decay=None, weight_decay_mode="decoupled",
                  decay_mask=None):
-        self.b1, self.b2, self.eps = beta_1, beta_2, epsilon
+        self.b1_spec, self.b2_spec, self.eps = beta_1, beta_2, epsilon
+        self.p1 = self.p2 = 1.0
         self.epsilon_mode = epsilon_mode
         self.amsgrad = amsgrad
         self.bias_correction = bias_correction
@@ -30,13 +31,22 @@ class ReferenceAdam:
         self.t = 0
         self.m = self.v = self.v_max = None
 
+    def _betas(self):
+        """Betas of step self.t; a callable beta is called with t - 1."""
+        def at(beta, step):
+            return float(beta(step)) if callable(beta) else beta
+        return (at(self.b1_spec, self.t - 1), at(self.b2_spec, self.t - 1),
+                at(self.b1_spec, self.t))
+
     def step(self, params, grads, lr):
         if self.m is None:
             self.m = [np.zeros_like(p) for p in params]
             self.v = [np.zeros_like(p) for p in params]
             self.v_max = [np.zeros_like(p) for p in params]
         self.t += 1
-        t = self.t
+        self.b1, self.b2, b1_next = self._betas()
+        # Bias correction: 1 - the product of the betas used so far.
+        self.p1, self.p2 = self.p1 * self.b1, self.p2 * self.b2
         for i, (p, g) in enumerate(zip(params, grads)):
             g = np.asarray(g, np.float64)
             decays = self.wd and (self.decay_mask is None or self.decay_mask[i])
@@ -54,11 +64,12 @@ class ReferenceAdam:
                 self.v[i] = self.b2 * self.v[i] + (1 - self.b2) * g * g
             self.v_max[i] = np.maximum(self.v_max[i], self.v[i])
             v = self.v_max[i] if self.amsgrad else self.v[i]
-            c1 = 1 - self.b1**t if self.bias_correction else 1.0
-            c2 = 1 - self.b2**t if self.bias_correction else 1.0
+            c1 = 1 - self.p1 if self.bias_correction else 1.0
+            c2 = 1 - self.p2 if self.bias_correction else 1.0
             if self.nesterov:
                 # Dozat (2016): the momentum one step ahead, bias-corrected.
-                c1_next = 1 - self.b1**(t + 1) if self.bias_correction else 1.0
+                c1_next = (1 - self.p1 * b1_next if self.bias_correction
+                           else 1.0)
                 m_hat = (self.b1 * self.m[i] / c1_next
                          + (1 - self.b1) * g / c1)
             else:
