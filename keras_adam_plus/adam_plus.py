@@ -77,6 +77,12 @@ class AdamPlus(keras.optimizers.Optimizer):
             `False`. Defaults to `False`.
         nesterov: Whether to use Nesterov momentum in the step (with Adam
             or AdaMax). Defaults to `False`.
+        average_decay: If a float b in [0, 1), keep the paper's temporal
+            average (Section 7.2) theta_bar = b * theta_bar + (1 - b) *
+            theta per real step, with theta_bar_0 = 0; `average_weights()`
+            gives theta_bar / (1 - b**t) and `use_average_weights()` swaps
+            it in for evaluation or saving (and the trained weights back).
+            Kept as a saved slot per variable. `None`: off.
         skip_nonfinite: Whether to skip every step whose gradients hold a
             NaN or an Inf: weights, moments, accumulators, EMA and the step
             count stay unchanged, and `skipped_steps` (a saved variable)
@@ -142,6 +148,7 @@ class AdamPlus(keras.optimizers.Optimizer):
         adamax=False,
         nesterov=False,
         skip_nonfinite=False,
+        average_decay=None,
         weight_decay=None,
         weight_decay_mode="decoupled",
         weight_decay_exclude=None,
@@ -210,6 +217,10 @@ class AdamPlus(keras.optimizers.Optimizer):
         self.adamax = v.check_bool("adamax", adamax)
         self.nesterov = v.check_bool("nesterov", nesterov)
         self.skip_nonfinite = v.check_bool("skip_nonfinite", skip_nonfinite)
+        self.average_decay = v.check_float(
+            "average_decay", average_decay, low=0.0, high=1.0,
+            high_inclusive=False, optional=True,
+        )
         if self.adamax and self.amsgrad:
             raise ValueError(
                 "Arguments `adamax` and `amsgrad` cannot both be True: "
@@ -236,6 +247,10 @@ class AdamPlus(keras.optimizers.Optimizer):
         self._momentums, self._velocities = slots[0], slots[1]
         self._velocity_maxes = slots[2] if self.amsgrad else None
         self._decays = [self._decays_variable(var) for var in var_list]
+        self._averages = None
+        if self.average_decay is not None:
+            self._averages = self.add_optimizer_variables(var_list,
+                                                          "average")
         self._beta_powers = None
         if self._betas_scheduled:
             # prod_{i<=t} beta_i, the bias correction of scheduled betas.
@@ -287,6 +302,41 @@ class AdamPlus(keras.optimizers.Optimizer):
         p2 = ops.multiply(p2, self._beta(2, dtype))
         return (one - p1, one - p2,
                 one - ops.multiply(p1, self._beta(1, dtype, ahead=1)))
+
+    def average_weights(self, var_list=None):
+        """Bias-corrected averages theta_bar / (1 - b**t) (Section 7.2).
+
+        Returns one tensor per variable of `var_list` (default: the
+        variables the optimizer was built with); before the first step,
+        the variables' own values. Needs `average_decay`.
+        """
+        if self.average_decay is None:
+            raise ValueError(
+                "average_weights() needs AdamPlus(average_decay=...). "
+                "Received: average_decay=None"
+            )
+        variables = (self._trainable_variables if var_list is None
+                     else list(var_list))
+        t = ops.cast(self.iterations, "float32")
+        averaged = []
+        for variable in variables:
+            average = self._averages[self._get_variable_index(variable)]
+            correction = 1.0 - ops.power(
+                ops.cast(self.average_decay, "float32"), t)
+            corrected = ops.divide(
+                average, ops.maximum(ops.cast(correction, average.dtype),
+                                     ops.cast(1e-30, average.dtype)))
+            averaged.append(ops.where(ops.greater(t, 0.0), corrected,
+                                      ops.convert_to_tensor(variable)))
+        return averaged
+
+    def use_average_weights(self, var_list=None):
+        """Context manager: the variables hold their averages inside it.
+
+        `with optimizer.use_average_weights(): model.evaluate(...)` or
+        `model.save(...)`; on exit the trained weights come back exactly.
+        """
+        return _AverageSwap(self, var_list)
 
     @property
     def skipped_steps(self):
@@ -390,6 +440,18 @@ class AdamPlus(keras.optimizers.Optimizer):
             super()._backend_update_step(
                 grads, trainable_variables, learning_rate
             )
+        if self._averages is not None:
+            # Section 7.2: theta_bar = b * theta_bar + (1 - b) * theta, once
+            # per real step (this runs only on real steps under gradient
+            # accumulation, unlike Keras's EMA).
+            for variable in trainable_variables:
+                average = self._averages[self._get_variable_index(variable)]
+                decay = ops.cast(self.average_decay, average.dtype)
+                self.assign(average, ops.add(
+                    ops.multiply(average, decay),
+                    ops.multiply(ops.cast(variable, average.dtype),
+                                 ops.cast(1 - self.average_decay,
+                                          average.dtype))))
         if self._beta_powers is not None:
             # Once per real step, after every variable used the old value.
             for which, power in zip((1, 2), self._beta_powers):
@@ -524,6 +586,7 @@ class AdamPlus(keras.optimizers.Optimizer):
                 "adamax": self.adamax,
                 "nesterov": self.nesterov,
                 "skip_nonfinite": self.skip_nonfinite,
+                "average_decay": self.average_decay,
                 "weight_decay_mode": self.weight_decay_mode,
                 "weight_decay_exclude": list(self.weight_decay_exclude),
             }
@@ -593,6 +656,28 @@ def _maximum(x, y):
     if keras.backend.backend() == "torch":
         return ops.where(ops.greater(y, x), y, x)
     return ops.maximum(x, y)
+
+
+class _AverageSwap:
+    """Swaps averaged weights in on enter and the trained ones back on exit."""
+
+    def __init__(self, optimizer, var_list):
+        self.optimizer = optimizer
+        self.variables = (optimizer._trainable_variables if var_list is None
+                          else list(var_list))
+
+    def __enter__(self):
+        averages = self.optimizer.average_weights(self.variables)
+        self.saved = [ops.copy(ops.convert_to_tensor(v))
+                      for v in self.variables]
+        for variable, value in zip(self.variables, averages):
+            variable.assign(value)
+        return self.variables
+
+    def __exit__(self, *exc):
+        for variable, value in zip(self.variables, self.saved):
+            variable.assign(value)
+        return False
 
 
 def _serialize_beta(beta):

@@ -103,3 +103,22 @@ def run_reference(config, params, grad_steps, lr_of_step=None):
     for t, grads in enumerate(grad_steps):
         ref.step(params, grads, lr_of_step(t) if lr_of_step else lr)
     return params
+
+
+def run_reference_average(config, params, grad_steps, decay):
+    """Like `run_reference`, also returning the Section 7.2 average.
+
+    theta_bar = decay * theta_bar + (1 - decay) * theta after every step,
+    theta_bar_0 = 0; returns (params, theta_bar / (1 - decay**t)).
+    """
+    config = dict(config)
+    lr = config.pop("learning_rate", 0.001)
+    ref = ReferenceAdam(**config)
+    params = [np.array(p, np.float64) for p in params]
+    averages = [np.zeros_like(p) for p in params]
+    for grads in grad_steps:
+        ref.step(params, grads, lr)
+        averages = [decay * a + (1 - decay) * p
+                    for a, p in zip(averages, params)]
+    t = len(grad_steps)
+    return params, [a / (1 - decay**t) for a in averages]
