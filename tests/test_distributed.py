@@ -1,0 +1,101 @@
+"""Data-parallel training over 2 CPU devices equals one device, to round-off.
+
+Each run is a fresh process: the device count is fixed before the backend
+starts (logical devices on TensorFlow, XLA_FLAGS on JAX).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import pytest
+
+COMMON = """
+import json
+import numpy as np
+import keras
+from keras_adam_plus import AdamPlus
+
+rng = np.random.default_rng(0)
+x = rng.normal(size=(64, 6)).astype("float32")
+y = rng.normal(size=(64, 1)).astype("float32")
+CONFIGS = [{}, {"amsgrad": True, "weight_decay": 0.01},
+           {"nesterov": True, "average_decay": 0.9},
+           {"skip_nonfinite": True}]
+
+
+def model(config):
+    keras.utils.set_random_seed(1)
+    m = keras.Sequential([keras.Input((6,)),
+                          keras.layers.Dense(8, activation="tanh"),
+                          keras.layers.Dense(1)])
+    m.compile(optimizer=AdamPlus(learning_rate=0.01, **config), loss="mse")
+    return m
+
+
+def fit(m):
+    m.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0)
+    return m.get_weights()
+
+
+def report(pairs):
+    initial = model({}).get_weights()
+    print("@@" + json.dumps([
+        [max(float(np.abs(p - q).max()) for p, q in zip(a, b)),
+         max(float(np.abs(p - q).max()) for p, q in zip(a, initial))]
+        for a, b in pairs]))
+"""
+
+SCRIPTS = {
+    "tensorflow": """
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+""" + COMMON + """
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+pairs = []
+for config in CONFIGS:
+    with strategy.scope():
+        mirrored = model(config)
+    pairs.append((fit(mirrored), fit(model(config))))
+report(pairs)
+""",
+    "jax": COMMON + """
+import jax
+devices = jax.devices("cpu")
+assert len(devices) == 2, devices
+pairs = []
+for config in CONFIGS:
+    keras.distribution.set_distribution(
+        keras.distribution.DataParallel(devices=devices))
+    parallel = fit(model(config))
+    keras.distribution.set_distribution(None)
+    pairs.append((parallel, fit(model(config))))
+report(pairs)
+""",
+}
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() == "torch",
+    reason="Keras's torch backend has no multi-device distribution on CPU "
+    "(keras.distribution is JAX-only; tf.distribute is TensorFlow's)",
+)
+def test_two_devices_equal_one_device():
+    backend = keras.backend.backend()
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(SCRIPTS[backend])], env=env,
+        capture_output=True, text=True, timeout=600,
+    )
+    lines = [line for line in out.stdout.splitlines()
+             if line.startswith("@@")]
+    assert lines, out.stderr[-3000:]
+    for difference, moved in json.loads(lines[0][2:]):
+        assert moved > 0.01
+        assert difference < 1e-6
