@@ -83,6 +83,12 @@ class AdamPlus(keras.optimizers.Optimizer):
             gives theta_bar / (1 - b**t) and `use_average_weights()` swaps
             it in for evaluation or saving (and the trained weights back).
             Kept as a saved slot per variable. `None`: off.
+        lazy_sparse: TensorFlow only: for `tf.IndexedSlices` gradients
+            (embeddings), update only the touched rows of theta, m and v
+            (LazyAdam semantics; weight decay on those rows only). Dense
+            gradients, and the JAX and PyTorch backends (where Keras gives
+            dense gradients), take the usual step. Not with adamax,
+            nesterov or scheduled betas. Defaults to `False`.
         skip_nonfinite: Whether to skip every step whose gradients hold a
             NaN or an Inf: weights, moments, accumulators, EMA and the step
             count stay unchanged, and `skipped_steps` (a saved variable)
@@ -149,6 +155,7 @@ class AdamPlus(keras.optimizers.Optimizer):
         nesterov=False,
         skip_nonfinite=False,
         average_decay=None,
+        lazy_sparse=False,
         weight_decay=None,
         weight_decay_mode="decoupled",
         weight_decay_exclude=None,
@@ -217,6 +224,16 @@ class AdamPlus(keras.optimizers.Optimizer):
         self.adamax = v.check_bool("adamax", adamax)
         self.nesterov = v.check_bool("nesterov", nesterov)
         self.skip_nonfinite = v.check_bool("skip_nonfinite", skip_nonfinite)
+        self.lazy_sparse = v.check_bool("lazy_sparse", lazy_sparse)
+        if self.lazy_sparse and (self.adamax or self.nesterov
+                                 or self._betas_scheduled):
+            raise ValueError(
+                "Argument `lazy_sparse` supports the Adam and AMSGrad steps "
+                "with constant betas, not adamax, nesterov or scheduled "
+                f"betas. Received: lazy_sparse=True, adamax={self.adamax}, "
+                f"nesterov={self.nesterov}, beta_1={self.beta_1!r}, "
+                f"beta_2={self.beta_2!r}"
+            )
         self.average_decay = v.check_float(
             "average_decay", average_decay, low=0.0, high=1.0,
             high_inclusive=False, optional=True,
@@ -460,6 +477,12 @@ class AdamPlus(keras.optimizers.Optimizer):
 
     def update_step(self, gradient, variable, learning_rate):
         """Applies one Adam step to `variable` (see the class docstring)."""
+        if self.lazy_sparse and keras.backend.backend() == "tensorflow":
+            from keras_adam_plus.backends import tf_lazy
+
+            if tf_lazy.handles(self, gradient):
+                tf_lazy.update_step(self, gradient, variable, learning_rate)
+                return
         dtype = variable.dtype
         index = self._get_variable_index(variable)
         m = self._momentums[index]
@@ -587,6 +610,7 @@ class AdamPlus(keras.optimizers.Optimizer):
                 "nesterov": self.nesterov,
                 "skip_nonfinite": self.skip_nonfinite,
                 "average_decay": self.average_decay,
+                "lazy_sparse": self.lazy_sparse,
                 "weight_decay_mode": self.weight_decay_mode,
                 "weight_decay_exclude": list(self.weight_decay_exclude),
             }
