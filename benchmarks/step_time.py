@@ -16,8 +16,11 @@ the same run.
 The floor is 28 bytes per float32 parameter (read theta, g, m, v; write
 theta, m, v) over the streaming bandwidth measured here with a large
 in-place add (`a += b`, 12 bytes per element), the best of NumPy and torch.
-Finally, `model.fit` step time of the paper's MLP (784-1000-1000-10, batch
-128, random MNIST-shaped data) with AdamPlus and keras.optimizers.Adam.
+On TensorFlow, a 1M x 64 embedding table with a sparse gradient of 4096
+rows compares dense steps with `AdamPlus(lazy_sparse=True)` (its floor row
+is the dense one). Finally, `model.fit` step time of the paper's MLP
+(784-1000-1000-10, batch 128, random MNIST-shaped data) with AdamPlus and
+keras.optimizers.Adam.
 """
 
 import argparse
@@ -170,6 +173,12 @@ def _applier(optimizer, grads, variables):
     return apply
 
 
+def _tf_sync(optimizer):
+    # The step count is written last; reading it (a scalar) waits for the
+    # step without copying a whole table to NumPy.
+    return lambda: optimizer.iterations.numpy()
+
+
 def run_tensorflow(sizes, repeats):
     import keras
     import tensorflow as tf
@@ -185,13 +194,35 @@ def run_tensorflow(sizes, repeats):
             optimizer.build(variables)
             step = tf.function(_applier(optimizer, grads, variables),
                                jit_compile=jit)
-            steps[label + suffix] = (
-                step, lambda v=variables: v[0].numpy()
-            )
+            steps[label + suffix] = (step, _tf_sync(optimizer))
         results.update(measure(steps, repeats))
         del steps
         _release()
     return results
+
+
+def run_tensorflow_sparse(rows, repeats, dim=64, touched=4096):
+    """An embedding table's sparse gradient: dense steps vs lazy_sparse."""
+    import keras
+    import tensorflow as tf
+
+    from keras_adam_plus import AdamPlus
+
+    indices = tf.random.uniform((touched,), 0, rows, tf.int64, seed=0)
+    grads = [tf.IndexedSlices(tf.random.normal((touched, dim)), indices,
+                              tf.constant([rows, dim], tf.int64))]
+    makers = {"keras Adam": keras.optimizers.Adam, "AdamPlus": AdamPlus,
+              "AdamPlus lazy_sparse": lambda: AdamPlus(lazy_sparse=True)}
+    steps = {}
+    for label, make in makers.items():
+        variables = [keras.Variable(tf.zeros((rows, dim)))]
+        optimizer = make()
+        optimizer.build(variables)
+        steps[label + " (tf.function)"] = (
+            tf.function(_applier(optimizer, grads, variables)),
+            _tf_sync(optimizer),
+        )
+    return measure(steps, repeats)
 
 
 def run_jax(sizes, repeats):
@@ -313,6 +344,14 @@ def worker(quick, repeats):
         times = RUNNERS[backend](sizes, repeats)
         _release()
         rows.append({"case": case, "floor_s": floor, "times": times})
+    if backend == "tensorflow":
+        table_rows = 100_000 if quick else 1_000_000
+        case = f"{table_rows // 1000}k x 64 embedding, 4096 rows touched"
+        print(f"# {backend} {case}: measuring", file=sys.stderr, flush=True)
+        times = run_tensorflow_sparse(table_rows, repeats)
+        _release()
+        rows.append({"case": case, "times": times,
+                     "floor_s": BYTES_PER_PARAM * table_rows * 64 / bw})
     fit = fit_step_time(8 if quick else 20, rounds=2 if quick else 5)
     table = {"backend": backend, "bandwidth_gb_s": bw / 1e9, "rows": rows,
              "fit": fit, "versions": {
