@@ -8,6 +8,8 @@ from keras import ops
 from keras_adam_plus import validation
 
 EPSILON_MODES = ("paper", "hat")
+MOMENT_DTYPES = ("float32",)
+LOW_PRECISION = ("float16", "bfloat16")
 WEIGHT_DECAY_MODES = ("decoupled", "decoupled_unscaled", "l2")
 
 
@@ -77,6 +79,11 @@ class AdamPlus(keras.optimizers.Optimizer):
             `False`. Defaults to `False`.
         nesterov: Whether to use Nesterov momentum in the step (with Adam
             or AdaMax). Defaults to `False`.
+        moment_dtype: `None` or `"float32"`: keep m, v (v_max and the
+            average) of float16/bfloat16 variables in float32, compute the
+            update in float32 and cast theta back once per step (Keras keeps
+            them in the variable's dtype, where bfloat16's 8-bit mantissa
+            loses most of `(1 - beta_2) * g**2`). Defaults to `None`.
         average_decay: If a float b in [0, 1), keep the paper's temporal
             average (Section 7.2) theta_bar = b * theta_bar + (1 - b) *
             theta per real step, with theta_bar_0 = 0; `average_weights()`
@@ -156,6 +163,7 @@ class AdamPlus(keras.optimizers.Optimizer):
         skip_nonfinite=False,
         average_decay=None,
         lazy_sparse=False,
+        moment_dtype=None,
         weight_decay=None,
         weight_decay_mode="decoupled",
         weight_decay_exclude=None,
@@ -226,14 +234,20 @@ class AdamPlus(keras.optimizers.Optimizer):
         self.skip_nonfinite = v.check_bool("skip_nonfinite", skip_nonfinite)
         self.lazy_sparse = v.check_bool("lazy_sparse", lazy_sparse)
         if self.lazy_sparse and (self.adamax or self.nesterov
-                                 or self._betas_scheduled):
+                                 or self._betas_scheduled
+                                 or moment_dtype is not None):
             raise ValueError(
                 "Argument `lazy_sparse` supports the Adam and AMSGrad steps "
-                "with constant betas, not adamax, nesterov or scheduled "
-                f"betas. Received: lazy_sparse=True, adamax={self.adamax}, "
-                f"nesterov={self.nesterov}, beta_1={self.beta_1!r}, "
-                f"beta_2={self.beta_2!r}"
+                "with constant betas, not adamax, nesterov, scheduled "
+                "betas or moment_dtype. Received: lazy_sparse=True, "
+                f"adamax={self.adamax}, nesterov={self.nesterov}, "
+                f"beta_1={self.beta_1!r}, beta_2={self.beta_2!r}, "
+                f"moment_dtype={moment_dtype!r}"
             )
+        if moment_dtype is not None:
+            moment_dtype = v.check_choice("moment_dtype", moment_dtype,
+                                          MOMENT_DTYPES)
+        self.moment_dtype = moment_dtype
         self.average_decay = v.check_float(
             "average_decay", average_decay, low=0.0, high=1.0,
             high_inclusive=False, optional=True,
@@ -260,14 +274,13 @@ class AdamPlus(keras.optimizers.Optimizer):
         names = ["momentum", "velocity"] + (
             ["velocity_max"] if self.amsgrad else []
         )
-        slots = self.add_optimizer_variables(var_list, names)
+        slots = self._add_slots(var_list, names)
         self._momentums, self._velocities = slots[0], slots[1]
         self._velocity_maxes = slots[2] if self.amsgrad else None
         self._decays = [self._decays_variable(var) for var in var_list]
         self._averages = None
         if self.average_decay is not None:
-            self._averages = self.add_optimizer_variables(var_list,
-                                                          "average")
+            self._averages = self._add_slots(var_list, ["average"])[0]
         self._beta_powers = None
         if self._betas_scheduled:
             # prod_{i<=t} beta_i, the bias correction of scheduled betas.
@@ -285,6 +298,30 @@ class AdamPlus(keras.optimizers.Optimizer):
         if self._pending_state is not None:
             self._assign_state(self._pending_state)
             self._pending_state = None
+
+    def _state_dtype(self, variable):
+        """The dtype of `variable`'s slots and update computation."""
+        dtype = keras.backend.standardize_dtype(variable.dtype)
+        if self.moment_dtype and dtype in LOW_PRECISION:
+            return self.moment_dtype
+        return dtype
+
+    def _add_slots(self, var_list, names):
+        """One slot list per name; in `moment_dtype` for low-precision vars."""
+        if self.moment_dtype is None:
+            return self.add_optimizer_variables(var_list, names)
+        return [
+            [
+                None if getattr(var, "overwrite_with_gradient", False)
+                else self.add_variable(
+                    tuple(var.shape), initializer="zeros",
+                    dtype=self._state_dtype(var),
+                    name=f"{var.path.replace('/', '_')}_{name}",
+                )
+                for var in var_list
+            ]
+            for name in names
+        ]
 
     @property
     def _betas_scheduled(self):
@@ -447,6 +484,13 @@ class AdamPlus(keras.optimizers.Optimizer):
             return "nesterov has no fused torch kernel"
         if self._betas_scheduled:
             return "scheduled betas have no fused torch kernel"
+        if self.moment_dtype is not None and any(
+            self._state_dtype(var) != keras.backend.standardize_dtype(
+                var.dtype)
+            for var in getattr(self, "_trainable_variables", [])
+        ):
+            return ("moment_dtype: the fused kernel keeps state in the "
+                    "parameters' dtype")
         return None
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
@@ -483,8 +527,15 @@ class AdamPlus(keras.optimizers.Optimizer):
             if tf_lazy.handles(self, gradient):
                 tf_lazy.update_step(self, gradient, variable, learning_rate)
                 return
-        dtype = variable.dtype
         index = self._get_variable_index(variable)
+        target = _Target(self, variable, self._state_dtype(variable))
+        self._update(gradient, target, index, learning_rate)
+        target.finish()
+
+    def _update(self, gradient, target, index, learning_rate):
+        """The update of one variable, written through `target`."""
+        dtype = target.dtype
+        variable = target.value
         m = self._momentums[index]
         v = self._velocities[index]
         lr = ops.cast(learning_rate, dtype)
@@ -506,9 +557,9 @@ class AdamPlus(keras.optimizers.Optimizer):
                 gradient = ops.add(gradient, ops.multiply(wd, variable))
             elif self.weight_decay_mode == "decoupled":
                 # Same operation order as Keras's base optimizer.
-                self.assign_sub(variable, variable * wd * lr)
+                target.sub(variable * wd * lr)
             else:
-                self.assign_sub(variable, ops.multiply(variable, wd))
+                target.sub(ops.multiply(variable, wd))
 
         self.assign_add(
             m, ops.multiply(ops.subtract(gradient, m), one_minus_beta_1)
@@ -532,14 +583,13 @@ class AdamPlus(keras.optimizers.Optimizer):
             v = v_max
 
         if self.adamax or self.nesterov:
-            self._assign_general_step(variable, gradient, m, v, lr, epsilon)
+            self._assign_general_step(target, gradient, m, v, lr, epsilon)
             return
 
         if not self.bias_correction:
             # Section 6.4: RMSProp with momentum; both modes coincide.
-            self.assign_sub(
-                variable,
-                ops.divide(ops.multiply(m, lr), ops.add(ops.sqrt(v), epsilon)),
+            target.sub(
+                ops.divide(ops.multiply(m, lr), ops.add(ops.sqrt(v), epsilon))
             )
             return
 
@@ -557,12 +607,11 @@ class AdamPlus(keras.optimizers.Optimizer):
             # the "hat" form (one division), so no slower than Keras's Adam.
             epsilon = ops.multiply(epsilon, ops.sqrt(correction_2))
         # The "hat" form in keras.optimizers.Adam's operation order.
-        self.assign_sub(
-            variable,
-            ops.divide(ops.multiply(m, alpha), ops.add(ops.sqrt(v), epsilon)),
+        target.sub(
+            ops.divide(ops.multiply(m, alpha), ops.add(ops.sqrt(v), epsilon))
         )
 
-    def _assign_general_step(self, variable, gradient, m, v, lr, epsilon):
+    def _assign_general_step(self, target, gradient, m, v, lr, epsilon):
         """The step of the AdaMax and Nesterov modes (m, v already updated).
 
         numerator: m_hat, or with Nesterov (optax's form)
@@ -571,7 +620,7 @@ class AdamPlus(keras.optimizers.Optimizer):
             sqrt(v_hat) + eps ("paper") or (sqrt(v) + eps) / sqrt(c2)
             ("hat"), with c1 = 1 - beta_1**t and c2 = 1 - beta_2**t.
         """
-        dtype = variable.dtype
+        dtype = target.dtype
         # Tensors, not Variables: jnp.where refuses Keras Variables.
         m, v = ops.convert_to_tensor(m), ops.convert_to_tensor(v)
         beta_1 = self._beta(1, dtype)
@@ -593,7 +642,7 @@ class AdamPlus(keras.optimizers.Optimizer):
                 epsilon = ops.multiply(epsilon, ops.sqrt(c2))
             step = ops.divide(ops.multiply(numerator, lr * ops.sqrt(c2)),
                               ops.add(ops.sqrt(v), epsilon))
-        self.assign_sub(variable, step)
+        target.sub(step)
 
     def get_config(self):
         """Returns the JSON-serializable config; every key is an argument."""
@@ -611,6 +660,7 @@ class AdamPlus(keras.optimizers.Optimizer):
                 "skip_nonfinite": self.skip_nonfinite,
                 "average_decay": self.average_decay,
                 "lazy_sparse": self.lazy_sparse,
+                "moment_dtype": self.moment_dtype,
                 "weight_decay_mode": self.weight_decay_mode,
                 "weight_decay_exclude": list(self.weight_decay_exclude),
             }
@@ -680,6 +730,32 @@ def _maximum(x, y):
     if keras.backend.backend() == "torch":
         return ops.where(ops.greater(y, x), y, x)
     return ops.maximum(x, y)
+
+
+class _Target:
+    """Where an update step writes theta.
+
+    Normally the variable itself (each `sub` an `assign_sub`, as Keras
+    does). With `moment_dtype` wider than the variable's dtype, a copy of
+    theta in that dtype that collects every change and is cast back once.
+    """
+
+    def __init__(self, optimizer, variable, dtype):
+        self.optimizer, self.variable, self.dtype = optimizer, variable, dtype
+        self.mixed = dtype != keras.backend.standardize_dtype(variable.dtype)
+        self.value = ops.cast(variable, dtype) if self.mixed else variable
+
+    def sub(self, delta):
+        if self.mixed:
+            self.value = ops.subtract(self.value, delta)
+        else:
+            self.optimizer.assign_sub(self.variable, delta)
+
+    def finish(self):
+        if self.mixed:
+            self.optimizer.assign(
+                self.variable, ops.cast(self.value, self.variable.dtype)
+            )
 
 
 class _AverageSwap:
