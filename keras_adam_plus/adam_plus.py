@@ -101,7 +101,8 @@ class AdamPlus(keras.optimizers.Optimizer):
             count stay unchanged, and `skipped_steps` (a saved variable)
             counts the skips. Costs one copy of the state per step.
             Defaults to `False`.
-        weight_decay: Weight decay coefficient `lambda`, finite and >= 0, or
+        weight_decay: Weight decay coefficient `lambda`, finite and >= 0, a
+            schedule (`LearningRateSchedule` or callable of the step), or
             `None` for none. Defaults to `None`.
         weight_decay_mode: How weight decay is applied: `"decoupled"`,
             `"decoupled_unscaled"` or `"l2"` (see above). Defaults to
@@ -185,9 +186,7 @@ class AdamPlus(keras.optimizers.Optimizer):
         )
         super().__init__(
             learning_rate=v.check_learning_rate(learning_rate),
-            weight_decay=v.check_float(
-                "weight_decay", weight_decay, low=0.0, optional=True
-            ),
+            weight_decay=v.check_weight_decay(weight_decay),
             clipnorm=v.check_float(
                 "clipnorm", clipnorm, low=0.0, low_inclusive=False,
                 optional=True,
@@ -298,6 +297,13 @@ class AdamPlus(keras.optimizers.Optimizer):
         if self._pending_state is not None:
             self._assign_state(self._pending_state)
             self._pending_state = None
+
+    def _weight_decay_now(self, dtype):
+        """The weight decay of this step: a schedule is called with it."""
+        wd = self.weight_decay
+        if callable(wd):
+            wd = wd(self.iterations)
+        return ops.cast(wd, dtype)
 
     def _state_dtype(self, variable):
         """The dtype of `variable`'s slots and update computation."""
@@ -484,6 +490,8 @@ class AdamPlus(keras.optimizers.Optimizer):
             return "nesterov has no fused torch kernel"
         if self._betas_scheduled:
             return "scheduled betas have no fused torch kernel"
+        if callable(self.weight_decay):
+            return "a scheduled weight decay has no fused torch kernel"
         if self.moment_dtype is not None and any(
             self._state_dtype(var) != keras.backend.standardize_dtype(
                 var.dtype)
@@ -552,7 +560,7 @@ class AdamPlus(keras.optimizers.Optimizer):
         epsilon = ops.cast(self.epsilon, dtype)
 
         if self._decays[index]:
-            wd = ops.cast(self.weight_decay, dtype)
+            wd = self._weight_decay_now(dtype)
             if self.weight_decay_mode == "l2":
                 gradient = ops.add(gradient, ops.multiply(wd, variable))
             elif self.weight_decay_mode == "decoupled":
@@ -661,6 +669,7 @@ class AdamPlus(keras.optimizers.Optimizer):
                 "average_decay": self.average_decay,
                 "lazy_sparse": self.lazy_sparse,
                 "moment_dtype": self.moment_dtype,
+                "weight_decay": _serialize_beta(self.weight_decay),
                 "weight_decay_mode": self.weight_decay_mode,
                 "weight_decay_exclude": list(self.weight_decay_exclude),
             }
@@ -671,7 +680,7 @@ class AdamPlus(keras.optimizers.Optimizer):
     def from_config(cls, config, custom_objects=None):
         """Builds an AdamPlus from `get_config()`, schedules included."""
         config = dict(config)
-        for name in ("beta_1", "beta_2"):
+        for name in ("beta_1", "beta_2", "weight_decay"):
             if isinstance(config.get(name), dict):
                 config[name] = keras.saving.deserialize_keras_object(
                     config[name], custom_objects=custom_objects

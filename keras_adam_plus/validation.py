@@ -179,6 +179,17 @@ def check_beta(name, value):
     return check_float(name, value, low=0.0, high=1.0, high_inclusive=False)
 
 
+def check_weight_decay(value):
+    """Returns None, a float >= 0, or the schedule/callable unchanged."""
+    from keras.optimizers.schedules import LearningRateSchedule
+
+    if isinstance(value, LearningRateSchedule) or (
+        callable(value) and not _is_real_number(value)
+    ):
+        return value
+    return check_float("weight_decay", value, low=0.0, optional=True)
+
+
 def check_name(value):
     """Returns the optimizer name: `None` or a non-empty string."""
     if value is None or (isinstance(value, str) and value):

@@ -108,3 +108,29 @@ def test_beta_decay_validation(kwargs, message):
 def test_scheduled_betas_fall_back_visibly_on_torch():
     assert AdamPlus(beta_1=BetaDecay()).fast_path == (
         "generic (scheduled betas have no fused torch kernel)")
+
+
+@pytest.mark.parametrize("mode", ["decoupled", "decoupled_unscaled", "l2"])
+def test_weight_decay_schedule_follows_hand_computation(mode):
+    schedule = keras.optimizers.schedules.ExponentialDecay(
+        0.2, decay_steps=5, decay_rate=0.5)
+    params, grads = make_problem(seed=44, steps=30)
+    got, _ = run_optimizer(AdamPlus(learning_rate=0.01, weight_decay=schedule,
+                                    weight_decay_mode=mode), params, grads)
+    # The reference applies weight decay wd_t = 0.2 * 0.5**(t/5) per step.
+    from tests.reference import ReferenceAdam
+
+    ref = ReferenceAdam(weight_decay=1.0, weight_decay_mode=mode)
+    want = [np.array(p, np.float64) for p in params]
+    for t, step in enumerate(grads):
+        ref.wd = 0.2 * 0.5 ** (t / 5)
+        ref.step(want, step, 0.01)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL)
+    constant = run_reference(dict(learning_rate=0.01, weight_decay=0.2,
+                                  weight_decay_mode=mode), params, grads)
+    assert np.abs(constant[0] - want[0]).max() > 1e-3
+    opt = AdamPlus(weight_decay=schedule)
+    again = AdamPlus.from_config(opt.get_config())
+    assert isinstance(again.weight_decay,
+                      keras.optimizers.schedules.ExponentialDecay)

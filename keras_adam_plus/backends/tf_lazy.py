@@ -40,7 +40,7 @@ def update_step(optimizer, gradient, variable, learning_rate):
     epsilon = tf.cast(optimizer.epsilon, dtype)
 
     if optimizer._decays[index]:
-        wd = tf.cast(optimizer.weight_decay, dtype)
+        wd = optimizer._weight_decay_now(dtype)
         mode = optimizer.weight_decay_mode
         if mode == "l2":
             g = g + wd * theta
