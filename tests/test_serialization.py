@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_adam_plus import AdamPlus
+from keras_adam_plus import AdamPlus, BetaDecay
 from tests.helpers import make_problem, make_variables, run_optimizer, to_numpy
 
 RICH_CONFIGS = [
@@ -25,6 +25,12 @@ RICH_CONFIGS = [
          use_ema=True, ema_momentum=0.9, ema_overwrite_frequency=5,
          global_clipnorm=2.0, loss_scale_factor=128.0,
          gradient_accumulation_steps=4, name="my_adam"),
+    dict(adamax=True, nesterov=True, skip_nonfinite=True,
+         average_decay=0.999, moment_dtype="float32"),
+    dict(beta_1=BetaDecay(0.9, 0.99), beta_2=BetaDecay(0.999, 1.0),
+         weight_decay=keras.optimizers.schedules.ExponentialDecay(
+             0.01, 10, 0.5)),
+    dict(lazy_sparse=True, weight_decay=0.01),
 ]
 
 
