@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import keras
 import keras_tuner
 import numpy as np
 import pytest
@@ -144,6 +145,17 @@ def _trial_states(directory):
     return states
 
 
+# Process-level machinery (keras-tuner's oracle files, its gRPC chief and
+# workers) is the same whatever Keras backend trains the trials: these two
+# subprocess tests run once, on TensorFlow, to keep CI short.
+_ONCE = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="resume and chief/worker machinery do not depend on the Keras "
+    "backend; tested once, on TensorFlow, to keep CI under its budget",
+)
+
+
+@_ONCE
 def test_resume_after_sigkill_loses_no_trial(tmp_path):
     cmd = _cli(tmp_path, "--max-trials", "4", "--epochs", "6")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
@@ -173,6 +185,7 @@ def test_resume_after_sigkill_loses_no_trial(tmp_path):
     assert len(table) == 4
 
 
+@_ONCE
 def test_distributed_chief_and_two_workers_on_loopback(tmp_path):
     cmd = _cli(tmp_path, "--max-trials", "4", "--epochs", "1", "--workers",
                "2")
