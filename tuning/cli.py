@@ -2,6 +2,7 @@
 
     python -m tuning [sweep options]      a sweep (default: digits, random)
     python -m tuning report DIR           rebuild tables and plots of DIR
+    python -m tuning replicate [...]      the paper's experiments (replicate)
 """
 
 import argparse
@@ -59,6 +60,10 @@ def sweep_parser():
 def main(argv=None):
     """Entry point of `python -m tuning` and `adam-plus-tune`."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["replicate"]:
+        from tuning import replicate
+
+        return replicate.main(argv[1:])
     if argv[:1] == ["report"]:
         if len(argv) != 2:
             sys.exit("usage: python -m tuning report DIR")

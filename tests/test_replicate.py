@@ -1,0 +1,345 @@
+"""`python -m tuning replicate`: runs, claims, figures, report, resume."""
+
+import dataclasses
+import json
+import math
+
+import keras
+import keras_tuner
+import numpy as np
+import pytest
+
+from tuning import replicate
+from tuning.benchmarks import BENCHMARKS
+from tuning.datasets import DatasetUnavailable, load_mnist_arrays
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _mnist_available():
+    try:
+        load_mnist_arrays("mnist")
+        return True
+    except DatasetUnavailable:
+        return False
+
+
+needs_mnist = pytest.mark.skipif(
+    not _mnist_available(),
+    reason="real MNIST (IDX files or mnist.npz) not found; the claims are "
+    "never decided on stand-ins",
+)
+
+
+def _once_on(backend):
+    """Runs a slow, backend-independent test on one backend only.
+
+    The replication machinery (searches, grid, report) uses Keras's public
+    API alone; each such test runs on one backend (a different one each) to
+    keep CI under its budget. The optimizer itself is tested everywhere.
+    """
+    return pytest.mark.skipif(
+        keras.backend.backend() != backend,
+        reason=f"backend-independent machinery, tested once, on {backend}, "
+        "to keep CI under its budget",
+    )
+
+
+def _reference_counterexample(steps, amsgrad, lr=1e-2):
+    """Float64 Algorithm 1 (amsgrad: max of the raw v) + projection."""
+    x = m = v = v_max = 0.0
+    xs = []
+    for t in range(1, steps + 1):
+        g = 1010.0 if t % 101 == 1 else -10.0
+        m = 0.9 * m + 0.1 * g
+        v = 0.99 * v + 0.01 * g * g
+        v_max = max(v_max, v)
+        v_hat = (v_max if amsgrad else v) / (1 - 0.99 ** t)
+        x -= lr * (m / (1 - 0.9 ** t)) / (math.sqrt(v_hat) + 1e-8)
+        x = min(1.0, max(-1.0, x))
+        xs.append(x)
+    return np.array(xs)
+
+
+def test_counterexample_gradients_are_reddis():
+    g = replicate.counterexample_gradients(203)
+    assert g[0] == 1010 and g[101] == 1010 and g[202] == 1010
+    assert np.all(np.delete(g, [0, 101, 202]) == -10)
+
+
+@pytest.mark.parametrize("name", ["adam", "amsgrad"])
+def test_counterexample_follows_float64_reference(name):
+    result = replicate.run_amsgrad(2020, points=20)
+    reference = _reference_counterexample(2020, name == "amsgrad")
+    t = np.array(result[name]["t"])
+    assert t[-1] == 2020 and len(t) == 20
+    np.testing.assert_allclose(result[name]["x"], reference[t - 1],
+                               atol=2e-4)
+    # The projection is active: the reference leaves [-1, 1] without it.
+    assert np.all(np.abs(result[name]["x"]) <= 1.0)
+
+
+# Claim logic on hand-made results: every branch, exact numbers.
+def _panel(**finals):
+    return {"curves": {k: {"label": k, "loss": [9.0, v]}
+                       for k, v in finals.items()}}
+
+
+NOT_RUN = {"title": "x", "not_run": "Dataset 'imdb' is not cached"}
+FIGURE1_CASES = [
+    # adam, sgd, adagrad -> like SGD, adam <= adagrad, sgd <= adagrad
+    ((0.262, 0.268, 0.281), ["PASS", "PASS", "PASS"]),
+    ((0.300, 0.268, 0.281), ["FAIL", "FAIL", "PASS"]),
+    ((0.262, 0.290, 0.281), ["FAIL", "PASS", "FAIL"]),
+]
+
+
+@pytest.mark.parametrize("finals,expected", FIGURE1_CASES)
+def test_figure1_left_claims(finals, expected):
+    adam, sgd, ada = finals
+    claims = replicate.claims_figure1(
+        _panel(adam=adam, sgd_nesterov=sgd, adagrad=ada), NOT_RUN)
+    assert [c["result"] for c in claims] == expected + ["NOT RUN"] * 2
+    assert f"Adam {adam:.4g} vs AdaGrad {ada:.4g}" == claims[1]["detail"]
+    assert "imdb" in claims[3]["detail"]
+
+
+def test_figure1_right_claims_by_far_and_as_fast():
+    right = _panel(adam=0.120, adagrad=0.126, rmsprop=0.167,
+                   sgd_nesterov=0.219)
+    claims = replicate.claims_figure1(NOT_RUN, right)
+    assert [c["result"] for c in claims[3:]] == ["PASS", "PASS"]
+    right = _panel(adam=0.140, adagrad=0.126, rmsprop=0.167,
+                   sgd_nesterov=0.150)  # 16% lower only; Adam 11% worse
+    assert [c["result"] for c in
+            replicate.claims_figure1(NOT_RUN, right)[3:]] == ["FAIL", "FAIL"]
+
+
+def test_figure2_claim_adam_lowest_within_margin():
+    mlp = _panel(adam=0.0245, adagrad=0.024, rmsprop=0.030)
+    for key, label in (("adam", "Adam"), ("adagrad", "AdaGrad"),
+                       ("rmsprop", "RMSProp")):
+        mlp["curves"][key]["label"] = label
+    assert replicate.claims_figure2(mlp)[0]["result"] == "PASS"
+    mlp["curves"]["adam"]["loss"] = [9.0, 0.026]  # 8% above AdaGrad
+    claim = replicate.claims_figure2(mlp)[0]
+    assert claim["result"] == "FAIL" and "Adam 0.026" in claim["detail"]
+
+
+def test_figure3_claims_early_and_late():
+    curves = {}
+    for suffix in ("", "_dropout"):
+        for key, first, last in (("adam", 1.5, 0.01), ("adagrad", 1.6, 0.2),
+                                 ("sgd_nesterov", 2.0, 0.02)):
+            curves[key + suffix] = {"label": key, "loss": [first, last]}
+    claims = replicate.claims_figure3({"curves": curves})
+    assert [c["result"] for c in claims] == ["PASS", "PASS"]
+    curves["adagrad_dropout"]["loss"] = [2.1, 0.021]
+    assert [c["result"] for c in
+            replicate.claims_figure3({"curves": curves})] == ["FAIL", "FAIL"]
+
+
+def _grid(fn):
+    runs = []
+    for b1 in (0.0, 0.9):
+        for b2 in (0.99, 0.999, 0.9999):
+            for a in (-5, -4, -3, -2, -1):
+                for bc in (True, False):
+                    early, late = fn(b1, b2, a, bc)
+                    runs.append({"beta_1": b1, "beta_2": b2,
+                                 "log10_alpha": a, "bias_correction": bc,
+                                 "early": early, "late": late})
+    return {"runs": runs}
+
+
+def test_figure4_claims_on_a_paper_like_grid():
+    def paper_like(b1, b2, a, bc):
+        loss = 100.0 + abs(a + 3) * 10
+        if not bc and b2 == 0.9999 and a >= -3:
+            return ((math.inf, 1.2 * loss) if a == -1
+                    else (2 * loss, loss))
+        return loss, loss
+
+    claims = replicate.claims_figure4(_grid(paper_like))
+    assert [c["result"] for c in claims] == ["PASS"] * 5
+    assert claims[4]["detail"] == ("12/12 hold; e.g. late b1=0.9 "
+                                   "b2=0.9999: 100 vs 100")
+    assert claims[0]["detail"] == "60/60 points hold"
+    assert "early b2=0.9999: 6" in claims[2]["detail"]
+    assert "late b2=0.9999: 2" in claims[2]["detail"]
+
+
+def test_figure4_claims_fail_where_uncorrected_wins():
+    def uncorrected_better(b1, b2, a, bc):
+        return (90.0, 90.0) if not bc and a == -5 else (100.0, 100.0)
+
+    claims = replicate.claims_figure4(_grid(uncorrected_better))
+    assert [c["result"] for c in claims] == ["FAIL"] * 5
+    assert claims[4]["detail"].startswith("0/12 hold; exceptions: early "
+                                          "b1=0.0 b2=0.99: 100 vs 90;")
+    assert claims[0]["detail"].startswith("48/60 points hold; exceptions: ")
+    # Both diverged counts as equal, not as a failure of the claim.
+    both = replicate.claims_figure4(_grid(lambda *p: (math.inf, math.inf)))
+    assert both[0]["result"] == "PASS"
+
+
+def test_amsgrad_claims():
+    result = {"adam": {"x": [0.5, 0.95]}, "amsgrad": {"x": [0.1, -0.2]}}
+    assert [c["result"] for c in replicate.claims_amsgrad(result)] == [
+        "PASS", "PASS"]
+    result["adam"]["x"][-1] = 0.89
+    claims = replicate.claims_amsgrad(result)
+    assert claims[0]["result"] == "FAIL" and claims[0]["detail"] == (
+        "x_T = 0.8900")
+
+
+def test_every_optimizer_starts_from_the_same_weights():
+    bench = BENCHMARKS["mnist_mlp"]
+    weights = []
+    for key in ("adam", "sgd_nesterov", "adadelta"):
+        model = replicate.ReplicaHyperModel(
+            bench, (784,), replicate.COMPETITORS[key], seed=3,
+        ).build(keras_tuner.HyperParameters())
+        weights.append([np.array(w) for w in model.get_weights()])
+    for other in weights[1:]:
+        for a, b in zip(weights[0], other):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("budget", [2, 6, 12])
+def test_every_optimizer_gets_the_same_budget(budget):
+    for key, competitor in replicate.COMPETITORS.items():
+        grid = competitor.grid(budget)
+        assert math.prod(len(v) for v in grid.values()) == budget, key
+        rates = np.array(grid["learning_rate"])
+        low, high = competitor.learning_rate
+        if len(rates) == 1:  # SGDNesterov at budget 2: the middle rate
+            assert rates[0] == float(f"{math.sqrt(low * high):.3g}")
+            continue
+        assert rates[0] == low and rates[-1] == high
+        np.testing.assert_allclose(np.diff(np.log10(rates)),
+                                   np.log10(high / low) / (len(rates) - 1),
+                                   atol=2e-3)
+    assert replicate.COMPETITORS["adam"].grid(6)["learning_rate"] == [
+        1e-4, 3.98e-4, 1.58e-3, 6.31e-3, 0.0251, 0.1]
+    assert replicate.COMPETITORS["sgd_nesterov"].grid(6) == {
+        "learning_rate": [1e-3, 0.0316, 1.0], "momentum": [0.9, 0.99]}
+
+
+def test_grid_values_build_the_optimizer():
+    hp = keras_tuner.HyperParameters()
+    values = replicate.COMPETITORS["sgd_nesterov"].declare(hp, 6)
+    assert values == {"learning_rate": 1e-3, "momentum": 0.9}
+    optimizer = replicate.COMPETITORS["sgd_nesterov"].make(**values)
+    assert optimizer.nesterov and optimizer.momentum == 0.9
+
+
+def test_bad_figure_or_scale_is_refused():
+    with pytest.raises(ValueError, match=r"Argument `figure` must be one of "
+                       r"1, 2, 3, 4, amsgrad, all. Received: figure='5'"):
+        replicate.replicate("5", "tiny")
+    with pytest.raises(ValueError, match="Argument `scale` must be one of "
+                       "tiny, quick, full. Received: scale='huge'"):
+        replicate.replicate("1", "huge")
+
+
+def _stand_in(shape, classes, n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 255, size=(n, *shape), dtype=np.uint8)
+    y = rng.integers(0, classes, size=(n,))
+    return (x, y), (x[:16], y[:16])
+
+
+@_once_on("torch")
+def test_stand_in_data_is_marked_not_evidence(tmp_path):
+    """IMDB: code path on generated sequences, labelled as stand-in."""
+    rng = np.random.default_rng(0)
+    seqs = [list(rng.integers(1, 10000, size=30)) for _ in range(64)]
+    labels = rng.integers(0, 2, size=64)
+    panel = replicate.PANELS["1"][1]
+    result = replicate.run_panel(
+        panel, replicate.Scale(64, 2, 2), tmp_path, arrays=(
+            (seqs, labels), (seqs[:16], labels[:16])))
+    assert result["data"].startswith("stand-in arrays")
+    assert set(result["curves"]) == set(panel.optimizers)
+    for curve in result["curves"].values():
+        assert len(curve["loss"]) == 2 and len(curve["epoch_seconds"]) == 2
+
+
+def test_unavailable_dataset_is_reported_not_run(tmp_path, monkeypatch):
+    def missing(*args, **kwargs):
+        raise DatasetUnavailable("Dataset 'cifar10' is not cached. Without "
+                                 "a network, place the file")
+
+    bench = dataclasses.replace(BENCHMARKS["cifar10_cnn"], load=missing)
+    monkeypatch.setitem(BENCHMARKS, "cifar10_cnn", bench)
+    path = replicate.replicate("3", "tiny", tmp_path)
+    text = path.read_text()
+    assert text.count("**NOT RUN**") == 2
+    assert "Dataset 'cifar10' is not cached" in text
+    assert (tmp_path / "figure3.png").read_bytes().startswith(PNG)
+
+
+@_once_on("tensorflow")
+@needs_mnist
+def test_tiny_replication_draws_figures_and_decides_claims(tmp_path):
+    path = replicate.replicate(("1", "2", "4", "amsgrad"), "tiny", tmp_path)
+    text = path.read_text()
+    for figure in ("1", "2", "4", "amsgrad"):
+        assert (tmp_path / f"figure{figure}.png").read_bytes().startswith(PNG)
+        saved = json.loads((tmp_path / f"figure{figure}.json").read_text())
+        for claim in saved["claims"]:
+            assert claim["result"] in ("PASS", "FAIL", "NOT RUN")
+            row = (f"| {figure} | {claim['claim']} | **{claim['result']}** "
+                   f"| {claim['detail']} |")
+            assert row in text
+    # MNIST claims are decided (real data), and their numbers are the runs'.
+    figure1 = json.loads((tmp_path / "figure1.json").read_text())
+    mnist = figure1["panels"][0]
+    assert mnist["data"] == "mnist (subset 512/60000)"
+    assert [c["result"] in ("PASS", "FAIL") for c in figure1["claims"][:3]
+            ] == [True] * 3
+    adam = mnist["curves"]["adam"]["loss"][-1]
+    assert f"Adam {adam:.4g} vs AdaGrad" in figure1["claims"][1]["detail"]
+    grid = json.loads((tmp_path / "figure4.json").read_text())["grid"]
+    assert len(grid["runs"]) == 8
+    assert "smoke test" in text and "Wall time" in text
+
+
+@_once_on("jax")
+@needs_mnist
+def test_figure4_resumes_from_saved_runs(tmp_path, monkeypatch):
+    first = replicate.run_figure4(replicate.GRID_SCALES["tiny"], tmp_path)
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a saved run was trained again")
+
+    monkeypatch.setattr(replicate, "_vae_run", must_not_train)
+    again = replicate.run_figure4(replicate.GRID_SCALES["tiny"], tmp_path)
+    assert json.dumps(again["runs"]) == json.dumps(first["runs"])  # NaN-safe
+    # A different scale does not reuse them.
+    other = replicate.GridScale(100, (1, 2), (-3,), beta_1s=(0.9,),
+                                beta_2s=(0.99,))
+    with pytest.raises(AssertionError, match="trained again"):
+        replicate.run_figure4(other, tmp_path)
+
+
+def test_cli_routes_to_replicate(capsys):
+    from tuning.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["replicate", "--figure", "7"])
+    assert "invalid choice: '7'" in capsys.readouterr().err
+
+
+def test_report_is_rebuilt_from_saved_results(tmp_path):
+    result = {"figure": "amsgrad", "scale": "quick", "seed": 0,
+              "backend": keras.backend.backend(), "wall_seconds": 12.0,
+              "run": {"steps": 20000, "learning_rate": 0.01,
+                      "adam": {"t": [1, 2], "x": [0.1, 0.95]},
+                      "amsgrad": {"t": [1, 2], "x": [0.0, -0.1]}}}
+    result["claims"] = replicate.claims_amsgrad(result["run"])
+    (tmp_path / "figureamsgrad.json").write_text(json.dumps(result))
+    text = replicate.write_report(tmp_path).read_text()
+    assert "Totals: PASS 2" in text and "smoke test" not in text
+    assert "| amsgrad | AMSGrad counterexample: Adam ends near +1" in text
