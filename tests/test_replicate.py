@@ -9,6 +9,7 @@ import keras_tuner
 import numpy as np
 import pytest
 
+from tuning import claims as rules
 from tuning import replicate
 from tuning.benchmarks import BENCHMARKS
 from tuning.datasets import DatasetUnavailable, load_mnist_arrays
@@ -97,7 +98,7 @@ FIGURE1_CASES = [
 @pytest.mark.parametrize("finals,expected", FIGURE1_CASES)
 def test_figure1_left_claims(finals, expected):
     adam, sgd, ada = finals
-    claims = replicate.claims_figure1(
+    claims = rules.claims_figure1(
         _panel(adam=adam, sgd_nesterov=sgd, adagrad=ada), NOT_RUN)
     assert [c["result"] for c in claims] == expected + ["NOT RUN"] * 2
     assert f"Adam {adam:.4g} vs AdaGrad {ada:.4g}" == claims[1]["detail"]
@@ -107,12 +108,12 @@ def test_figure1_left_claims(finals, expected):
 def test_figure1_right_claims_by_far_and_as_fast():
     right = _panel(adam=0.120, adagrad=0.126, rmsprop=0.167,
                    sgd_nesterov=0.219)
-    claims = replicate.claims_figure1(NOT_RUN, right)
+    claims = rules.claims_figure1(NOT_RUN, right)
     assert [c["result"] for c in claims[3:]] == ["PASS", "PASS"]
     right = _panel(adam=0.140, adagrad=0.126, rmsprop=0.167,
                    sgd_nesterov=0.150)  # 16% lower only; Adam 11% worse
     assert [c["result"] for c in
-            replicate.claims_figure1(NOT_RUN, right)[3:]] == ["FAIL", "FAIL"]
+            rules.claims_figure1(NOT_RUN, right)[3:]] == ["FAIL", "FAIL"]
 
 
 def test_figure2_claim_adam_lowest_within_margin():
@@ -120,9 +121,9 @@ def test_figure2_claim_adam_lowest_within_margin():
     for key, label in (("adam", "Adam"), ("adagrad", "AdaGrad"),
                        ("rmsprop", "RMSProp")):
         mlp["curves"][key]["label"] = label
-    assert replicate.claims_figure2(mlp)[0]["result"] == "PASS"
+    assert rules.claims_figure2(mlp)[0]["result"] == "PASS"
     mlp["curves"]["adam"]["loss"] = [9.0, 0.026]  # 8% above AdaGrad
-    claim = replicate.claims_figure2(mlp)[0]
+    claim = rules.claims_figure2(mlp)[0]
     assert claim["result"] == "FAIL" and "Adam 0.026" in claim["detail"]
 
 
@@ -132,11 +133,11 @@ def test_figure3_claims_early_and_late():
         for key, first, last in (("adam", 1.5, 0.01), ("adagrad", 1.6, 0.2),
                                  ("sgd_nesterov", 2.0, 0.02)):
             curves[key + suffix] = {"label": key, "loss": [first, last]}
-    claims = replicate.claims_figure3({"curves": curves})
+    claims = rules.claims_figure3({"curves": curves})
     assert [c["result"] for c in claims] == ["PASS", "PASS"]
     curves["adagrad_dropout"]["loss"] = [2.1, 0.021]
     assert [c["result"] for c in
-            replicate.claims_figure3({"curves": curves})] == ["FAIL", "FAIL"]
+            rules.claims_figure3({"curves": curves})] == ["FAIL", "FAIL"]
 
 
 def _grid(fn):
@@ -160,7 +161,7 @@ def test_figure4_claims_on_a_paper_like_grid():
                     else (2 * loss, loss))
         return loss, loss
 
-    claims = replicate.claims_figure4(_grid(paper_like))
+    claims = rules.claims_figure4(_grid(paper_like))
     assert [c["result"] for c in claims] == ["PASS"] * 5
     assert claims[4]["detail"] == ("12/12 hold; e.g. late b1=0.9 "
                                    "b2=0.9999: 100 vs 100")
@@ -173,22 +174,22 @@ def test_figure4_claims_fail_where_uncorrected_wins():
     def uncorrected_better(b1, b2, a, bc):
         return (90.0, 90.0) if not bc and a == -5 else (100.0, 100.0)
 
-    claims = replicate.claims_figure4(_grid(uncorrected_better))
+    claims = rules.claims_figure4(_grid(uncorrected_better))
     assert [c["result"] for c in claims] == ["FAIL"] * 5
     assert claims[4]["detail"].startswith("0/12 hold; exceptions: early "
                                           "b1=0.0 b2=0.99: 100 vs 90;")
     assert claims[0]["detail"].startswith("48/60 points hold; exceptions: ")
     # Both diverged counts as equal, not as a failure of the claim.
-    both = replicate.claims_figure4(_grid(lambda *p: (math.inf, math.inf)))
+    both = rules.claims_figure4(_grid(lambda *p: (math.inf, math.inf)))
     assert both[0]["result"] == "PASS"
 
 
 def test_amsgrad_claims():
     result = {"adam": {"x": [0.5, 0.95]}, "amsgrad": {"x": [0.1, -0.2]}}
-    assert [c["result"] for c in replicate.claims_amsgrad(result)] == [
+    assert [c["result"] for c in rules.claims_amsgrad(result)] == [
         "PASS", "PASS"]
     result["adam"]["x"][-1] = 0.89
-    claims = replicate.claims_amsgrad(result)
+    claims = rules.claims_amsgrad(result)
     assert claims[0]["result"] == "FAIL" and claims[0]["detail"] == (
         "x_T = 0.8900")
 
@@ -264,6 +265,12 @@ def test_stand_in_data_is_marked_not_evidence(tmp_path):
     assert set(result["curves"]) == set(panel.optimizers)
     for curve in result["curves"].values():
         assert len(curve["loss"]) == 2 and len(curve["epoch_seconds"]) == 2
+    # Budget 2: Adam's two rates are both grid ends, SGD has one rate.
+    assert result["curves"]["adam"]["at_edge"] is True
+    assert result["curves"]["sgd_nesterov"]["at_edge"] is False
+    # alpha/sqrt(t) on the logistic regression: Adam's grid a decade up.
+    assert [t["hp"]["learning_rate"] for t in
+            result["curves"]["adam"]["trials"]] == [1e-3, 1.0]
 
 
 def test_unavailable_dataset_is_reported_not_run(tmp_path, monkeypatch):
@@ -299,11 +306,21 @@ def test_tiny_replication_draws_figures_and_decides_claims(tmp_path):
     assert mnist["data"] == "mnist (subset 512/60000)"
     assert [c["result"] in ("PASS", "FAIL") for c in figure1["claims"][:3]
             ] == [True] * 3
+    # alpha/sqrt(t) on the logistic regression: Adam's grid a decade up.
+    assert [t["hp"]["learning_rate"] for t in
+            mnist["curves"]["adam"]["trials"]] == [1e-3, 1.0]
     adam = mnist["curves"]["adam"]["loss"][-1]
     assert f"Adam {adam:.4g} vs AdaGrad" in figure1["claims"][1]["detail"]
     grid = json.loads((tmp_path / "figure4.json").read_text())["grid"]
     assert len(grid["runs"]) == 8
     assert "smoke test" in text and "Wall time" in text
+    assert replicate.CAVEATS["2"] in text
+    # Running a figure again (a resume) adds its time to the saved total.
+    before = json.loads((tmp_path / "figureamsgrad.json").read_text())
+    replicate.replicate("amsgrad", "tiny", tmp_path)
+    after = json.loads((tmp_path / "figureamsgrad.json").read_text())
+    assert after["wall_seconds_total"] == pytest.approx(
+        before["wall_seconds_total"] + after["wall_seconds"])
 
 
 @_once_on("jax")
@@ -338,8 +355,11 @@ def test_report_is_rebuilt_from_saved_results(tmp_path):
               "run": {"steps": 20000, "learning_rate": 0.01,
                       "adam": {"t": [1, 2], "x": [0.1, 0.95]},
                       "amsgrad": {"t": [1, 2], "x": [0.0, -0.1]}}}
-    result["claims"] = replicate.claims_amsgrad(result["run"])
+    result["claims"] = rules.claims_amsgrad(result["run"])
+    result["caveat"] = "fewer steps"
     (tmp_path / "figureamsgrad.json").write_text(json.dumps(result))
     text = replicate.write_report(tmp_path).read_text()
     assert "Totals: PASS 2" in text and "smoke test" not in text
+    assert "- Figure amsgrad (scale `quick`): fewer steps" in text
+    assert "Wall time: 12 s in all" in text
     assert "| amsgrad | AMSGrad counterexample: Adam ends near +1" in text

@@ -32,17 +32,13 @@ import numpy as np
 from keras import layers, ops
 
 from keras_adam_plus import AdamPlus, InverseSqrtDecay
-from tuning import benchmarks, report
+from tuning import benchmarks, claims, paper_report, report
 from tuning.datasets import DatasetUnavailable
 from tuning.hypermodel import AdamPlusHyperModel
 from tuning.sweep import make_tuner
 
 FIGURES = ("1", "2", "3", "4", "amsgrad")
 SCALES = ("tiny", "quick", "full")
-# "Similar", "as fast as", "equal or better": within this relative margin.
-SIMILAR = 0.05
-# "By far", "much faster": lower by at least this fraction.
-BY_FAR = 0.20
 
 
 # ----------------------------------------------------------------- optimizers
@@ -170,10 +166,13 @@ PANELS = {
     ),
 }
 
+# Quick: the logistic regression's trials are cheap, so 12 points: at 6,
+# SGDNesterov's three rates 1.5 decades apart decided its claim against
+# AdaGrad (costs within 1%) by grid spacing rather than by the optimizer.
 PANEL_SCALES = {
     "tiny": {"mnist_logreg": Scale(512, 2, 2), "imdb_bow": Scale(256, 2, 2),
              "mnist_mlp": Scale(512, 2, 2), "cifar10_cnn": Scale(64, 2, 2)},
-    "quick": {"mnist_logreg": Scale(20000, 20, 6),
+    "quick": {"mnist_logreg": Scale(20000, 20, 12),
               "imdb_bow": Scale(5000, 20, 6),
               "mnist_mlp": Scale(10000, 10, 6),
               "cifar10_cnn": Scale(5000, 5, 4)},
@@ -208,6 +207,22 @@ GRID_SCALES = {
                       beta_2s=(0.99, 0.9999)),
     "quick": GridScale(5000, (2, 10)),
     "full": GridScale(None, (10, 100)),
+}
+# What a smaller scale cannot show; printed with its figure's claims.
+CAVEATS = {
+    "1": "The paper trains 45 epochs on all 60,000 images; this scale trains "
+         "fewer epochs on a subset, where the three optimizers end within a "
+         "few percent of each other.",
+    "2": "The paper's claim is about 200 epochs on all 60,000 images; this "
+         "scale trains 10 epochs on 10,000. A FAIL here says Adam is not the "
+         "lowest early in training on a subset, not that it is not at the "
+         "paper's scale.",
+    "4": "The loss is read after fewer steps than the paper's 6,000 and "
+         "60,000 (10 and 100 epochs of 600 batches): bias correction matters "
+         "while beta_2^t is far from 0, so this scale sees mostly the paper's "
+         "'early' regime.",
+    "amsgrad": "Fewer steps than the 200,000 of the reference: AMSGrad has "
+                "not yet reached -1, only crossed below 0.",
 }
 # Reddi et al.'s counterexample: steps, and the x recorded every `every`.
 AMSGRAD_STEPS = {"tiny": 2020, "quick": 20000, "full": 200000}
@@ -320,10 +335,17 @@ def run_panel(panel, scale, directory, seed=0, arrays=None, idx_dir=None):
     for suffix, build_kwargs in panel.variants:
         for key in panel.optimizers:
             competitor = COMPETITORS[key]
+            decayed = bench.inverse_sqrt_lr and key == "adam"
+            if decayed:
+                # alpha/sqrt(t) (Section 6.1) divides alpha by sqrt(steps):
+                # its grid moves up a decade, the same three decades wide.
+                low, high = competitor.learning_rate
+                competitor = dataclasses.replace(
+                    competitor, learning_rate=(10 * low, 10 * high))
             hypermodel = ReplicaHyperModel(
                 bench, data.x_train.shape[1:], competitor,
                 budget=scale.budget, build_kwargs=build_kwargs,
-                inverse_sqrt_lr=bench.inverse_sqrt_lr and key == "adam",
+                inverse_sqrt_lr=decayed,
                 zoom_epochs=panel.zoom_epochs,
                 batch_size=bench.paper.batch_size, epochs=scale.epochs,
                 seed=seed,
@@ -355,9 +377,12 @@ def _best_curve(tuner, label):
                        "history": record.get("history", {})})
     done = [t for t in trials if t["final"] is not None]
     best = min(done, key=lambda t: t["final"]) if done else None
+    rates = sorted({t["hp"]["learning_rate"] for t in trials})
     return {
         "label": label,
         "hp": best and best["hp"],
+        "at_edge": bool(best) and len(rates) > 1
+        and best["hp"]["learning_rate"] in (rates[0], rates[-1]),
         "loss": best and best["history"]["loss"],
         "epoch_seconds": best and best["history"].get("epoch_seconds"),
         "zoom_epoch": best and best["history"].get("zoom_epoch"),
@@ -365,121 +390,6 @@ def _best_curve(tuner, label):
         "trials": [{k: t[k] for k in ("hp", "status", "final")}
                    for t in trials],
     }
-
-
-def _final(panel_result, name):
-    curve = panel_result["curves"].get(name) or {}
-    return curve["loss"][-1] if curve.get("loss") else math.inf
-
-
-def _claim(text, passed, detail):
-    return {"claim": text, "result": "PASS" if passed else "FAIL",
-            "detail": detail}
-
-
-def _not_run(text, reason):
-    return {"claim": text, "result": "NOT RUN", "detail": reason}
-
-
-def _all_not_run(result, texts):
-    return [_not_run(t, _short(result["not_run"])) for t in texts]
-
-
-def _vs(a, b, name_a, name_b):
-    return f"{name_a} {a:.4g} vs {name_b} {b:.4g}"
-
-
-def claims_figure1(left, right):
-    """The claims of Section 6.1, decided on the final training cost."""
-    out = []
-    texts = [
-        "Fig. 1 left (MNIST): Adam converges like SGDNesterov (final cost "
-        f"within {SIMILAR:.0%})",
-        "Fig. 1 left (MNIST): Adam's final cost <= AdaGrad's",
-        "Fig. 1 left (MNIST): SGDNesterov's final cost <= AdaGrad's",
-    ]
-    if "not_run" in left:
-        out += _all_not_run(left, texts)
-    else:
-        adam, sgd, ada = (_final(left, k)
-                          for k in ("adam", "sgd_nesterov", "adagrad"))
-        out += [
-            _claim(texts[0], _close(adam, sgd),
-                   _vs(adam, sgd, "Adam", "SGDNesterov")),
-            _claim(texts[1], adam <= ada, _vs(adam, ada, "Adam", "AdaGrad")),
-            _claim(texts[2], sgd <= ada,
-                   _vs(sgd, ada, "SGDNesterov", "AdaGrad")),
-        ]
-    texts = [
-        "Fig. 1 right (IMDB): AdaGrad beats SGDNesterov by far (final cost "
-        f"at least {BY_FAR:.0%} lower)",
-        "Fig. 1 right (IMDB): Adam converges as fast as AdaGrad (final cost "
-        f"<= AdaGrad's + {SIMILAR:.0%})",
-    ]
-    if "not_run" in right:
-        out += _all_not_run(right, texts)
-    else:
-        adam, sgd, ada = (_final(right, k)
-                          for k in ("adam", "sgd_nesterov", "adagrad"))
-        out += [
-            _claim(texts[0], ada <= (1 - BY_FAR) * sgd,
-                   _vs(ada, sgd, "AdaGrad", "SGDNesterov")),
-            _claim(texts[1], adam <= (1 + SIMILAR) * ada,
-                   _vs(adam, ada, "Adam", "AdaGrad")),
-        ]
-    return out
-
-
-def claims_figure2(mlp):
-    """Section 6.2: Adam is best (final cost lowest, within the margin)."""
-    text = (f"Fig. 2 (MNIST MLP + dropout): Adam's final cost is the lowest "
-            f"(or within {SIMILAR:.0%} of the lowest)")
-    if "not_run" in mlp:
-        return [_not_run(text, _short(mlp["not_run"]))]
-    finals = {c["label"]: _final(mlp, k) for k, c in mlp["curves"].items()}
-    best = min(finals.values())
-    detail = ", ".join(f"{k} {v:.4g}" for k, v in finals.items())
-    return [_claim(text, finals["Adam"] <= (1 + SIMILAR) * best, detail)]
-
-
-def claims_figure3(cnn):
-    """Section 6.3: early Adam and AdaGrad fastest; then Adam, SGD win."""
-    texts = [
-        "Fig. 3 (CIFAR-10 CNN): after the first epoch, Adam's and AdaGrad's "
-        "costs are below SGDNesterov's (with and without dropout)",
-        "Fig. 3 (CIFAR-10 CNN): at the end, Adam's and SGDNesterov's costs "
-        f"are at least {BY_FAR:.0%} below AdaGrad's (with and without "
-        "dropout)",
-    ]
-    if "not_run" in cnn:
-        return _all_not_run(cnn, texts)
-    early, late, ok_early, ok_late = [], [], True, True
-    for suffix in ("", "_dropout"):
-        first = {k: (cnn["curves"][k + suffix]["loss"] or [math.inf])[0]
-                 for k in ("adam", "adagrad", "sgd_nesterov")}
-        last = {k: _final(cnn, k + suffix)
-                for k in ("adam", "adagrad", "sgd_nesterov")}
-        tag = suffix.strip("_") or "no dropout"
-        early.append(f"{tag}: Adam {first['adam']:.4g}, AdaGrad "
-                     f"{first['adagrad']:.4g}, SGDNesterov "
-                     f"{first['sgd_nesterov']:.4g}")
-        late.append(f"{tag}: Adam {last['adam']:.4g}, SGDNesterov "
-                    f"{last['sgd_nesterov']:.4g}, AdaGrad "
-                    f"{last['adagrad']:.4g}")
-        ok_early &= max(first["adam"], first["adagrad"]) < first[
-            "sgd_nesterov"]
-        ok_late &= max(last["adam"], last["sgd_nesterov"]) <= (
-            1 - BY_FAR) * last["adagrad"]
-    return [_claim(texts[0], ok_early, "; ".join(early)),
-            _claim(texts[1], ok_late, "; ".join(late))]
-
-
-def _close(a, b):
-    return abs(a - b) <= SIMILAR * min(a, b)
-
-
-def _short(reason):
-    return reason.split(" Without a network")[0][:240]
 
 
 # ------------------------------------------------------------------ figure 4
@@ -548,106 +458,6 @@ def _vae_run(bench, data, point, scale, seed):
     return {"loss": loss, "early": at(scale.epochs[0]),
             "late": at(scale.epochs[1]),
             "seconds": round(time.perf_counter() - start, 2)}
-
-
-def _grid(result, corrected, checkpoint):
-    return {(r["beta_1"], r["beta_2"], r["log10_alpha"]): r[checkpoint]
-            for r in result["runs"] if r["bias_correction"] == corrected}
-
-
-def claims_figure4(result):
-    """Section 6.4's claims on the grid; diverged runs count as infinite."""
-    texts = [
-        "Fig. 4 (VAE): with bias correction the loss is equal or better "
-        f"(within {SIMILAR:.0%}) than without, at every grid point, both "
-        "epochs",
-        "Fig. 4 (VAE): without correction, beta_2 = 0.9999 is unstable: for "
-        f"each beta_1, at some alpha it diverges or is more than {SIMILAR:.0%}"
-        " worse than with correction (early epoch)",
-        "Fig. 4 (VAE): that instability is worse early than late and worse "
-        "at beta_2 = 0.9999 than at 0.99 (count of such points)",
-        "Fig. 4 (VAE): beta_1 = 0.9, beta_2 = 0.9999, alpha = 1e-3, early "
-        "epoch: corrected loss < uncorrected",
-        "Fig. 4 (VAE): at its best alpha, corrected is equal or better "
-        f"(within {SIMILAR:.0%}) than uncorrected at its best alpha, for "
-        "every beta_1, beta_2, both epochs",
-    ]
-    if "not_run" in result:
-        return _all_not_run(result, texts)
-    out = []
-    worse, total = [], 0
-    bad = {}  # (checkpoint, beta_2) -> points where uncorrected is bad
-    for checkpoint in ("early", "late"):
-        on, off = _grid(result, True, checkpoint), _grid(result, False,
-                                                         checkpoint)
-        for point, value in on.items():
-            total += 1
-            if not _not_worse(value, off[point]):
-                worse.append(f"{checkpoint} b1={point[0]} b2={point[1]} "
-                             f"a=1e{point[2]}: {value:.4g} vs "
-                             f"{off[point]:.4g}")
-            if not _not_worse(off[point], value):
-                bad.setdefault((checkpoint, point[1]), set()).add(point)
-    out.append(_claim(
-        texts[0], not worse,
-        f"{total - len(worse)}/{total} points hold"
-        + (f"; exceptions: {'; '.join(worse[:6])}"
-           + (" ..." if len(worse) > 6 else "") if worse else ""),
-    ))
-    beta_2s = sorted({r["beta_2"] for r in result["runs"]})
-    beta_1s = sorted({r["beta_1"] for r in result["runs"]})
-    high, low = max(beta_2s), min(beta_2s)
-    early_high = bad.get(("early", high), set())
-    per_beta_1 = {b1: sum(1 for p in early_high if p[0] == b1)
-                  for b1 in beta_1s}
-    out.append(_claim(
-        texts[1], all(per_beta_1.values()),
-        "points where uncorrected diverges or is worse, per beta_1: "
-        + ", ".join(f"beta_1={k}: {v}" for k, v in per_beta_1.items()),
-    ))
-    counts = {f"{c} b2={b2}": len(bad.get((c, b2), ()))
-              for c in ("early", "late") for b2 in (low, high)}
-    out.append(_claim(
-        texts[2],
-        counts[f"early b2={high}"] >= counts[f"late b2={high}"]
-        and counts[f"early b2={high}"] >= counts[f"early b2={low}"]
-        and counts[f"early b2={high}"] > 0,
-        ", ".join(f"{k}: {v}" for k, v in counts.items()),
-    ))
-    key = (0.9, high, -3)
-    on, off = _grid(result, True, "early"), _grid(result, False, "early")
-    if high != 0.9999 or key not in on:
-        out.append(_not_run(texts[3], "point not in this scale's grid"))
-    else:
-        out.append(_claim(texts[3], on[key] < off[key],
-                          f"corrected {on[key]:.4g} vs uncorrected "
-                          f"{off[key]:.4g} (public reproduction, 10 epochs: "
-                          "106.3 vs 129.8)"))
-    best, lost = [], []
-    for checkpoint in ("early", "late"):
-        on, off = _grid(result, True, checkpoint), _grid(result, False,
-                                                         checkpoint)
-        for beta_1 in beta_1s:
-            for beta_2 in beta_2s:
-                a = min(v for p, v in on.items() if p[:2] == (beta_1, beta_2))
-                b = min(v for p, v in off.items()
-                        if p[:2] == (beta_1, beta_2))
-                best.append(f"{checkpoint} b1={beta_1} b2={beta_2}: "
-                            f"{a:.4g} vs {b:.4g}")
-                if not _not_worse(a, b):
-                    lost.append(best[-1])
-    out.append(_claim(texts[4], not lost,
-                      f"{len(best) - len(lost)}/{len(best)} hold"
-                      + (f"; exceptions: {'; '.join(lost)}" if lost
-                         else f"; e.g. {best[-1]}")))
-    return out
-
-
-def _not_worse(a, b):
-    """a <= b within the margin; infinities (diverged) compare as equal."""
-    if math.isinf(a) and math.isinf(b):
-        return True
-    return a <= b + SIMILAR * abs(b)
 
 
 # -------------------------------------------------------------- AMSGrad
@@ -743,129 +553,6 @@ class _Trace(keras.callbacks.Callback):
             self.x.append(float(ops.convert_to_numpy(self.layer.x.value)))
 
 
-def claims_amsgrad(result):
-    """Adam drifts to x near +1; AMSGrad goes below 0 (optimum -1)."""
-    adam, ams = result["adam"]["x"][-1], result["amsgrad"]["x"][-1]
-    return [
-        _claim("AMSGrad counterexample: Adam ends near +1 (x_T >= 0.9), "
-               "the worst point", adam >= 0.9, f"x_T = {adam:.4f}"),
-        _claim("AMSGrad counterexample: AdamPlus(amsgrad=True) ends below 0 "
-               "(toward the optimum -1)", ams < 0, f"x_T = {ams:.4f}"),
-    ]
-
-
-# ------------------------------------------------------------------ drawing
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def draw_cost_figure(path, panels, zoom=False):
-    """The paper's training-cost panels: cost per epoch, one line each."""
-    plt = _plt()
-    columns = [(p, False) for p in panels]
-    if zoom:
-        columns = [(panels[0], True), (panels[0], False)]
-    fig, axes = plt.subplots(1, len(columns), squeeze=False,
-                             figsize=(5.2 * len(columns), 4))
-    for ax, (panel, zoomed) in zip(axes[0], columns):
-        ax.set_title(panel["title"] + (" (first epochs)" if zoomed else ""))
-        ax.set_xlabel("iterations over entire dataset")
-        ax.set_ylabel("training cost")
-        if "not_run" in panel:
-            ax.text(0.5, 0.5, "not run:\n" + _wrap(_short(panel["not_run"])),
-                    ha="center", va="center", transform=ax.transAxes,
-                    fontsize=8)
-            continue
-        for curve in panel["curves"].values():
-            if zoomed and curve.get("zoom_epoch"):
-                ax.plot(curve["zoom_epoch"], curve["zoom_loss"],
-                        label=curve["label"])
-            elif curve.get("loss"):
-                ax.plot(range(1, len(curve["loss"]) + 1), curve["loss"],
-                        label=curve["label"], marker=".")
-        if panel.get("log_y") and not zoomed:
-            ax.set_yscale("log")
-        ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-def _wrap(text, width=48):
-    words, lines, line = text.split(), [], ""
-    for word in words:
-        if len(line) + len(word) > width:
-            lines.append(line)
-            line = ""
-        line += word + " "
-    return "\n".join(lines + [line])
-
-
-def draw_figure4(path, result):
-    """2 x 3 panels (early, late epoch x beta_2); loss vs log10(alpha)."""
-    plt = _plt()
-    beta_2s = sorted({r["beta_2"] for r in result["runs"]})
-    epochs = result["scale"]["epochs"]
-    fig, axes = plt.subplots(2, len(beta_2s), squeeze=False,
-                             figsize=(4.2 * len(beta_2s), 7), sharey="row")
-    finite = [r[c] for r in result["runs"] for c in ("early", "late")
-              if math.isfinite(r[c])]
-    cap = (max(finite) if finite else 1.0) * 1.05
-    for row, (checkpoint, epoch) in enumerate(zip(("early", "late"),
-                                                  epochs)):
-        for col, beta_2 in enumerate(beta_2s):
-            ax = axes[row][col]
-            for beta_1, style in ((0.0, "--"), (0.9, "-")):
-                for corrected, color in ((True, "tab:red"),
-                                         (False, "tab:green")):
-                    runs = sorted((r for r in result["runs"]
-                                   if r["beta_2"] == beta_2
-                                   and r["beta_1"] == beta_1
-                                   and r["bias_correction"] == corrected),
-                                  key=lambda r: r["log10_alpha"])
-                    if not runs:
-                        continue
-                    ax.plot([r["log10_alpha"] for r in runs],
-                            [min(r[checkpoint], cap) for r in runs],
-                            style, color=color, marker="o",
-                            label=f"beta_1={beta_1}, "
-                            + ("bias correction" if corrected
-                               else "no correction"))
-            ax.set_title(f"beta_2={beta_2}, after {epoch} epochs")
-            ax.set_xlabel("log10(alpha)")
-            if col == 0:
-                ax.set_ylabel("loss (negative ELBO; capped = diverged)")
-    axes[0][0].legend(fontsize="x-small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-def draw_amsgrad(path, result):
-    """x_t of Adam and AMSGrad on the counterexample."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, label in (("adam", "AdamPlus"),
-                        ("amsgrad", "AdamPlus(amsgrad=True)")):
-        ax.plot(result[name]["t"], result[name]["x"], label=label)
-    ax.axhline(-1, color="grey", lw=0.8, ls=":")
-    ax.set_xlabel("step t")
-    ax.set_ylabel("x_t")
-    ax.set_ylim(-1.05, 1.05)
-    ax.set_title("Reddi et al. (2018) counterexample (optimum x = -1)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
 # ------------------------------------------------------------------ running
 
 
@@ -903,24 +590,70 @@ def replicate(figures=FIGURES, scale="quick", directory=None, seed=0,
         elif figure == "4":
             result = run_figure4(GRID_SCALES[scale], directory, seed,
                                  arrays.get("mnist_vae"), idx_dir)
-            result = {"grid": result, "claims": claims_figure4(result)}
+            result = {"grid": result,
+                      "claims": claims.claims_figure4(result)}
         else:
             result = run_amsgrad(AMSGRAD_STEPS[scale], seed)
-            result = {"run": result, "claims": claims_amsgrad(result)}
+            result = {"run": result,
+                      "claims": claims.claims_amsgrad(result)}
+        if scale != "full" and figure in CAVEATS:
+            result["caveat"] = CAVEATS[figure]
         result.update(figure=figure, scale=scale, seed=seed,
                       backend=keras.backend.backend(),
                       versions=report.versions(),
                       wall_seconds=round(time.perf_counter() - start, 1))
-        (directory / f"figure{figure}.json").write_text(
-            json.dumps(result, indent=1))
-        draw(directory, result)
+        saved = directory / f"figure{figure}.json"
+        # A resumed run adds its time to that of the run it resumed.
+        result["wall_seconds_total"] = result["wall_seconds"] + (
+            _previous_seconds(saved, scale, seed))
+        saved.write_text(json.dumps(result, indent=1))
+        paper_report.draw(directory, result)
         for claim in result["claims"]:
             print(f"{claim['result']:8} {claim['claim']}: {claim['detail']}",
                   flush=True)
     return write_report(directory)
 
 
-CLAIMS = {"1": claims_figure1, "2": claims_figure2, "3": claims_figure3}
+CLAIMS = {"1": claims.claims_figure1, "2": claims.claims_figure2,
+          "3": claims.claims_figure3}
+
+
+def _previous_seconds(path, scale, seed):
+    if not path.exists():
+        return 0.0
+    before = json.loads(path.read_text())
+    if (before.get("scale"), before.get("seed")) != (scale, seed):
+        return 0.0
+    return before.get("wall_seconds_total", before.get("wall_seconds", 0.0))
+
+
+def common_settings():
+    """The report's lines on the search and the optimizers."""
+    return [
+        "- Every optimizer of a panel gets the same budget: a keras-tuner "
+        "GridSearch of `budget` points (below): learning rates log-spaced "
+        "over three decades around its usual scale, ends included; "
+        "SGDNesterov's budget is split between momentum 0.9 and 0.99 (half "
+        "as many rates). The curve shown is the point with the lowest final "
+        "training cost (the paper: the best setting of a dense grid).",
+        "- Learning-rate ranges: " + "; ".join(
+            f"{c.label} [{c.learning_rate[0]:g}, {c.learning_rate[1]:g}]"
+            for c in COMPETITORS.values()) + ".",
+        "- Adam is `AdamPlus` (Algorithm 1, epsilon 1e-8); the others are "
+        "`keras.optimizers` with Keras defaults otherwise. On the logistic "
+        "regressions Adam's alpha decays as alpha/sqrt(t) (Section 6.1), so "
+        "its grid there is a decade higher, [0.001, 1]; the competitors keep "
+        "a constant rate.",
+        "- A best point at either end of its grid is flagged "
+        "(\"at the grid's edge\"): the optimum may lie outside it.",
+        "- Same initial weights for every optimizer and trial "
+        "(`keras.utils.set_random_seed(seed)` before each build).",
+    ]
+
+
+def write_report(directory):
+    """Rebuilds `<directory>/report.md` from its saved results."""
+    return paper_report.write_report(directory, FIGURES, common_settings())
 
 
 def _check(figures, scale):
@@ -936,123 +669,6 @@ def _check(figures, scale):
         raise ValueError(f"Argument `scale` must be one of "
                          f"{', '.join(SCALES)}. Received: scale={scale!r}")
     return tuple(figures)
-
-
-def draw(directory, result):
-    """Draws the PNG of one figure's saved result."""
-    figure = result["figure"]
-    path = Path(directory) / f"figure{figure}.png"
-    if figure in PANELS:
-        draw_cost_figure(path, result["panels"], zoom=figure == "3"
-                         and "not_run" not in result["panels"][0])
-    elif figure == "4":
-        if "not_run" not in result["grid"]:
-            draw_figure4(path, result["grid"])
-    else:
-        draw_amsgrad(path, result["run"])
-
-
-def write_report(directory):
-    """Writes `<directory>/report.md` from the saved figure results."""
-    directory = Path(directory)
-    results = [json.loads((directory / f"figure{f}.json").read_text())
-               for f in FIGURES if (directory / f"figure{f}.json").exists()]
-    lines = ["# Adam paper replication (keras-adam-plus)", "",
-             "Claims of Kingma & Ba (2015), Section 6, and of Reddi et al. "
-             "(2018), decided on this run's numbers. Training cost = the "
-             "mean minibatch loss of each epoch as `model.fit` reports it "
-             "(with dropout and L2 terms, like the paper's).", "",
-             "| figure | claim | result | numbers |", "|---|---|---|---|"]
-    for result in results:
-        for claim in result["claims"]:
-            lines.append(f"| {result['figure']} | {claim['claim']} | "
-                         f"**{claim['result']}** | {claim['detail']} |")
-    counts = {}
-    for result in results:
-        for claim in result["claims"]:
-            counts[claim["result"]] = counts.get(claim["result"], 0) + 1
-    lines += ["", "Totals: " + ", ".join(f"{k} {v}" for k, v in
-                                         sorted(counts.items())), ""]
-    if any(r["scale"] == "tiny" for r in results):
-        lines += ["**Scale `tiny` is a smoke test of the machinery: a few "
-                  "hundred examples, one or two epochs, one trial. Its "
-                  "PASS/FAIL decide nothing about the paper; run `--scale "
-                  "quick` or `--scale full`.**", ""]
-    total = sum(r["wall_seconds"] for r in results)
-    lines += [f"Wall time: {total:.0f} s in all (the last run of each "
-              "figure; a resumed run counts only its own time).", ""]
-    for result in results:
-        lines += _report_section(directory, result)
-    lines += ["## Settings common to all", "",
-              "- Every optimizer of a panel gets the same budget: a "
-              "keras-tuner GridSearch of `budget` points (below): learning "
-              "rates log-spaced over three decades around its usual scale, "
-              "ends included; SGDNesterov's budget is split between "
-              "momentum 0.9 and 0.99 (half as many rates). The curve shown "
-              "is the point with the lowest final training cost (the "
-              "paper: the best setting of a dense grid).",
-              "- Learning-rate ranges: " + "; ".join(
-                  f"{c.label} [{c.learning_rate[0]:g}, "
-                  f"{c.learning_rate[1]:g}]"
-                  for c in COMPETITORS.values()) + ".",
-              "- Adam is `AdamPlus` (Algorithm 1, epsilon 1e-8); the others "
-              "are `keras.optimizers` with Keras defaults otherwise. On the "
-              "logistic regressions Adam's alpha decays as alpha/sqrt(t) "
-              "(Section 6.1); the competitors keep a constant rate.",
-              f"- Margins: 'similar' / 'equal or better' = within "
-              f"{SIMILAR:.0%}; 'by far' / 'much faster' = at least "
-              f"{BY_FAR:.0%} lower.",
-              "- Same initial weights for every optimizer and trial "
-              "(`keras.utils.set_random_seed(seed)` before each build).", ""]
-    path = directory / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def _report_section(directory, result):
-    figure = result["figure"]
-    lines = [f"## Figure {figure}" if figure != "amsgrad"
-             else "## AMSGrad counterexample (Reddi et al. 2018)", ""]
-    if (Path(directory) / f"figure{figure}.png").exists():
-        lines += [f"![figure {figure}](figure{figure}.png)", ""]
-    lines.append(f"Scale `{result['scale']}`, backend "
-                 f"{result['backend']}, seed {result['seed']}, wall time "
-                 f"{result['wall_seconds']:.0f} s.")
-    lines.append("")
-    for panel in result.get("panels", []) + ([result["grid"]]
-                                             if "grid" in result else []):
-        if "not_run" in panel:
-            lines += [f"- {panel['title']}: **not run**: "
-                      f"{_short(panel['not_run'])}", ""]
-            continue
-        scale = panel["scale"]
-        lines.append(
-            f"- {panel['title']}: data {panel['data']}, "
-            f"{panel['examples']} training examples, batch "
-            f"{panel['batch_size']}, scale {scale}.")
-        for curve in panel.get("curves", {}).values():
-            if curve.get("loss"):
-                seconds = curve.get("epoch_seconds") or [0]
-                lines.append(
-                    f"  - {curve['label']}: best {curve['hp']}, final cost "
-                    f"{curve['loss'][-1]:.4g}, "
-                    f"{np.mean(seconds):.2f} s/epoch, trials: "
-                    + ", ".join(_trial_text(t) for t in curve["trials"]))
-            else:
-                lines.append(f"  - {curve['label']}: every trial failed")
-        lines.append("")
-    if "run" in result:
-        run = result["run"]
-        lines += [f"- {run['steps']} steps, alpha {run['learning_rate']}, "
-                  "beta_1 0.9, beta_2 0.99, x_0 = 0, projected onto [-1, 1] "
-                  "by a weight constraint.", ""]
-    return lines
-
-
-def _trial_text(trial):
-    hp = ", ".join(f"{k}={v:.3g}" for k, v in trial["hp"].items())
-    final = "diverged" if trial["final"] is None else f"{trial['final']:.4g}"
-    return f"({hp}) {final}"
 
 
 def main(argv=None):
