@@ -344,6 +344,7 @@ class AdamPlus(keras.optimizers.Optimizer):
     def _corrections(self, dtype):
         """(1 - beta_1**t, 1 - beta_2**t, 1 - beta_1**(t+1)) in `dtype`.
 
+        The third (Nesterov's look-ahead) is `None` without `nesterov`.
         With scheduled betas, products of the betas actually used (kept in
         `beta_1_power`, `beta_2_power`) replace the powers: the weights of
         m and v then still sum to 1 after correction.
@@ -354,14 +355,16 @@ class AdamPlus(keras.optimizers.Optimizer):
         if not self._betas_scheduled:
             t = ops.cast(self.iterations + 1, dtype)
             beta_1 = ops.cast(self.beta_1, dtype)
-            return (one - ops.power(beta_1, t),
-                    one - ops.power(ops.cast(self.beta_2, dtype), t),
-                    one - ops.power(beta_1, t + 1))
+            return (1 - ops.power(beta_1, t),
+                    1 - ops.power(ops.cast(self.beta_2, dtype), t),
+                    one - ops.power(beta_1, t + 1) if self.nesterov
+                    else None)
         p1, p2 = (ops.cast(p, dtype) for p in self._beta_powers)
         p1 = ops.multiply(p1, self._beta(1, dtype))
         p2 = ops.multiply(p2, self._beta(2, dtype))
-        return (one - p1, one - p2,
-                one - ops.multiply(p1, self._beta(1, dtype, ahead=1)))
+        ahead = (one - ops.multiply(p1, self._beta(1, dtype, ahead=1))
+                 if self.nesterov else None)
+        return one - p1, one - p2, ahead
 
     def average_weights(self, var_list=None):
         """Bias-corrected averages theta_bar / (1 - b**t) (Section 7.2).
@@ -378,11 +381,11 @@ class AdamPlus(keras.optimizers.Optimizer):
         variables = (self._trainable_variables if var_list is None
                      else list(var_list))
         t = ops.cast(self.iterations, "float32")
+        correction = 1.0 - ops.power(
+            ops.cast(self.average_decay, "float32"), t)
         averaged = []
         for variable in variables:
             average = self._averages[self._get_variable_index(variable)]
-            correction = 1.0 - ops.power(
-                ops.cast(self.average_decay, "float32"), t)
             corrected = ops.divide(
                 average, ops.maximum(ops.cast(correction, average.dtype),
                                      ops.cast(1e-30, average.dtype)))
@@ -601,12 +604,7 @@ class AdamPlus(keras.optimizers.Optimizer):
             )
             return
 
-        if self._betas_scheduled:
-            correction_1, correction_2, _ = self._corrections(dtype)
-        else:
-            t = ops.cast(self.iterations + 1, dtype)
-            correction_1 = 1 - ops.power(ops.cast(self.beta_1, dtype), t)
-            correction_2 = 1 - ops.power(ops.cast(self.beta_2, dtype), t)
+        correction_1, correction_2, _ = self._corrections(dtype)
         alpha = lr * ops.sqrt(correction_2) / correction_1
         if self.epsilon_mode == "paper":
             # Algorithm 1, rearranged as the end of Section 2 suggests:

@@ -150,13 +150,18 @@ def check_patterns(name, value):
     return list(value)
 
 
-def check_learning_rate(value):
-    """Returns a float learning rate, or the schedule/callable unchanged."""
+def is_schedule(value):
+    """Whether `value` is a `LearningRateSchedule` or a callable of a step."""
     from keras.optimizers.schedules import LearningRateSchedule
 
-    if isinstance(value, LearningRateSchedule) or (
+    return isinstance(value, LearningRateSchedule) or (
         callable(value) and not _is_real_number(value)
-    ):
+    )
+
+
+def check_learning_rate(value):
+    """Returns a float learning rate, or the schedule/callable unchanged."""
+    if is_schedule(value):
         return value
     if not _is_real_number(value):
         raise TypeError(
@@ -170,22 +175,14 @@ def check_learning_rate(value):
 
 def check_beta(name, value):
     """Returns a float beta in [0, 1), or the schedule/callable unchanged."""
-    from keras.optimizers.schedules import LearningRateSchedule
-
-    if isinstance(value, LearningRateSchedule) or (
-        callable(value) and not _is_real_number(value)
-    ):
+    if is_schedule(value):
         return value
     return check_float(name, value, low=0.0, high=1.0, high_inclusive=False)
 
 
 def check_weight_decay(value):
     """Returns None, a float >= 0, or the schedule/callable unchanged."""
-    from keras.optimizers.schedules import LearningRateSchedule
-
-    if isinstance(value, LearningRateSchedule) or (
-        callable(value) and not _is_real_number(value)
-    ):
+    if is_schedule(value):
         return value
     return check_float("weight_decay", value, low=0.0, optional=True)
 

@@ -37,17 +37,29 @@ class AdamPlusHyperModel(keras_tuner.HyperModel):
         self.epochs = epochs
         self.seed = seed
         self.last_history = {}
+        # Settings a subclass may change (tuning.replicate does).
+        self.build_kwargs = {}
+        self.inverse_sqrt_lr = benchmark.inverse_sqrt_lr
+        self.metrics = tuple(benchmark.metrics)
 
     def build(self, hp):
         """Declares the search space on `hp`; returns the compiled model."""
-        kwargs = self.space.optimizer_kwargs(self.space.declare(hp))
+        kwargs = self.declare(hp)
         keras.utils.set_random_seed(self.seed)
-        model = self.benchmark.build(self.input_shape)
-        if self.benchmark.inverse_sqrt_lr:
+        model = self.benchmark.build(self.input_shape, **self.build_kwargs)
+        if self.inverse_sqrt_lr:
             kwargs["learning_rate"] = InverseSqrtDecay(kwargs["learning_rate"])
-        model.compile(optimizer=AdamPlus(**kwargs), loss=self.benchmark.loss,
-                      metrics=list(self.benchmark.metrics))
+        model.compile(optimizer=self.make_optimizer(kwargs),
+                      loss=self.benchmark.loss, metrics=list(self.metrics))
         return model
+
+    def declare(self, hp):
+        """Declares the search space on `hp`; the optimizer's kwargs."""
+        return self.space.optimizer_kwargs(self.space.declare(hp))
+
+    def make_optimizer(self, kwargs):
+        """The optimizer of one trial: `AdamPlus(**kwargs)`."""
+        return AdamPlus(**kwargs)
 
     def fit(self, hp, model, *args, **kwargs):
         """Trains; a non-finite loss fails the trial instead of scoring it."""

@@ -59,9 +59,8 @@ def update_step(optimizer, gradient, variable, learning_rate):
         v_max_var.scatter_update(tf.IndexedSlices(v, unique))
 
     if optimizer.bias_correction:
-        t = tf.cast(optimizer.iterations + 1, dtype)
-        c2 = 1 - tf.pow(beta_2, t)
-        alpha = lr * tf.sqrt(c2) / (1 - tf.pow(beta_1, t))
+        c1, c2, _ = optimizer._corrections(dtype)
+        alpha = lr * tf.sqrt(c2) / c1
         if optimizer.epsilon_mode == "paper":
             epsilon = epsilon * tf.sqrt(c2)
     else:
