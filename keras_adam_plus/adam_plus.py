@@ -309,7 +309,7 @@ class AdamPlus(keras.optimizers.Optimizer):
         if self._pending_state is not None:
             values, saved_kinds = self._pending_state
             self._pending_state = None
-            storage.assign(self, values, saved_kinds)
+            storage.assign_pending(self, values, saved_kinds)
 
     def _state_kinds(self):
         """The kinds of state this configuration keeps (see `storage`)."""

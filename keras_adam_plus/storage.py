@@ -211,6 +211,22 @@ def assign(optimizer, values, saved_kinds):
         variable.assign(value)
 
 
+def assign_pending(optimizer, values, saved_kinds):
+    """`assign` at build time, which may run inside a traced function.
+
+    TensorFlow builds an optimizer on its first `apply`, inside the
+    `tf.function` of the train step: the values are assigned eagerly
+    (`tf.init_scope`), once, not as ops of the traced step.
+    """
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        with tf.init_scope():
+            assign(optimizer, values, saved_kinds)
+    else:
+        assign(optimizer, values, saved_kinds)
+
+
 def _mismatch(optimizer, extra, missing):
     parts = []
     if extra:
