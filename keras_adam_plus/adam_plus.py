@@ -456,9 +456,9 @@ class AdamPlus(keras.optimizers.Optimizer):
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
         """`keras.optimizers.Optimizer.stateless_apply`, with the skip.
 
-        With `skip_nonfinite=True`, the new values are selected against the
-        inputs on the step's finiteness (one select per value, which XLA
-        fuses into the update).
+        With `skip_nonfinite=True`, the step runs under `ops.cond` on its
+        finiteness; a skipped step returns the inputs (`skipped_steps`
+        plus one).
         """
         if not self.skip_nonfinite or self._skip_bypass:
             return super().stateless_apply(optimizer_variables, grads,

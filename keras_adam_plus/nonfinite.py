@@ -8,10 +8,10 @@ step is then taken or not as a whole; nothing is copied:
   `LossScaleOptimizer` does, in cross-replica context under a
   `tf.distribute` strategy (the flag AND-ed over the replicas, so that
   every replica skips together);
-- `stateless_apply` (JAX's trainer, jitted): the step is computed and each
-  new value selected against its input (`where(finite, new, old)`), which
-  XLA fuses into the update itself;
-- torch under `torch.compile`: the same select.
+- `stateless_apply` (JAX's trainer, jitted): `ops.cond` between the step
+  and the inputs (a select per value measured 4x the step on XLA CPU: the
+  selects did not fuse into the update);
+- torch under `torch.compile`: a select per value (inductor fuses it).
 
 A skipped step leaves every variable (weights, moments, averages, EMA,
 accumulators, the step count) exactly as it was and adds 1 to
@@ -156,18 +156,22 @@ def bypassed(optimizer):
 
 def stateless_apply(optimizer, stateless_fn, optimizer_variables, grads,
                     trainable_variables):
-    """`stateless_fn` (the step), its results selected on the flag."""
+    """`stateless_fn` (the step) under `ops.cond` on the step's flag.
+
+    The skipped branch returns the inputs, `skipped_steps` plus one.
+    """
     finite = all_finite(grads)
-    with bypassed(optimizer):
-        new_trainable, new_state = stateless_fn()
-    trainable = [ops.where(finite, new, old)
-                 for new, old in zip(new_trainable, trainable_variables)]
-    state = []
-    for variable, new, old in zip(optimizer.variables, new_state,
-                                  optimizer_variables):
-        if variable is optimizer._skipped_steps:
-            new = ops.add(old, ops.cast(ops.logical_not(finite), old.dtype))
-        else:
-            new = ops.where(finite, new, old)
-        state.append(new)
-    return trainable, state
+    skipped = [v is optimizer._skipped_steps for v in optimizer.variables]
+
+    def step():
+        with bypassed(optimizer):
+            new_trainable, new_state = stateless_fn()
+        return list(new_trainable), list(new_state)
+
+    def skip():
+        state = [ops.add(old, ops.ones((), old.dtype)) if is_count
+                 else old
+                 for is_count, old in zip(skipped, optimizer_variables)]
+        return list(trainable_variables), state
+
+    return ops.cond(finite, step, skip)
