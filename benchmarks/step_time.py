@@ -344,15 +344,22 @@ def fit_step_time(steps, rounds=5):
 RUNNERS = {"torch": run_torch, "tensorflow": run_tensorflow, "jax": run_jax}
 
 
-def worker(quick, repeats):
-    """Runs every case on the current backend; prints and returns a table."""
+def worker(quick, repeats, cases=None, fit=True):
+    """Runs the cases on the current backend; prints and returns a table.
+
+    `cases`: names of `CASES` to run (default all, or the quick ones);
+    `fit`: whether to time `model.fit` of the MLP too.
+    """
     import keras
 
     import keras_adam_plus
 
     backend = keras.backend.backend()
     rows, bw = [], 0.0
-    for case, sizes in (QUICK_CASES if quick else CASES).items():
+    table_cases = QUICK_CASES if quick else CASES
+    for case, sizes in table_cases.items():
+        if cases and case not in cases:
+            continue
         n = sum(sizes)
         bw = bandwidth(repeats, n)
         floor = BYTES_PER_PARAM * n / bw
@@ -361,7 +368,7 @@ def worker(quick, repeats):
         times = RUNNERS[backend](sizes, repeats)
         _release()
         rows.append({"case": case, "floor_s": floor, "times": times})
-    if backend == "tensorflow":
+    if backend == "tensorflow" and not cases:
         table_rows = 100_000 if quick else 1_000_000
         case = f"{table_rows // 1000}k x 64 embedding, 4096 rows touched"
         print(f"# {backend} {case}: measuring", file=sys.stderr, flush=True)
@@ -370,7 +377,8 @@ def worker(quick, repeats):
         bw = bandwidth(repeats, table_rows * 64)
         rows.append({"case": case, "times": times,
                      "floor_s": BYTES_PER_PARAM * table_rows * 64 / bw})
-    fit = fit_step_time(8 if quick else 20, rounds=2 if quick else 5)
+    fit = fit_step_time(8 if quick else 20, rounds=2 if quick else 5) \
+        if fit else None
     table = {"backend": backend, "bandwidth_gb_s": bw / 1e9, "rows": rows,
              "fit": fit, "versions": {
                  "keras": keras.__version__,
@@ -394,6 +402,8 @@ def print_table(table):
             print(f"| {row['case']} | {label} | {1e3 * seconds:.2f} | "
                   f"{seconds / floor:.2f} | {versus} |")
     fit = table["fit"]
+    if fit is None:
+        return
     print(f"\nmodel.fit, MLP 784-1000-1000-10, batch 128: "
           f"keras Adam {1e3 * fit['keras Adam']:.1f} ms/step, AdamPlus "
           f"{1e3 * fit['AdamPlus']:.1f} ms/step, ratio "
@@ -408,17 +418,24 @@ def main(argv=None):
                    help="1M-parameter cases only: a smoke run")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed steps per measurement (default 30, quick 5)")
+    p.add_argument("--case", action="append", choices=list(CASES),
+                   help="case(s) to run (default: all; not the embedding)")
+    p.add_argument("--no-fit", action="store_true",
+                   help="skip the model.fit timing")
     p.add_argument("--json", metavar="FILE", help="also write the tables")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     repeats = args.repeats or (5 if args.quick else 30)
     if args.worker:
-        print("@@" + json.dumps(worker(args.quick, repeats)), flush=True)
+        print("@@" + json.dumps(worker(args.quick, repeats, args.case,
+                                       not args.no_fit)), flush=True)
         return 0
     tables = []
     for backend in args.backend or BACKENDS:
         cmd = [sys.executable, __file__, "--worker", "--repeats",
-               str(repeats)] + (["--quick"] if args.quick else [])
+               str(repeats)] + (["--quick"] if args.quick else []) + [
+            f"--case={case}" for case in args.case or []] + (
+            ["--no-fit"] if args.no_fit else [])
         env = dict(os.environ, KERAS_BACKEND=backend,
                    TF_CPP_MIN_LOG_LEVEL="3")
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,

@@ -308,7 +308,10 @@ class AdamPlus(keras.optimizers.Optimizer):
                 name="skipped_steps",
             )
         if self._pending_state is not None:
-            values, saved_kinds = self._pending_state
+            pending = self._pending_state
+            if isinstance(pending, list):  # pickled by 0.1.0: values only
+                pending = (pending, None)
+            values, saved_kinds = pending
             self._pending_state = None
             storage.assign_pending(self, values, saved_kinds)
 

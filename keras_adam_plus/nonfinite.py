@@ -4,14 +4,21 @@ The decision is taken once per step, on every replica's gradients, and the
 step is then taken or not as a whole; nothing is copied:
 
 - eager (any backend): a Python branch on the flag;
-- traced TensorFlow (`tf.function`, XLA): `ops.cond`, as Keras's
-  `LossScaleOptimizer` does, in cross-replica context under a
-  `tf.distribute` strategy (the flag AND-ed over the replicas, so that
-  every replica skips together);
+- `tf.function`: `ops.cond`, as Keras's `LossScaleOptimizer` does, in
+  cross-replica context under a `tf.distribute` strategy (the flag AND-ed
+  over the replicas, so that every replica skips together);
+- TensorFlow under XLA (`jit_compile=True`): a select per value (a cond
+  measured 2-4.6x the step there);
 - `stateless_apply` (JAX's trainer, jitted): `ops.cond` between the step
   and the inputs (a select per value measured 4x the step on XLA CPU: the
   selects did not fuse into the update);
 - torch under `torch.compile`: a select per value (inductor fuses it).
+
+Measured on 2 CPU cores (benchmarks/step_time.py, skip / plain AdamPlus,
+on a loaded machine): tf.function ~1.0, JAX jit 1.3-1.5, torch 1.5-1.7,
+TF XLA ~2; the remaining cost is the pass that reads every gradient to
+decide (XLA's CPU reductions run at ~5 GB/s, a third of the step's
+streaming rate).
 
 A skipped step leaves every variable (weights, moments, averages, EMA,
 accumulators, the step count) exactly as it was and adds 1 to
@@ -78,6 +85,23 @@ def _concrete(flag):
     return not torch.compiler.is_compiling()
 
 
+def _in_xla():
+    """Whether TensorFlow is tracing for XLA (`jit_compile=True`).
+
+    There a cond around the step measured 2-4.6x the step (XLA copies the
+    state into the conditional); a select per value is the 0.1.0 mechanism
+    (1.9-2.3x in the issue's measurement). TF has no public test; this uses
+    its own (tensorflow.python), False if absent.
+    """
+    try:
+        import tensorflow as tf
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:  # pragma: no cover
+        return False
+    return control_flow_util.GraphOrParentsInXlaContext(
+        tf.compat.v1.get_default_graph())
+
+
 def apply(optimizer, apply_fn, grads):
     """Runs `apply_fn(grads)` (the step) only if `grads` are finite."""
     skipped = optimizer._skipped_steps
@@ -95,13 +119,15 @@ def apply(optimizer, apply_fn, grads):
         else:
             skip()
         return
-    if keras.backend.backend() == "tensorflow":
+    if keras.backend.backend() == "tensorflow" and not _in_xla():
         ops.cond(finite, lambda: apply_fn(grads), skip)
         return
-    # Traced JAX or compiled torch: select, fused into the update.
+    # TF under XLA, traced JAX, compiled torch: a select per value.
     variables = [v for v in optimizer._trainable_variables
                  + list(optimizer.variables) if v is not skipped]
-    old = [v.value for v in variables]
+    # The values before the step (TF: a read ordered before the step's
+    # writes, which XLA folds into the select; torch writes in place).
+    old = [ops.copy(v.value) for v in variables]
     apply_fn(grads)
     for variable, value in zip(variables, old):
         variable.assign(ops.where(finite, variable.value, value))
