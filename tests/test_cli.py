@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -199,6 +200,24 @@ def test_readme_documents_every_option_and_the_output():
         "best epoch" in section
     assert "`<objective>_at_best_epoch`" in section
     assert report.score_column("val_loss") == "val_loss_at_best_epoch"
+
+
+def test_packaging_extras_state_ranges_and_ci_pins():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    for extra, requirements in project["project"][
+        "optional-dependencies"
+    ].items():
+        for requirement in requirements:  # ranges, not pins
+            version = requirement.split(";")[0]
+            assert "==" not in version, (extra, requirement)
+    assert "torch>=2.4" in project["project"]["optional-dependencies"]["torch"]
+    pins = (ROOT / ".ci" / "constraints.txt").read_text().splitlines()
+    assert "torch==2.13.0" in pins
+    readme = (ROOT / "README.md").read_text()
+    installs = [line for line in readme.splitlines()
+                if "pip install" in line]
+    assert installs and all("-c .ci/constraints.txt" in line
+                            for line in installs), installs
 
 
 def _saved_run(directory, **settings):
