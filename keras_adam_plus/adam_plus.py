@@ -5,11 +5,17 @@ import re
 import keras
 from keras import ops
 
-from keras_adam_plus import validation
+from keras_adam_plus import (
+    averaging,
+    backends,
+    nonfinite,
+    rule,
+    storage,
+    validation,
+)
 
 EPSILON_MODES = ("paper", "hat")
 MOMENT_DTYPES = ("float32",)
-LOW_PRECISION = ("float16", "bfloat16")
 WEIGHT_DECAY_MODES = ("decoupled", "decoupled_unscaled", "l2")
 
 
@@ -184,20 +190,14 @@ class AdamPlus(keras.optimizers.Optimizer):
             "gradient_accumulation_steps", gradient_accumulation_steps, 1,
             optional=True,
         )
+        positive = dict(low=0.0, low_inclusive=False, optional=True)
         super().__init__(
             learning_rate=v.check_learning_rate(learning_rate),
             weight_decay=v.check_weight_decay(weight_decay),
-            clipnorm=v.check_float(
-                "clipnorm", clipnorm, low=0.0, low_inclusive=False,
-                optional=True,
-            ),
-            clipvalue=v.check_float(
-                "clipvalue", clipvalue, low=0.0, low_inclusive=False,
-                optional=True,
-            ),
+            clipnorm=v.check_float("clipnorm", clipnorm, **positive),
+            clipvalue=v.check_float("clipvalue", clipvalue, **positive),
             global_clipnorm=v.check_float(
-                "global_clipnorm", global_clipnorm, low=0.0,
-                low_inclusive=False, optional=True,
+                "global_clipnorm", global_clipnorm, **positive
             ),
             use_ema=v.check_bool("use_ema", use_ema),
             ema_momentum=v.check_float(
@@ -208,8 +208,7 @@ class AdamPlus(keras.optimizers.Optimizer):
                 optional=True,
             ),
             loss_scale_factor=v.check_float(
-                "loss_scale_factor", loss_scale_factor, low=0.0,
-                low_inclusive=False, optional=True,
+                "loss_scale_factor", loss_scale_factor, **positive
             ),
             # Keras wants None or >= 2; 1 means no accumulation.
             gradient_accumulation_steps=(
@@ -264,27 +263,40 @@ class AdamPlus(keras.optimizers.Optimizer):
             "weight_decay_exclude", weight_decay_exclude
         )
         self._pending_state = None
+        self._scalars_cache = None
+
+    # ------------------------------------------------------------ build --
 
     def build(self, var_list):
-        """Creates `m`, `v` (and `v_max` with amsgrad) for each variable."""
+        """Creates `m`, `v` (and `v_max` with amsgrad) for each variable.
+
+        Also the temporal average (`average_decay`), the beta products
+        (scheduled betas) and `skipped_steps` (`skip_nonfinite`); a state
+        loaded before the optimizer was built is assigned here.
+        """
         if self.built:
             return
+        storage.check_floating(var_list)
         super().build(var_list)
         names = ["momentum", "velocity"] + (
             ["velocity_max"] if self.amsgrad else []
         )
-        slots = self._add_slots(var_list, names)
+        slots = storage.add_slots(self, var_list, names, self.moment_dtype)
         self._momentums, self._velocities = slots[0], slots[1]
         self._velocity_maxes = slots[2] if self.amsgrad else None
         self._decays = [self._decays_variable(var) for var in var_list]
         self._averages = None
         if self.average_decay is not None:
-            self._averages = self._add_slots(var_list, ["average"])[0]
+            self._averages = storage.add_slots(
+                self, var_list, [averaging.SLOT], self.moment_dtype)[0]
         self._beta_powers = None
         if self._betas_scheduled:
-            # prod_{i<=t} beta_i, the bias correction of scheduled betas.
+            # prod_{i<=t} beta_i, the bias correction of scheduled betas,
+            # in float64 where a variable is float64.
+            dtype = max((rule.compute_dtype(v.dtype) for v in var_list),
+                        default="float32")
             self._beta_powers = [
-                self.add_variable((), initializer="ones", dtype="float32",
+                self.add_variable((), initializer="ones", dtype=dtype,
                                   name=f"beta_{i}_power")
                 for i in (1, 2)
             ]
@@ -295,128 +307,132 @@ class AdamPlus(keras.optimizers.Optimizer):
                 name="skipped_steps",
             )
         if self._pending_state is not None:
-            self._assign_state(self._pending_state)
+            values, saved_kinds = self._pending_state
             self._pending_state = None
+            storage.assign_pending(self, values, saved_kinds)
 
-    def _weight_decay_now(self, dtype):
-        """The weight decay of this step: a schedule is called with it."""
-        wd = self.weight_decay
-        if callable(wd):
-            wd = wd(self.iterations)
-        return ops.cast(wd, dtype)
+    def _state_kinds(self):
+        """The kinds of state this configuration keeps (see `storage`)."""
+        kinds = {"iteration", "momentum", "velocity"}
+        optional = {
+            "learning_rate": isinstance(self._learning_rate, keras.Variable),
+            "velocity_max": self.amsgrad,
+            averaging.SLOT: self.average_decay is not None,
+            "beta_1_power": self._betas_scheduled,
+            "beta_2_power": self._betas_scheduled,
+            "skipped_steps": self.skip_nonfinite,
+            "average": self.use_ema,
+            "gradient_accumulator": bool(self.gradient_accumulation_steps),
+        }
+        return kinds | {k for k, on in optional.items() if on}
 
-    def _state_dtype(self, variable):
-        """The dtype of `variable`'s slots and update computation."""
-        dtype = keras.backend.standardize_dtype(variable.dtype)
-        if self.moment_dtype and dtype in LOW_PRECISION:
-            return self.moment_dtype
-        return dtype
-
-    def _add_slots(self, var_list, names):
-        """One slot list per name; in `moment_dtype` for low-precision vars."""
-        if self.moment_dtype is None:
-            return self.add_optimizer_variables(var_list, names)
-        return [
-            [
-                None if getattr(var, "overwrite_with_gradient", False)
-                else self.add_variable(
-                    tuple(var.shape), initializer="zeros",
-                    dtype=self._state_dtype(var),
-                    name=f"{var.path.replace('/', '_')}_{name}",
-                )
-                for var in var_list
-            ]
-            for name in names
-        ]
+    # ------------------------------------------------------------- step --
 
     @property
     def _betas_scheduled(self):
         return not all(isinstance(b, float) for b in (self.beta_1,
                                                        self.beta_2))
 
-    def _beta(self, which, dtype, ahead=0):
-        """beta_1 or beta_2 at this step (+ `ahead`), in `dtype`."""
-        beta = self.beta_1 if which == 1 else self.beta_2
-        if isinstance(beta, float):
-            return ops.cast(beta, dtype)
-        return ops.cast(beta(self.iterations + ahead), dtype)
+    def _hyper(self):
+        return rule.Hyper(
+            self.beta_1, self.beta_2, self.epsilon, self.epsilon_mode,
+            self.amsgrad, self.bias_correction, self.adamax, self.nesterov,
+            self.weight_decay_mode,
+        )
 
-    def _corrections(self, dtype):
-        """(1 - beta_1**t, 1 - beta_2**t, 1 - beta_1**(t+1)) in `dtype`.
+    def _beta_now(self, beta, ahead=0):
+        return beta(self.iterations + ahead)
 
-        The third (Nesterov's look-ahead) is `None` without `nesterov`.
-        With scheduled betas, products of the betas actually used (kept in
-        `beta_1_power`, `beta_2_power`) replace the powers: the weights of
-        m and v then still sum to 1 after correction.
-        """
-        one = ops.cast(1.0, dtype)
-        if not self.bias_correction:
-            return one, one, one
-        if not self._betas_scheduled:
-            t = ops.cast(self.iterations + 1, dtype)
-            beta_1 = ops.cast(self.beta_1, dtype)
-            return (1 - ops.power(beta_1, t),
-                    1 - ops.power(ops.cast(self.beta_2, dtype), t),
-                    one - ops.power(beta_1, t + 1) if self.nesterov
-                    else None)
-        p1, p2 = (ops.cast(p, dtype) for p in self._beta_powers)
-        p1 = ops.multiply(p1, self._beta(1, dtype))
-        p2 = ops.multiply(p2, self._beta(2, dtype))
-        ahead = (one - ops.multiply(p1, self._beta(1, dtype, ahead=1))
-                 if self.nesterov else None)
-        return one - p1, one - p2, ahead
+    def _step_scalars(self, dtype, learning_rate):
+        """This step's `rule.Scalars` in `dtype`, computed once per step."""
+        cache = self._scalars_cache
+        if cache is not None and dtype in cache:
+            return cache[dtype]
+        betas = beta_1_next = powers = None
+        if self._betas_scheduled:
+            betas = [b if isinstance(b, float) else self._beta_now(b)
+                     for b in (self.beta_1, self.beta_2)]
+            powers = self._beta_powers
+            if self.nesterov:
+                beta_1_next = (self.beta_1 if isinstance(self.beta_1, float)
+                               else self._beta_now(self.beta_1, ahead=1))
+        wd = self.weight_decay
+        if callable(wd):
+            wd = wd(self.iterations)
+        scalars = rule.step_scalars(
+            self._hyper(), dtype, self.iterations, learning_rate,
+            betas=betas, beta_1_next=beta_1_next, beta_powers=powers,
+            weight_decay=wd or None,
+        )
+        if cache is not None:
+            cache[dtype] = scalars
+        return scalars
 
-    def average_weights(self, var_list=None):
-        """Bias-corrected averages theta_bar / (1 - b**t) (Section 7.2).
+    def update_step(self, gradient, variable, learning_rate):
+        """Applies one Adam step to `variable` (see the class docstring)."""
+        if self.lazy_sparse and keras.backend.backend() == "tensorflow":
+            from keras_adam_plus.backends import tf_lazy
 
-        Returns one tensor per variable of `var_list` (default: the
-        variables the optimizer was built with); before the first step,
-        the variables' own values. Needs `average_decay`.
-        """
-        if self.average_decay is None:
-            raise ValueError(
-                "average_weights() needs AdamPlus(average_decay=...). "
-                "Received: average_decay=None"
-            )
-        variables = (self._trainable_variables if var_list is None
-                     else list(var_list))
-        t = ops.cast(self.iterations, "float32")
-        correction = 1.0 - ops.power(
-            ops.cast(self.average_decay, "float32"), t)
-        averaged = []
-        for variable in variables:
-            average = self._averages[self._get_variable_index(variable)]
-            corrected = ops.divide(
-                average, ops.maximum(ops.cast(correction, average.dtype),
-                                     ops.cast(1e-30, average.dtype)))
-            averaged.append(ops.where(ops.greater(t, 0.0), corrected,
-                                      ops.convert_to_tensor(variable)))
-        return averaged
+            if tf_lazy.handles(self, gradient):
+                tf_lazy.update_step(self, gradient, variable, learning_rate)
+                return
+        index = self._get_variable_index(variable)
+        dtype = rule.compute_dtype(
+            keras.backend.standardize_dtype(variable.dtype))
+        hyper, s = self._hyper(), self._step_scalars(dtype, learning_rate)
+        target = storage.Target(self, variable, dtype)
+        gradient = ops.cast(gradient, dtype)
+        if self._decays[index]:
+            gradient, decrement = rule.decay(hyper, s, target.value, gradient)
+            target.sub(decrement)
+        m_slot, v_slot = self._momentums[index], self._velocities[index]
+        m = storage.read(m_slot, dtype)
+        m = storage.write(self, m_slot, m,
+                          rule.first_moment_increment(s, gradient, m), dtype)
+        v = storage.read(v_slot, dtype)
+        if self.adamax:
+            v = storage.put(self, v_slot, rule.infinity_norm(s, gradient, v),
+                            dtype)
+        else:
+            v = storage.write(self, v_slot, v,
+                              rule.second_moment_increment(s, gradient, v),
+                              dtype)
+        if self.amsgrad:
+            v_max_slot = self._velocity_maxes[index]
+            v = storage.put(self, v_max_slot, rule.maximum(
+                storage.read(v_max_slot, dtype), v), dtype)
+        target.sub(rule.direction(hyper, s, gradient, m, v))
+        target.finish()
 
-    def use_average_weights(self, var_list=None):
-        """Context manager: the variables hold their averages inside it.
-
-        `with optimizer.use_average_weights(): model.evaluate(...)` or
-        `model.save(...)`; on exit the trained weights come back exactly.
-        """
-        return _AverageSwap(self, var_list)
-
-    @property
-    def skipped_steps(self):
-        """Steps skipped for non-finite gradients (`skip_nonfinite=True`).
-
-        A saved optimizer variable; `None` before `build` or when
-        `skip_nonfinite` is off.
-        """
-        return getattr(self, "_skipped_steps", None)
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        self._scalars_cache = {}
+        try:
+            fast = backends.fast_path(self)
+            if fast is not None:
+                fast.update(self, grads, trainable_variables, learning_rate)
+            else:
+                super()._backend_update_step(
+                    grads, trainable_variables, learning_rate
+                )
+        finally:
+            self._scalars_cache = None
+        if self._averages is not None:
+            # Once per real step (not per micro-step, unlike Keras's EMA).
+            averaging.update(self, self._averages, trainable_variables)
+        if self._beta_powers is not None:
+            # Once per real step, after every variable used the old value.
+            for beta, power in zip((self.beta_1, self.beta_2),
+                                   self._beta_powers):
+                now = beta if isinstance(beta, float) else self._beta_now(beta)
+                power.assign(ops.multiply(power, rule.as_dtype(now,
+                                                               power.dtype)))
 
     def apply(self, grads, trainable_variables=None):
         """Applies one step; see `keras.optimizers.Optimizer.apply`.
 
         With `skip_nonfinite=True`, a step whose gradients hold any NaN or
         Inf leaves every variable (weights, moments, accumulators, EMA and
-        the step count) as it was and adds 1 to `skipped_steps`. Without
-        control flow (a select per variable), so it runs inside
+        the step count) as it was and adds 1 to `skipped_steps`, under
         `tf.function`, XLA and `jax.jit` alike.
         """
         if not self.skip_nonfinite:
@@ -430,15 +446,10 @@ class AdamPlus(keras.optimizers.Optimizer):
                 self.built = True
         variables = (self._trainable_variables if trainable_variables is None
                      else trainable_variables)
-        finite = _all_finite(grads)
-        state = [v for v in list(variables) + list(self.variables)
-                 if v is not self._skipped_steps]
-        saved = [ops.copy(v.value) for v in state]
-        super().apply(grads, trainable_variables)
-        for variable, old in zip(state, saved):
-            variable.assign(ops.where(finite, variable.value, old))
-        self._skipped_steps.assign_add(
-            ops.cast(ops.logical_not(finite), self._skipped_steps.dtype)
+        nonfinite.apply(
+            self, lambda: super(AdamPlus, self).apply(grads,
+                                                      trainable_variables),
+            grads, variables,
         )
 
     def _decays_variable(self, variable):
@@ -474,189 +485,52 @@ class AdamPlus(keras.optimizers.Optimizer):
         `jit_compile` on TensorFlow and always on JAX), followed by the
         reason where a fast path exists but this configuration falls back.
         """
-        fast = _fast_path_module()
-        if fast is None:
-            return "generic"
-        reason = fast.fallback_reason(self)
-        if reason is None:
-            return fast.__name__.rsplit(".", 1)[-1]
-        return f"generic ({reason})"
+        return backends.describe(self)
 
-    def _fast_path_blocker(self):
-        # Modes with no fused form, and subclasses that change the update,
-        # return a reason here (subclasses may add their own).
-        if type(self).update_step is not AdamPlus.update_step:
-            return f"{type(self).__name__} overrides update_step"
-        if self.adamax:
-            return "adamax has no fused torch kernel"
-        if self.nesterov:
-            return "nesterov has no fused torch kernel"
-        if self._betas_scheduled:
-            return "scheduled betas have no fused torch kernel"
-        if callable(self.weight_decay):
-            return "a scheduled weight decay has no fused torch kernel"
-        if self.moment_dtype is not None and any(
-            self._state_dtype(var) != keras.backend.standardize_dtype(
-                var.dtype)
-            for var in getattr(self, "_trainable_variables", [])
-        ):
-            return ("moment_dtype: the fused kernel keeps state in the "
-                    "parameters' dtype")
-        return None
+    # --------------------------------------------------------- averaging --
 
-    def _backend_update_step(self, grads, trainable_variables, learning_rate):
-        fast = _fast_path_module()
-        if fast is not None and fast.fallback_reason(self) is None:
-            fast.update(self, grads, trainable_variables, learning_rate)
-        else:
-            super()._backend_update_step(
-                grads, trainable_variables, learning_rate
-            )
-        if self._averages is not None:
-            # Section 7.2: theta_bar = b * theta_bar + (1 - b) * theta, once
-            # per real step (this runs only on real steps under gradient
-            # accumulation, unlike Keras's EMA).
-            for variable in trainable_variables:
-                average = self._averages[self._get_variable_index(variable)]
-                decay = ops.cast(self.average_decay, average.dtype)
-                self.assign(average, ops.add(
-                    ops.multiply(average, decay),
-                    ops.multiply(ops.cast(variable, average.dtype),
-                                 ops.cast(1 - self.average_decay,
-                                          average.dtype))))
-        if self._beta_powers is not None:
-            # Once per real step, after every variable used the old value.
-            for which, power in zip((1, 2), self._beta_powers):
-                power.assign(ops.multiply(power, self._beta(which,
-                                                            "float32")))
+    def average_weights(self, var_list=None):
+        """Bias-corrected averages theta_bar / (1 - b**t) (Section 7.2).
 
-    def update_step(self, gradient, variable, learning_rate):
-        """Applies one Adam step to `variable` (see the class docstring)."""
-        if self.lazy_sparse and keras.backend.backend() == "tensorflow":
-            from keras_adam_plus.backends import tf_lazy
-
-            if tf_lazy.handles(self, gradient):
-                tf_lazy.update_step(self, gradient, variable, learning_rate)
-                return
-        index = self._get_variable_index(variable)
-        target = _Target(self, variable, self._state_dtype(variable))
-        self._update(gradient, target, index, learning_rate)
-        target.finish()
-
-    def _update(self, gradient, target, index, learning_rate):
-        """The update of one variable, written through `target`."""
-        dtype = target.dtype
-        variable = target.value
-        m = self._momentums[index]
-        v = self._velocities[index]
-        lr = ops.cast(learning_rate, dtype)
-        gradient = ops.cast(gradient, dtype)
-        # Constants in the variable's dtype: a bare Python float would be
-        # rounded to float32 first on some backends (float64 variables).
-        if self._betas_scheduled:
-            one = ops.cast(1.0, dtype)
-            one_minus_beta_1 = one - self._beta(1, dtype)
-            one_minus_beta_2 = one - self._beta(2, dtype)
-        else:
-            one_minus_beta_1 = ops.cast(1 - self.beta_1, dtype)
-            one_minus_beta_2 = ops.cast(1 - self.beta_2, dtype)
-        epsilon = ops.cast(self.epsilon, dtype)
-
-        if self._decays[index]:
-            wd = self._weight_decay_now(dtype)
-            if self.weight_decay_mode == "l2":
-                gradient = ops.add(gradient, ops.multiply(wd, variable))
-            elif self.weight_decay_mode == "decoupled":
-                # Same operation order as Keras's base optimizer.
-                target.sub(variable * wd * lr)
-            else:
-                target.sub(ops.multiply(variable, wd))
-
-        self.assign_add(
-            m, ops.multiply(ops.subtract(gradient, m), one_minus_beta_1)
-        )
-        if self.adamax:
-            # Algorithm 2: u = max(beta_2 * u, |g|), kept in the v slot.
-            beta_2 = self._beta(2, dtype)
-            self.assign(
-                v, _maximum(ops.multiply(v, beta_2), ops.abs(gradient))
-            )
-        else:
-            self.assign_add(
-                v,
-                ops.multiply(
-                    ops.subtract(ops.square(gradient), v), one_minus_beta_2
-                ),
-            )
-        if self.amsgrad:
-            v_max = self._velocity_maxes[index]
-            self.assign(v_max, _maximum(v_max, v))
-            v = v_max
-
-        if self.adamax or self.nesterov:
-            self._assign_general_step(target, gradient, m, v, lr, epsilon)
-            return
-
-        if not self.bias_correction:
-            # Section 6.4: RMSProp with momentum; both modes coincide.
-            target.sub(
-                ops.divide(ops.multiply(m, lr), ops.add(ops.sqrt(v), epsilon))
-            )
-            return
-
-        correction_1, correction_2, _ = self._corrections(dtype)
-        alpha = lr * ops.sqrt(correction_2) / correction_1
-        if self.epsilon_mode == "paper":
-            # Algorithm 1, rearranged as the end of Section 2 suggests:
-            # m_hat / (sqrt(v_hat) + eps) = sqrt(c2) / c1 * m / (sqrt(v) +
-            # eps * sqrt(c2)). The same value, with the elementwise work of
-            # the "hat" form (one division), so no slower than Keras's Adam.
-            epsilon = ops.multiply(epsilon, ops.sqrt(correction_2))
-        # The "hat" form in keras.optimizers.Adam's operation order.
-        target.sub(
-            ops.divide(ops.multiply(m, alpha), ops.add(ops.sqrt(v), epsilon))
-        )
-
-    def _assign_general_step(self, target, gradient, m, v, lr, epsilon):
-        """The step of the AdaMax and Nesterov modes (m, v already updated).
-
-        numerator: m_hat, or with Nesterov (optax's form)
-            beta_1 * m / (1 - beta_1**(t+1)) + (1 - beta_1) * g / c1
-        denominator: u (AdaMax; 1 where u == 0, where m == 0 too), else
-            sqrt(v_hat) + eps ("paper") or (sqrt(v) + eps) / sqrt(c2)
-            ("hat"), with c1 = 1 - beta_1**t and c2 = 1 - beta_2**t.
+        Returns one tensor per variable of `var_list` (default: the
+        variables the optimizer was built with); before the first step,
+        the variables' own values. Needs `average_decay`.
         """
-        dtype = target.dtype
-        # Tensors, not Variables: jnp.where refuses Keras Variables.
-        m, v = ops.convert_to_tensor(m), ops.convert_to_tensor(v)
-        beta_1 = self._beta(1, dtype)
-        one = ops.cast(1.0, dtype)
-        c1, c2, c1_next = self._corrections(dtype)
-        if self.nesterov:
-            numerator = ops.add(
-                ops.multiply(m, beta_1 / c1_next),
-                ops.multiply(gradient, (one - beta_1) / c1),
+        if self.average_decay is None:
+            raise ValueError(
+                "average_weights() needs AdamPlus(average_decay=...). "
+                "Received: average_decay=None"
             )
-        else:
-            numerator = ops.divide(m, c1)
-        if self.adamax:
-            zero = ops.zeros((), dtype)
-            denominator = ops.where(ops.greater(v, zero), v, one)
-            step = ops.multiply(ops.divide(numerator, denominator), lr)
-        else:
-            if self.epsilon_mode == "paper":
-                epsilon = ops.multiply(epsilon, ops.sqrt(c2))
-            step = ops.divide(ops.multiply(numerator, lr * ops.sqrt(c2)),
-                              ops.add(ops.sqrt(v), epsilon))
-        target.sub(step)
+        variables = (self._trainable_variables if var_list is None
+                     else list(var_list))
+        return averaging.corrected(self, self._averages, variables)
+
+    def use_average_weights(self, var_list=None):
+        """Context manager: the variables hold their averages inside it.
+
+        `with optimizer.use_average_weights(): model.evaluate(...)` or
+        `model.save(...)`; on exit the trained weights come back exactly.
+        """
+        return averaging.Swap(self, var_list)
+
+    @property
+    def skipped_steps(self):
+        """Steps skipped for non-finite gradients (`skip_nonfinite=True`).
+
+        A saved optimizer variable; `None` before `build` or when
+        `skip_nonfinite` is off.
+        """
+        return getattr(self, "_skipped_steps", None)
+
+    # ------------------------------------------------------------ config --
 
     def get_config(self):
         """Returns the JSON-serializable config; every key is an argument."""
         config = super().get_config()
         config.update(
             {
-                "beta_1": _serialize_beta(self.beta_1),
-                "beta_2": _serialize_beta(self.beta_2),
+                "beta_1": _serialize_schedule(self.beta_1),
+                "beta_2": _serialize_schedule(self.beta_2),
                 "epsilon": self.epsilon,
                 "epsilon_mode": self.epsilon_mode,
                 "amsgrad": self.amsgrad,
@@ -667,7 +541,7 @@ class AdamPlus(keras.optimizers.Optimizer):
                 "average_decay": self.average_decay,
                 "lazy_sparse": self.lazy_sparse,
                 "moment_dtype": self.moment_dtype,
-                "weight_decay": _serialize_beta(self.weight_decay),
+                "weight_decay": _serialize_schedule(self.weight_decay),
                 "weight_decay_mode": self.weight_decay_mode,
                 "weight_decay_exclude": list(self.weight_decay_exclude),
             }
@@ -685,136 +559,51 @@ class AdamPlus(keras.optimizers.Optimizer):
                 )
         return super().from_config(config, custom_objects=custom_objects)
 
+    def save_own_variables(self, store):
+        """Saves the state by index (as Keras does) and the kind of each."""
+        storage.save(self, store)
+
     def load_own_variables(self, store):
-        """Loads saved state; a state that does not fit raises, never skips.
+        """Loads a saved state: all of it, or nothing (it raises).
 
-        Keras only warns and keeps fresh moments when the number of saved
-        optimizer variables differs from this optimizer's; AdamPlus raises
-        a `ValueError` saying what differs.
+        The state is matched by the kind and shape of each value (momentum,
+        velocity, ...), so a state saved under another configuration is
+        refused, never loaded into the wrong slots. Into an optimizer that
+        is not built yet (`compile` then `load_weights`), the state is kept
+        and assigned when the optimizer is built. A load that raises
+        changes nothing, and so `load_weights(skip_mismatch=True)` loads
+        either the whole optimizer state or none of it (Keras then warns).
+        Files saved before the kinds were recorded load by count and shape.
         """
-        saved = len(store.keys())
-        mine = len(self.variables)
-        if saved != mine:
-            hint = (
-                " The optimizer is not built yet: call "
-                "`optimizer.build(model.trainable_variables)` first."
-                if not self.built
-                else " Check that amsgrad, use_ema and "
-                "gradient_accumulation_steps match the saved optimizer's "
-                "and that the model has the same trainable variables."
-            )
-            raise ValueError(
-                f"Cannot load the state of optimizer '{self.name}': the saved "
-                f"state has {saved} variables, this optimizer has {mine}."
-                + hint
-            )
-        self._assign_state([store[str(i)] for i in range(saved)])
-
-    def _assign_state(self, values):
-        for variable, value in zip(self.variables, values):
-            if tuple(variable.shape) != tuple(value.shape):
-                raise ValueError(
-                    f"Cannot load the state of optimizer '{self.name}': "
-                    f"variable {variable.path} has shape {variable.shape}, "
-                    f"the saved value has shape {value.shape}."
-                )
-            variable.assign(value)
+        values, saved_kinds = storage.read_store(store)
+        if not self.built:
+            storage.check_kinds_before_build(self, saved_kinds,
+                                             self._state_kinds())
+            self._pending_state = (values, saved_kinds)
+            return
+        storage.assign(self, values, saved_kinds)
 
     def __reduce__(self):
         # Pickle keeps the config and, once built, the state; the state is
         # assigned when the unpickled optimizer is built.
-        state = [v.numpy() for v in self.variables] if self.built else None
+        state = None
+        if self.built:
+            state = ([v.numpy() for v in self.variables],
+                     storage.kinds(self))
         return _unpickle, (self.__class__, self.get_config(), state)
 
 
-def _maximum(x, y):
-    """Elementwise max that keeps float64 on every backend.
-
-    Keras 3.15's `ops.maximum` on the torch backend computes float64 inputs
-    in float32 (its result_type does not recognise torch dtypes and falls
-    back to floatx); `where` keeps the inputs' dtype.
-    """
-    if keras.backend.backend() == "torch":
-        return ops.where(ops.greater(y, x), y, x)
-    return ops.maximum(x, y)
+# Short names for `compile(optimizer="adam_plus")` and
+# `keras.optimizers.get("adam_plus")`: Keras resolves a string identifier
+# through its global custom objects, a public dictionary meant for updates.
+for _alias in ("adam_plus", "AdamPlus"):
+    keras.saving.get_custom_objects().setdefault(_alias, AdamPlus)
 
 
-class _Target:
-    """Where an update step writes theta.
-
-    Normally the variable itself (each `sub` an `assign_sub`, as Keras
-    does). With `moment_dtype` wider than the variable's dtype, a copy of
-    theta in that dtype that collects every change and is cast back once.
-    """
-
-    def __init__(self, optimizer, variable, dtype):
-        self.optimizer, self.variable, self.dtype = optimizer, variable, dtype
-        self.mixed = dtype != keras.backend.standardize_dtype(variable.dtype)
-        self.value = ops.cast(variable, dtype) if self.mixed else variable
-
-    def sub(self, delta):
-        if self.mixed:
-            self.value = ops.subtract(self.value, delta)
-        else:
-            self.optimizer.assign_sub(self.variable, delta)
-
-    def finish(self):
-        if self.mixed:
-            self.optimizer.assign(
-                self.variable, ops.cast(self.value, self.variable.dtype)
-            )
-
-
-class _AverageSwap:
-    """Swaps averaged weights in on enter and the trained ones back on exit."""
-
-    def __init__(self, optimizer, var_list):
-        self.optimizer = optimizer
-        self.variables = (optimizer._trainable_variables if var_list is None
-                          else list(var_list))
-
-    def __enter__(self):
-        averages = self.optimizer.average_weights(self.variables)
-        self.saved = [ops.copy(ops.convert_to_tensor(v))
-                      for v in self.variables]
-        for variable, value in zip(self.variables, averages):
-            variable.assign(value)
-        return self.variables
-
-    def __exit__(self, *exc):
-        for variable, value in zip(self.variables, self.saved):
-            variable.assign(value)
-        return False
-
-
-def _serialize_beta(beta):
-    if isinstance(beta, keras.optimizers.schedules.LearningRateSchedule):
-        return keras.saving.serialize_keras_object(beta)
-    return beta  # a float, or a plain callable (not JSON, as in Keras)
-
-
-def _all_finite(grads):
-    """A scalar bool tensor: no gradient holds a NaN or an Inf."""
-    flags = []
-    for grad in grads:
-        if grad is None:
-            continue
-        # tf.IndexedSlices: its values (torch tensors have a .values too).
-        values = (grad.values if type(grad).__name__ == "IndexedSlices"
-                  else grad)
-        flags.append(ops.all(ops.isfinite(values)))
-    if not flags:
-        return ops.convert_to_tensor(True)
-    return ops.all(ops.stack(flags))
-
-
-def _fast_path_module():
-    """The fast-path module of the current backend, or None."""
-    if keras.backend.backend() == "torch":
-        from keras_adam_plus.backends import torch_fused
-
-        return torch_fused
-    return None
+def _serialize_schedule(value):
+    if isinstance(value, keras.optimizers.schedules.LearningRateSchedule):
+        return keras.saving.serialize_keras_object(value)
+    return value  # a float, or a plain callable (not JSON, as in Keras)
 
 
 def _unpickle(cls, config, state):

@@ -1,6 +1,9 @@
 """Schedules from the Adam paper, serializable like Keras's own."""
 
+import math
+
 import keras
+import numpy as np
 from keras import ops
 
 from keras_adam_plus import validation
@@ -65,10 +68,12 @@ class BetaDecay(keras.optimizers.schedules.LearningRateSchedule):
         )
 
     def __call__(self, step):
+        # lambda**step as exp(step * log(lambda)), log taken in float64:
+        # in float32, 1 - 1e-8 is 1 and lambda**step would be constant.
         step = ops.cast(step, "float32")
-        return self.initial_beta * ops.power(
-            ops.cast(self.decay, "float32"), step
-        )
+        log_decay = ops.convert_to_tensor(
+            np.float32(math.log(self.decay)))
+        return self.initial_beta * ops.exp(step * log_decay)
 
     def get_config(self):
         """Returns the config: `{"initial_beta": ..., "decay": ...}`."""

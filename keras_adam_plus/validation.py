@@ -7,6 +7,7 @@ argument and the value received, in Keras's shape:
 "Argument `beta_2` must be in [0, 1). Received: beta_2=1.5".
 """
 
+import inspect
 import math
 import numbers
 import re
@@ -15,7 +16,13 @@ import numpy as np
 
 
 def _received(name, value):
-    return f"Received: {name}={value!r}"
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long for repr
+        text = f"<int of {value.bit_length()} bits>"
+    if len(text) > 80:
+        text = text[:40] + "..." + text[-20:]
+    return f"Received: {name}={text}"
 
 
 def _is_real_number(value):
@@ -51,7 +58,10 @@ def check_float(name, value, low=None, high=None, low_inclusive=True,
             f"Argument `{name}` must be {kind}. {_received(name, value)} "
             f"(of type {type(value).__name__})"
         )
-    result = float(value)
+    try:
+        result = float(value)
+    except OverflowError:  # an int beyond float's range
+        result = math.inf
     if not math.isfinite(result):
         raise ValueError(
             f"Argument `{name}` must be finite. {_received(name, value)}"
@@ -159,10 +169,49 @@ def is_schedule(value):
     )
 
 
-def check_learning_rate(value):
-    """Returns a float learning rate, or the schedule/callable unchanged."""
-    if is_schedule(value):
+def _accepts(function, count):
+    """Whether `function` can be called with `count` positional args."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):  # builtins without a signature
+        return True
+    try:
+        signature.bind(*range(count))
+    except TypeError:
+        return False
+    return True
+
+
+def _check_callable(name, value, count):
+    """Refuses a plain callable that cannot take `count` arguments."""
+    from keras.optimizers.schedules import LearningRateSchedule
+
+    if isinstance(value, LearningRateSchedule) or _accepts(value, count):
         return value
+    if count == 0:
+        want = ("a callable taking no arguments (Keras calls it with none; "
+                "`beta_1`, `beta_2` and `weight_decay` callables take the "
+                "step)")
+    else:
+        want = ("a callable taking the step (one argument; `learning_rate` "
+                "callables take none)")
+    try:
+        signature = str(inspect.signature(value))
+    except (TypeError, ValueError):
+        signature = "?"
+    raise TypeError(
+        f"Argument `{name}` must be {want}. {_received(name, value)} "
+        f"with signature {signature}"
+    )
+
+
+def check_learning_rate(value):
+    """Returns a float learning rate, or the schedule/callable unchanged.
+
+    A plain callable must take no arguments (Keras calls it with none).
+    """
+    if is_schedule(value):
+        return _check_callable("learning_rate", value, 0)
     if not _is_real_number(value):
         raise TypeError(
             "Argument `learning_rate` must be a float, a "
@@ -174,16 +223,22 @@ def check_learning_rate(value):
 
 
 def check_beta(name, value):
-    """Returns a float beta in [0, 1), or the schedule/callable unchanged."""
+    """Returns a float beta in [0, 1), or the schedule/callable unchanged.
+
+    A plain callable must take the step (one argument).
+    """
     if is_schedule(value):
-        return value
+        return _check_callable(name, value, 1)
     return check_float(name, value, low=0.0, high=1.0, high_inclusive=False)
 
 
 def check_weight_decay(value):
-    """Returns None, a float >= 0, or the schedule/callable unchanged."""
+    """Returns None, a float >= 0, or the schedule/callable unchanged.
+
+    A plain callable must take the step (one argument).
+    """
     if is_schedule(value):
-        return value
+        return _check_callable("weight_decay", value, 1)
     return check_float("weight_decay", value, low=0.0, optional=True)
 
 

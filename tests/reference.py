@@ -18,7 +18,7 @@ class ReferenceAdam:
                  epsilon_mode="paper", amsgrad=False, bias_correction=True,
                  adamax=False, nesterov=False,
                  weight_decay=None, weight_decay_mode="decoupled",
-                 decay_mask=None):
+                 decay_mask=None, round_state=None):
         self.b1_spec, self.b2_spec, self.eps = beta_1, beta_2, epsilon
         self.p1 = self.p2 = 1.0
         self.epsilon_mode = epsilon_mode
@@ -28,6 +28,8 @@ class ReferenceAdam:
         self.wd = weight_decay or 0.0
         self.wd_mode = weight_decay_mode
         self.decay_mask = decay_mask
+        # Rounds m, v, v_max as they are stored, after the step used them.
+        self.round_state = round_state
         self.t = 0
         self.m = self.v = self.v_max = None
 
@@ -87,21 +89,31 @@ class ReferenceAdam:
             else:
                 alpha_t = lr * np.sqrt(c2) / c1
                 p -= alpha_t * self.m[i] / (np.sqrt(v) + self.eps)
+            if self.round_state is not None:
+                for state in (self.m, self.v, self.v_max):
+                    state[i] = self.round_state(state[i])
         return params
 
 
-def run_reference(config, params, grad_steps, lr_of_step=None):
+def run_reference(config, params, grad_steps, lr_of_step=None,
+                  round_theta=None, round_state=None):
     """Runs `ReferenceAdam(**config)` over a list of per-step gradient lists.
 
     `lr_of_step(t)` gives the learning rate at step t = 0, 1, ...; by default
-    the constant `config["learning_rate"]`.
+    the constant `config["learning_rate"]`. `round_theta(array)` and
+    `round_state(array)`, if given, round the parameters and m, v (v_max)
+    to their storage dtype after every step (half precisions: each step is
+    computed exactly from the stored values, then stored rounded).
     """
     config = dict(config)
     lr = config.pop("learning_rate", 0.001)
-    ref = ReferenceAdam(**config)
+    ref = ReferenceAdam(**config, round_state=round_state)
     params = [np.array(p, np.float64) for p in params]
     for t, grads in enumerate(grad_steps):
         ref.step(params, grads, lr_of_step(t) if lr_of_step else lr)
+        if round_theta is not None:
+            for p in params:
+                p[...] = round_theta(p)
     return params
 
 

@@ -99,3 +99,62 @@ def test_two_devices_equal_one_device():
     for difference, moved in json.loads(lines[0][2:]):
         assert moved > 0.01
         assert difference < 1e-6
+
+
+SHARDING = """
+import json
+import jax
+import keras
+from keras_adam_plus import AdamPlus
+
+devices = jax.devices("cpu")
+assert len(devices) == 8, devices
+mesh = keras.distribution.DeviceMesh((2, 4), ["batch", "model"], devices)
+layout_map = keras.distribution.LayoutMap(mesh)
+layout_map[".*kernel"] = (None, "model")
+keras.distribution.set_distribution(
+    keras.distribution.ModelParallel(layout_map=layout_map,
+                                     batch_dim_name="batch"))
+result = {}
+for moment_dtype in (None, "float32"):
+    model = keras.Sequential([keras.Input((4,)),
+                              keras.layers.Dense(8, dtype="bfloat16")])
+    optimizer = AdamPlus(moment_dtype=moment_dtype, amsgrad=True,
+                         average_decay=0.9)
+    optimizer.build(model.trainable_variables)
+    kernel = model.trainable_variables[0]
+    slots = [s for s in optimizer.variables if s.name.startswith(
+        kernel.path.replace("/", "_"))]
+    result[str(moment_dtype)] = {
+        "kernel": str(kernel.value.sharding.spec),
+        "slots": sorted({str(s.value.sharding.spec) for s in slots}),
+        "dtypes": sorted({str(s.dtype) for s in slots}),
+        "count": len(slots),
+    }
+print("@@" + json.dumps(result))
+"""
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "jax",
+    reason="keras.distribution's layouts (ModelParallel) are JAX-only",
+)
+def test_slots_follow_the_weights_sharding():
+    # Was: moment_dtype="float32" slots replicated, P(None, None).
+    env = dict(os.environ, KERAS_BACKEND="jax",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(SHARDING)], env=env,
+        capture_output=True, text=True, timeout=600,
+    )
+    lines = [line for line in out.stdout.splitlines()
+             if line.startswith("@@")]
+    assert lines, out.stderr[-3000:]
+    result = json.loads(lines[0][2:])
+    for moment_dtype, dtype in (("None", "bfloat16"), ("float32", "float32")):
+        got = result[moment_dtype]
+        assert got["kernel"] in ("P(None, 'model')",
+                                 "PartitionSpec(None, 'model')")
+        assert got["slots"] == [got["kernel"]], got
+        assert got["dtypes"] == [dtype]
+        assert got["count"] == 4  # momentum, velocity, max, average

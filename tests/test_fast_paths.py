@@ -28,7 +28,7 @@ HALF_BOUND = {"bfloat16": 0.04, "float16": 0.006}
 
 
 def _generic(optimizer):
-    optimizer._fast_path_blocker = lambda: "forced by the test"
+    optimizer._force_generic = "forced by the test"
     return optimizer
 
 

@@ -167,18 +167,21 @@ def test_state_that_does_not_fit_raises(tmp_path):
     _fit(model, 1)
     path = str(tmp_path / "m.weights.h5")
     model.save_weights(path)
+    message = (
+        r"Cannot load the state of optimizer 'adam_plus': the saved state "
+        r"has velocity_max, which this optimizer does not keep\. The state "
+        r"was saved by an optimizer of another configuration"
+    )
     other = _model()
     other.compile(optimizer=AdamPlus(), loss="mse")
     other.optimizer.build(other.trainable_variables)
-    with pytest.raises(ValueError, match=(
-        r"Cannot load the state of optimizer 'adam_plus': the saved state "
-        r"has 14 variables, this optimizer has 10\. Check that amsgrad"
-    )):
+    with pytest.raises(ValueError, match=message):
         other.load_weights(path)
+    # Refused before build too: the kinds are known from the config.
     unbuilt = _model()
     unbuilt.compile(optimizer=AdamPlus(), loss="mse")
-    with pytest.raises(ValueError, match="The optimizer is not built yet"):
-        unbuilt.optimizer.load_own_variables({"0": 0, "1": 0, "2": 0})
+    with pytest.raises(ValueError, match=message):
+        unbuilt.load_weights(path)
 
 
 def test_resume_equals_uninterrupted(tmp_path):

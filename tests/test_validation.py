@@ -149,3 +149,44 @@ def test_schedules_and_callables_are_accepted():
     schedule = keras.optimizers.schedules.CosineDecay(0.1, 100)
     assert AdamPlus(learning_rate=schedule).get_config()["learning_rate"]
     AdamPlus(learning_rate=lambda: 0.01)
+
+
+def test_learning_rate_overflowing_float_names_the_argument():
+    # Was: a bare OverflowError ("int too large to convert to float").
+    with pytest.raises(ValueError, match=(
+        r"^Argument `learning_rate` must be finite\. Received: "
+        r"learning_rate=1000000000000000000000000000000000000000\.\.\."
+        r"00000000000000000000$"
+    )):
+        AdamPlus(learning_rate=10**400)
+
+
+def step_fn(step):
+    return 0.01
+
+
+def no_arg_fn():
+    return 0.01
+
+
+@pytest.mark.parametrize("name, value, want", [
+    ("learning_rate", step_fn,
+     r"Argument `learning_rate` must be a callable taking no arguments "
+     r"\(Keras calls it with none; `beta_1`, `beta_2` and `weight_decay` "
+     r"callables take the step\)\. Received: learning_rate=<function "
+     r"step_fn at .*> with signature \(step\)"),
+    ("weight_decay", no_arg_fn,
+     r"Argument `weight_decay` must be a callable taking the step \(one "
+     r"argument; `learning_rate` callables take none\)\. Received: "
+     r"weight_decay=<function no_arg_fn at .*> with signature \(\)"),
+    ("beta_1", no_arg_fn,
+     r"Argument `beta_1` must be a callable taking the step"),
+])
+def test_callables_of_the_wrong_arity_are_refused_at_construction(
+        name, value, want):
+    # Was: a one-argument learning rate failed only at the first step.
+    with pytest.raises(TypeError, match=want):
+        AdamPlus(**{name: value})
+    # Those that fit are accepted, *args too.
+    AdamPlus(learning_rate=no_arg_fn, weight_decay=step_fn, beta_1=step_fn)
+    AdamPlus(learning_rate=lambda *args: 0.01)

@@ -2,6 +2,44 @@
 
 Each module sits beside the generic `AdamPlus.update_step` and is tested for
 equality with it. A fast path exposes `fallback_reason(optimizer)` (None when
-it handles the optimizer's configuration, else why not) and
-`update(optimizer, grads, variables, learning_rate)`.
+it handles the optimizer's configuration and the current execution, else
+why not; each module owns its list) and `update(optimizer, grads,
+variables, learning_rate)`.
 """
+
+import keras
+
+
+def _module():
+    """The fast-path module of the current backend, or None."""
+    if keras.backend.backend() == "torch":
+        from keras_adam_plus.backends import torch_fused
+
+        return torch_fused
+    return None
+
+
+def _reason(module, optimizer):
+    # `optimizer._force_generic` (a reason string) forces the generic path,
+    # for tests that compare the two.
+    forced = getattr(optimizer, "_force_generic", None)
+    return forced or module.fallback_reason(optimizer)
+
+
+def fast_path(optimizer):
+    """The fast-path module that takes this step, or None (generic)."""
+    module = _module()
+    if module is not None and _reason(module, optimizer) is None:
+        return module
+    return None
+
+
+def describe(optimizer):
+    """`AdamPlus.fast_path`: the path's name, with the fallback reason."""
+    module = _module()
+    if module is None:
+        return "generic"
+    reason = _reason(module, optimizer)
+    if reason is None:
+        return module.__name__.rsplit(".", 1)[-1]
+    return f"generic ({reason})"

@@ -10,6 +10,8 @@ every mode, applies to the touched rows only.
 
 import tensorflow as tf
 
+from keras_adam_plus import rule
+
 
 def _tf_variable(variable):
     # A Keras variable wraps a tf.Variable; TF's optimizer passes either.
@@ -22,48 +24,42 @@ def handles(optimizer, gradient):
 
 
 def update_step(optimizer, gradient, variable, learning_rate):
-    """The lazy step of one variable; see the module docstring."""
+    """The lazy step of one variable; see the module docstring.
+
+    The same rule as the dense step (`keras_adam_plus.rule`), on the
+    gathered rows, in the compute dtype; rows are rounded to the
+    variables' dtype when scattered back.
+    """
     index = optimizer._get_variable_index(variable)
-    dtype = variable.dtype
+    dtype = rule.compute_dtype(variable.dtype)
+    hyper = optimizer._hyper()
+    s = optimizer._step_scalars(dtype, learning_rate)
     unique, position = tf.unique(gradient.indices)
     g = tf.math.unsorted_segment_sum(tf.cast(gradient.values, dtype),
                                      position, tf.shape(unique)[0])
-    lr = tf.cast(learning_rate, dtype)
     var = _tf_variable(variable)
     m_var = _tf_variable(optimizer._momentums[index])
     v_var = _tf_variable(optimizer._velocities[index])
-    theta = tf.gather(var, unique)
-    m = tf.gather(m_var, unique)
-    v = tf.gather(v_var, unique)
-    beta_1 = tf.cast(optimizer.beta_1, dtype)
-    beta_2 = tf.cast(optimizer.beta_2, dtype)
-    epsilon = tf.cast(optimizer.epsilon, dtype)
 
+    def gather(slot):
+        return tf.cast(tf.gather(slot, unique), dtype)
+
+    def scatter(slot, rows):
+        slot.scatter_update(tf.IndexedSlices(tf.cast(rows, slot.dtype),
+                                             unique))
+
+    theta = gather(var)
     if optimizer._decays[index]:
-        wd = optimizer._weight_decay_now(dtype)
-        mode = optimizer.weight_decay_mode
-        if mode == "l2":
-            g = g + wd * theta
-        elif mode == "decoupled":
-            theta = theta - theta * wd * lr
-        else:
-            theta = theta - theta * wd
-
-    m = m + (g - m) * (1 - beta_1)
-    v = v + (tf.square(g) - v) * (1 - beta_2)
-    m_var.scatter_update(tf.IndexedSlices(m, unique))
-    v_var.scatter_update(tf.IndexedSlices(v, unique))
+        g, decrement = rule.decay(hyper, s, theta, g)
+        if decrement is not None:
+            theta = theta - decrement
+    m, v = gather(m_var), gather(v_var)
+    m = m + rule.first_moment_increment(s, g, m)
+    v = v + rule.second_moment_increment(s, g, v)
+    scatter(m_var, m)
+    scatter(v_var, v)
     if optimizer.amsgrad:
         v_max_var = _tf_variable(optimizer._velocity_maxes[index])
-        v = tf.maximum(tf.gather(v_max_var, unique), v)
-        v_max_var.scatter_update(tf.IndexedSlices(v, unique))
-
-    if optimizer.bias_correction:
-        c1, c2, _ = optimizer._corrections(dtype)
-        alpha = lr * tf.sqrt(c2) / c1
-        if optimizer.epsilon_mode == "paper":
-            epsilon = epsilon * tf.sqrt(c2)
-    else:
-        alpha = lr
-    theta = theta - m * alpha / (tf.sqrt(v) + epsilon)
-    var.scatter_update(tf.IndexedSlices(theta, unique))
+        v = rule.maximum(gather(v_max_var), v)
+        scatter(v_max_var, v)
+    scatter(var, theta - rule.direction(hyper, s, g, m, v))

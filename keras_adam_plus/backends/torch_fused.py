@@ -1,95 +1,164 @@
 """PyTorch backend: AdamPlus's step as torch's fused multi-tensor Adam.
 
 One `torch._fused_adam_` call (one pass over memory) updates every variable
-of a (device, dtype) group, where the generic path runs ~10 separate
-kernels per variable from a Python loop. Modes map onto torch's kernel as:
+of a (device, dtype, decays) group, where the generic path runs ~10
+separate kernels per variable from a Python loop. The kernel computes in
+float32 for half-precision weights and rounds the state once, as the
+generic path does (`keras_adam_plus.rule`). Modes map onto the kernel as:
 
-- `epsilon_mode="paper"`: the kernel itself (Algorithm 1, torch's order).
-- `epsilon_mode="hat"`: `epsilon / sqrt(1 - beta_2**t)` passed as the
-  kernel's epsilon (the same update, rearranged; round-off may differ).
-- `bias_correction=False`: an infinite step count, so `beta**t = 0`.
+- `epsilon_mode="paper"`: the kernel itself (Algorithm 1, torch's order),
+  its step count a device tensor (`iterations + 1`).
+- `epsilon_mode="hat"` and `bias_correction=False`: an infinite step count
+  (so the kernel's corrections are 1) and the learning rate
+  `alpha = lr * sqrt(c2) / c1` from `rule.step_scalars` (or `lr`), a device
+  tensor: `alpha * m / (sqrt(v) + epsilon)` is the rule's direction.
 - `amsgrad=True`: the kernel's max of the raw second moment (ours too).
-- weight decay `"l2"` and `"decoupled"`: the kernel's Adam and AdamW modes;
-  `"decoupled_unscaled"`: `theta -= wd * theta` by `torch._foreach_add_`
-  first. Variables excluded from weight decay form their own group.
+- weight decay `"l2"`: the kernel's Adam mode; `"decoupled"`: its AdamW
+  mode, or, where the kernel's learning rate is alpha, `theta *= 1 - lr *
+  wd` first; `"decoupled_unscaled"`: `theta -= wd * theta` first.
+  Variables excluded from weight decay form their own group.
 
-Configurations it does not handle (see `fallback_reason`) run the generic
-path; `AdamPlus.fast_path` names which one an optimizer uses.
+Nothing is read back to the host: no step count, no learning rate.
+Configurations and executions it does not handle (see `fallback_reason`)
+run the generic path; `AdamPlus.fast_path` says which one runs.
 """
-
-import math
 
 import torch
 
+from keras_adam_plus import rule
+
+
+def _stateless():
+    # Keras has no public test for "inside a StatelessScope".
+    from keras.src.backend.common.stateless_scope import in_stateless_scope
+
+    return in_stateless_scope()
+
 
 def fallback_reason(optimizer):
-    """None if this path handles `optimizer`, else the reason it cannot."""
+    """None if this path handles `optimizer` now, else the reason."""
+    from keras_adam_plus.adam_plus import AdamPlus
+
     if not hasattr(torch, "_fused_adam_"):
         return f"torch {torch.__version__} has no torch._fused_adam_"
-    return optimizer._fast_path_blocker()
+    if type(optimizer).update_step is not AdamPlus.update_step:
+        return f"{type(optimizer).__name__} overrides update_step"
+    if optimizer.adamax:
+        return "adamax has no fused torch kernel"
+    if optimizer.nesterov:
+        return "nesterov has no fused torch kernel"
+    if optimizer._betas_scheduled:
+        return "scheduled betas have no fused torch kernel"
+    if callable(optimizer.weight_decay):
+        return "a scheduled weight decay has no fused torch kernel"
+    if optimizer.moment_dtype is not None and any(
+        str(slot.dtype) != str(var.dtype)
+        for slot, var in zip(getattr(optimizer, "_momentums", []),
+                             getattr(optimizer, "_trainable_variables", []))
+        if slot is not None
+    ):
+        return ("moment_dtype: the fused kernel keeps state in the "
+                "parameters' dtype")
+    if torch.compiler.is_compiling():
+        # The fused kernel has no meta implementation for tensor lr;
+        # inductor fuses the generic path itself.
+        return "under torch.compile (jit_compile=True) the generic path " \
+               "is compiled"
+    return None
 
 
-def _groups(optimizer, variables):
-    """Variables grouped by (device, dtype, decays), cached per var list.
+def _groups(optimizer, variables, stateless):
+    """Variables grouped by (device, dtype, decays).
 
-    Each group holds the positions of its variables in `variables` and the
-    torch tensors of the parameters and of their m, v (and v_max) slots;
-    the cache saves re-gathering them on every step (Keras's torch
-    variables keep their tensor across `assign`).
+    Each group holds the positions of its variables in `variables`, and
+    the tensors of the parameters and of their m, v (and v_max) slots. The
+    groups are cached per variable list (Keras's torch variables keep their
+    tensor across `assign`), except in a StatelessScope, where the tensors
+    are copies of the scope's values, written back with `assign`.
     """
     key = tuple(id(v) for v in variables)
     cached = optimizer.__dict__.get("_torch_fused_groups")
-    if cached is not None and cached[0] == key:
+    if not stateless and cached is not None and cached[0] == key:
         return cached[1]
+
+    def tensor(variable):
+        value = variable.value
+        return value.clone() if stateless else value
+
     groups = {}
     for position, variable in enumerate(variables):
         index = optimizer._get_variable_index(variable)
-        param = variable.value
+        slots = [variable, optimizer._momentums[index],
+                 optimizer._velocities[index]]
+        if optimizer.amsgrad:
+            slots.append(optimizer._velocity_maxes[index])
+        param = tensor(variable)
         group = groups.setdefault(
             (param.device, param.dtype, optimizer._decays[index]),
-            ([], [], [], [], []),
+            ([], [], [], [], [], []),
         )
         group[0].append(position)
-        group[1].append(param)
-        group[2].append(optimizer._momentums[index].value)
-        group[3].append(optimizer._velocities[index].value)
-        if optimizer.amsgrad:
-            group[4].append(optimizer._velocity_maxes[index].value)
-    optimizer.__dict__["_torch_fused_groups"] = (key, groups)
+        for column, slot in zip(group[1:5], slots):
+            column.append(tensor(slot) if slot is not variable else param)
+        group[5].append(slots)
+    if not stateless:
+        optimizer.__dict__["_torch_fused_groups"] = (key, groups)
     return groups
 
 
 @torch.no_grad()
 def update(optimizer, grads, variables, learning_rate):
     """Applies one AdamPlus step to `variables` with fused torch kernels."""
-    groups = _groups(optimizer, variables)
-    iterations = optimizer.iterations
-    step = float(getattr(iterations, "value", iterations)) + 1.0
-    epsilon = optimizer.epsilon
-    if not optimizer.bias_correction:
-        step = math.inf
-    elif optimizer.epsilon_mode == "hat":
-        epsilon = epsilon / math.sqrt(1.0 - optimizer.beta_2**step)
+    stateless = _stateless()
+    groups = _groups(optimizer, variables, stateless)
+    hat = optimizer.epsilon_mode == "hat" or not optimizer.bias_correction
     wd_mode = optimizer.weight_decay_mode
-    lr = learning_rate.value if hasattr(learning_rate, "value") else (
-        learning_rate
-    )
-    for (device, dtype, decays), group in groups.items():
-        positions, params, ms, vs, v_maxes = group
+    scalars = {}
+    for (_, dtype, decays), group in groups.items():
+        positions, params, ms, vs, v_maxes, slots = group
         grad_list = [grads[i] for i in positions]
         grad_list = [g if g.dtype == dtype else g.to(dtype)
                      for g in grad_list]
-        lr_t = torch.as_tensor(lr, device=device).detach().to(torch.float32)
+        compute = rule.compute_dtype(str(dtype).replace("torch.", ""))
+        if compute not in scalars:
+            scalars[compute] = _kernel_scalars(optimizer, compute,
+                                               learning_rate, hat)
+        lr, step, alpha = scalars[compute]
         decay = optimizer.weight_decay if decays else 0.0
         if decay and wd_mode == "decoupled_unscaled":
             torch._foreach_add_(params, params, alpha=-decay)
             decay = 0.0
+        elif decay and wd_mode == "decoupled" and hat:
+            torch._foreach_mul_(params, 1.0 - lr * decay)
+            decay = 0.0
         kernel = (torch._fused_adamw_
                   if decay and wd_mode == "decoupled" else torch._fused_adam_)
-        steps = [torch.full((), step, dtype=torch.float32, device=device)]
         kernel(
-            params, grad_list, ms, vs, v_maxes, steps * len(params),
-            lr=lr_t, beta1=optimizer.beta_1, beta2=optimizer.beta_2,
-            weight_decay=decay, eps=epsilon, amsgrad=optimizer.amsgrad,
-            maximize=False,
+            params, grad_list, ms, vs, v_maxes, [step] * len(params),
+            lr=alpha, beta1=optimizer.beta_1, beta2=optimizer.beta_2,
+            weight_decay=decay, eps=optimizer.epsilon,
+            amsgrad=optimizer.amsgrad, maximize=False,
         )
+        if stateless:
+            columns = (params, ms, vs, v_maxes)
+            for i, variable_slots in enumerate(slots):
+                for column, slot in zip(columns, variable_slots):
+                    slot.assign(column[i])
+
+
+def _kernel_scalars(optimizer, dtype, learning_rate, hat):
+    """(lr, step, kernel lr) as device tensors of this step, no host sync.
+
+    "paper": the kernel's step is t and its learning rate lr. "hat" or no
+    bias correction: its step is infinite (corrections 1) and its learning
+    rate the rule's alpha.
+    """
+    step = optimizer.iterations
+    step = getattr(step, "value", step)
+    if hat:
+        s = rule.step_scalars(optimizer._hyper(), dtype, step, learning_rate)
+        inf = torch.full((), float("inf"), dtype=torch.float32,
+                         device=s.lr.device)
+        return s.lr, inf, s.alpha
+    lr = rule.as_dtype(learning_rate, dtype)
+    return lr, (step + 1).to(torch.float32), lr
