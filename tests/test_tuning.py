@@ -482,3 +482,35 @@ def test_welch_comparison_in_the_objectives_direction():
     assert compare([0.3, None, 0.3], default, "min") == {
         "p_value": None, "beats_default": False,
         "verdict": "diverged on some seeds: not better"}
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(max_trials=0), "Argument `max_trials` must be an integer >= 1. "
+     "Received: max_trials=0"),
+    (dict(epochs=2.5), "Argument `epochs` must be an integer >= 1. "
+     "Received: epochs=2.5"),
+    (dict(subset=2.5), "Argument `subset` must be a fraction in (0, 1] or a "
+     "whole count >= 1. Received: subset=2.5"),
+    (dict(objective="nope"), "Argument `objective` must be one of loss, "
+     "accuracy, val_loss, val_accuracy (what benchmark digits logs). "
+     "Received: objective='nope'"),
+    (dict(direction="up"), "Argument `direction` must be None, 'min' or "
+     "'max'. Received: direction='up'"),
+    (dict(tuner="annealing"), "Argument `tuner` must be one of random, "
+     "bayesian, hyperband, grid. Received: tuner='annealing'"),
+    (dict(workers=-1), "Argument `workers` must be an integer >= 0. "
+     "Received: workers=-1"),
+])
+def test_sweep_refuses_invalid_arguments_before_writing(kwargs, message,
+                                                        tmp_path):
+    with pytest.raises(ValueError) as err:
+        sweep(directory=tmp_path / "run", **kwargs)
+    assert str(err.value) == message
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_cli_offers_every_oracle():
+    from tuning.sweep import TUNERS
+    from tuning.tuners import ORACLES
+
+    assert TUNERS == tuple(ORACLES)
