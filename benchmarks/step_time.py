@@ -14,8 +14,8 @@ Adam(amsgrad=True), AdamW; torch and optax rows against Adam) measured in
 the same run.
 
 The floor is 28 bytes per float32 parameter (read theta, g, m, v; write
-theta, m, v) over the streaming bandwidth measured here with a large
-in-place add (`a += b`, 12 bytes per element), the best of NumPy and torch.
+theta, m, v) over the streaming bandwidth measured here at each case's
+size, the best of a few in-place probes (see `bandwidth`).
 On TensorFlow, a 1M x 64 embedding table with a sparse gradient of 4096
 rows compares dense steps with `AdamPlus(lazy_sparse=True)` (its floor row
 is the dense one). Finally, `model.fit` step time of the paper's MLP
@@ -69,23 +69,37 @@ def measure(steps, repeats, warmup=3, rounds=3):
 
 
 def bandwidth(repeats, n=40_000_000):
-    """Streaming bandwidth in bytes/s: `a += b`, best of NumPy and torch.
+    """Streaming bandwidth in bytes/s: the best of a few in-place probes.
 
-    In place, as the optimizers update theta, m and v: 12 bytes per element
-    (read a and b, write a) with no write-allocate traffic.
+    `n` is the case's parameter count, so that the probes touch as much
+    memory as the step does. In place, as the optimizers update theta, m
+    and v (no write-allocate traffic): NumPy and torch `a += b` (read 2,
+    write 1: 12 bytes per element), torch `a += b * c` (16 bytes) and
+    torch's fused Adam kernel itself (read 4, write 3: 28 bytes, the step's
+    own footprint). The best rate wins, so that the floor (28 bytes per
+    parameter at that rate) stays below every step measured.
     """
     import numpy as np
 
+    n = max(n, 1_000_000)
     a, b = (np.full(n, 1.0, np.float32) for _ in range(2))
-    best = median_time(lambda: np.add(a, b, out=a), repeats)
+    rates = [12 * n / median_time(lambda: np.add(a, b, out=a), repeats)]
     del a, b
     try:
         import torch
     except ImportError:
-        return 12 * n / best
-    a, b = (torch.ones(n) for _ in range(2))
-    best = min(best, median_time(lambda: a.add_(b), repeats))
-    return 12 * n / best
+        return max(rates)
+    a, b, c, d = (torch.ones(n) for _ in range(4))
+    rates.append(12 * n / median_time(lambda: a.add_(b), repeats))
+    rates.append(16 * n / median_time(lambda: a.addcmul_(b, c), repeats))
+    if hasattr(torch, "_fused_adam_"):
+        step = [torch.ones(())]
+        rates.append(28 * n / median_time(
+            lambda: torch._fused_adam_(
+                [a], [b], [c], [d], [], step, lr=1e-3, beta1=0.9,
+                beta2=0.999, weight_decay=0.0, eps=1e-8, amsgrad=False,
+                maximize=False), repeats))
+    return max(rates)
 
 
 # label -> (constructor, the keras.optimizers peer it is compared with).
@@ -105,6 +119,9 @@ def keras_variants():
             lambda: keras.optimizers.AdamW(weight_decay=0.01), None),
         "AdamPlus wd": (
             lambda: AdamPlus(weight_decay=0.01), "keras AdamW"),
+        # The cost of the NaN/Inf guard: its ratio is to plain AdamPlus.
+        "AdamPlus skip_nonfinite": (
+            lambda: AdamPlus(skip_nonfinite=True), "AdamPlus"),
     }
 
 
@@ -334,10 +351,10 @@ def worker(quick, repeats):
     import keras_adam_plus
 
     backend = keras.backend.backend()
-    bw = bandwidth(repeats)
-    rows = []
+    rows, bw = [], 0.0
     for case, sizes in (QUICK_CASES if quick else CASES).items():
         n = sum(sizes)
+        bw = bandwidth(repeats, n)
         floor = BYTES_PER_PARAM * n / bw
         print(f"# {backend} {case}: measuring", file=sys.stderr,
               flush=True)
@@ -350,6 +367,7 @@ def worker(quick, repeats):
         print(f"# {backend} {case}: measuring", file=sys.stderr, flush=True)
         times = run_tensorflow_sparse(table_rows, repeats)
         _release()
+        bw = bandwidth(repeats, table_rows * 64)
         rows.append({"case": case, "times": times,
                      "floor_s": BYTES_PER_PARAM * table_rows * 64 / bw})
     fit = fit_step_time(8 if quick else 20, rounds=2 if quick else 5)

@@ -264,6 +264,7 @@ class AdamPlus(keras.optimizers.Optimizer):
         )
         self._pending_state = None
         self._scalars_cache = None
+        self._skip_bypass = False
 
     # ------------------------------------------------------------ build --
 
@@ -431,11 +432,12 @@ class AdamPlus(keras.optimizers.Optimizer):
         """Applies one step; see `keras.optimizers.Optimizer.apply`.
 
         With `skip_nonfinite=True`, a step whose gradients hold any NaN or
-        Inf leaves every variable (weights, moments, accumulators, EMA and
-        the step count) as it was and adds 1 to `skipped_steps`, under
-        `tf.function`, XLA and `jax.jit` alike.
+        Inf (on any replica) leaves every variable (weights, moments,
+        accumulators, EMA and the step count) as it was and adds 1 to
+        `skipped_steps`, eagerly, under `tf.function`, XLA, `jax.jit` and
+        `torch.compile` alike (see `keras_adam_plus.nonfinite`).
         """
-        if not self.skip_nonfinite:
+        if not self.skip_nonfinite or self._skip_bypass:
             return super().apply(grads, trainable_variables)
         grads = list(grads)
         if trainable_variables is not None:
@@ -444,12 +446,27 @@ class AdamPlus(keras.optimizers.Optimizer):
                 with keras.name_scope(self.name, caller=self):
                     self.build(trainable_variables)
                 self.built = True
-        variables = (self._trainable_variables if trainable_variables is None
-                     else trainable_variables)
-        nonfinite.apply(
-            self, lambda: super(AdamPlus, self).apply(grads,
-                                                      trainable_variables),
-            grads, variables,
+
+        def step(step_grads):
+            with nonfinite.bypassed(self):
+                super(AdamPlus, self).apply(step_grads, trainable_variables)
+
+        nonfinite.apply(self, step, grads)
+
+    def stateless_apply(self, optimizer_variables, grads, trainable_variables):
+        """`keras.optimizers.Optimizer.stateless_apply`, with the skip.
+
+        With `skip_nonfinite=True`, the step runs under `ops.cond` on its
+        finiteness; a skipped step returns the inputs (`skipped_steps`
+        plus one).
+        """
+        if not self.skip_nonfinite or self._skip_bypass:
+            return super().stateless_apply(optimizer_variables, grads,
+                                           trainable_variables)
+        return nonfinite.stateless_apply(
+            self, lambda: super(AdamPlus, self).stateless_apply(
+                optimizer_variables, grads, trainable_variables),
+            optimizer_variables, grads, trainable_variables,
         )
 
     def _decays_variable(self, variable):

@@ -6,7 +6,7 @@ the float64 NumPy reference (tests/reference.py). For float16/bfloat16
 weights the reference keeps its state exact and rounds theta to the
 weights' dtype after every step, as AdamPlus does.
 
-The full product (13 modes x 4 dtypes x 5 executions, 260 cells per
+The full product (14 modes x 4 dtypes x 5 executions, 280 cells per
 backend) is sampled by pairs (tests/pairwise.py): every mode meets every
 dtype and every execution, and every dtype every execution, in about 65
 cells per backend. Executions:
@@ -57,6 +57,7 @@ MODES = {
     "scheduled_betas": dict(beta_1=BetaDecay(0.9, 0.9)),
     "average": dict(average_decay=0.9),
     "moment_dtype": dict(moment_dtype="float32"),
+    "skip_nonfinite": dict(skip_nonfinite=True),
     "amsgrad_hat_l2": dict(amsgrad=True, epsilon_mode="hat",
                            weight_decay=0.1, weight_decay_mode="l2"),
 }
@@ -233,7 +234,8 @@ def _x64(dtype):
 
 def _reference_config(mode):
     config = {k: v for k, v in MODES[mode].items()
-              if k not in ("average_decay", "moment_dtype")}
+              if k not in ("average_decay", "moment_dtype",
+                           "skip_nonfinite")}
     return dict(config, learning_rate=LR)
 
 

@@ -11,6 +11,7 @@ import sys
 import textwrap
 
 import keras
+import numpy as np
 import pytest
 
 COMMON = """
@@ -158,3 +159,84 @@ def test_slots_follow_the_weights_sharding():
         assert got["slots"] == [got["kernel"]], got
         assert got["dtypes"] == [dtype]
         assert got["count"] == 4  # momentum, velocity, max, average
+
+
+NAN_COMMON = """
+import json
+import numpy as np
+import keras
+from keras_adam_plus import AdamPlus
+
+rng = np.random.default_rng(0)
+x = rng.normal(size=(16, 6)).astype("float32")
+y = rng.normal(size=(16, 1)).astype("float32")
+x[0, 2] = np.nan  # the first example: on the first replica only
+
+
+def model():
+    keras.utils.set_random_seed(1)
+    m = keras.Sequential([keras.Input((6,)), keras.layers.Dense(1)])
+    m.compile(optimizer=AdamPlus(learning_rate=0.1, skip_nonfinite=True),
+              loss="mse")
+    return m
+
+
+def run(m):
+    initial = [w.copy() for w in m.get_weights()]
+    m.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    o = m.optimizer
+    return {"weights": [w.tolist() for w in m.get_weights()],
+            "moved": max(float(np.abs(a - b).max())
+                         for a, b in zip(m.get_weights(), initial)),
+            "skipped": int(keras.ops.convert_to_numpy(o.skipped_steps)),
+            "iterations": int(keras.ops.convert_to_numpy(o.iterations))}
+"""
+
+NAN_SCRIPTS = {
+    "tensorflow": SCRIPTS["tensorflow"].split("import json")[0]
+    + NAN_COMMON + """
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with strategy.scope():
+    mirrored = model()
+print("@@" + json.dumps({"parallel": run(mirrored), "single": run(model())}))
+""",
+    "jax": NAN_COMMON + """
+import jax
+devices = jax.devices("cpu")
+assert len(devices) == 2, devices
+keras.distribution.set_distribution(
+    keras.distribution.DataParallel(devices=devices))
+parallel = run(model())
+keras.distribution.set_distribution(None)
+print("@@" + json.dumps({"parallel": parallel, "single": run(model())}))
+""",
+}
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() == "torch",
+    reason="Keras's torch backend has no multi-device distribution on CPU "
+    "(keras.distribution is JAX-only; tf.distribute is TensorFlow's)",
+)
+def test_nan_on_one_replica_skips_the_step_on_every_replica():
+    # Was (MirroredStrategy): each replica decided on its own gradients,
+    # so the finite replica applied the NaN-tainted all-reduced update:
+    # every weight NaN while skipped_steps read 1.
+    backend = keras.backend.backend()
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(NAN_SCRIPTS[backend])],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    lines = [line for line in out.stdout.splitlines()
+             if line.startswith("@@")]
+    assert lines, out.stderr[-3000:]
+    result = json.loads(lines[0][2:])
+    for run in result.values():
+        # The batch with the NaN skipped, the other one taken.
+        assert run["skipped"] == 1 and run["iterations"] == 1, run
+        assert run["moved"] > 0.01
+    for a, b in zip(result["parallel"]["weights"],
+                    result["single"]["weights"]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -60,8 +60,9 @@ def test_mixed_precision_with_loss_scaling_trains_saves_loads(
 
 
 @pytest.mark.skipif(keras.backend.backend() == "torch",
-                    reason="jit_compile=True needs XLA (TensorFlow) or JAX; "
-                    "the torch backend has no jit_compile for fit")
+                    reason="torch's jit_compile (torch.compile, ~20 s a "
+                    "model on 2 cores) is tested in test_regimes.py and in "
+                    "the conformance matrix")
 @pytest.mark.parametrize("config", [dict(), dict(amsgrad=True,
                                                   weight_decay=0.01),
                                     dict(adamax=True, nesterov=True)], ids=str)

@@ -119,3 +119,54 @@ def test_model_fit_compiled_skips_nan_batches(tmp_path):
     assert loaded.optimizer.skip_nonfinite is True
     assert int(keras.ops.convert_to_numpy(
         loaded.optimizer.skipped_steps)) == 4
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_one_bad_coordinate_among_many_variables_is_found(value):
+    # The check is one fused pass over all gradients (torch: a norm); a
+    # gradient whose sum of squares overflows but is finite is still taken.
+    variables = [keras.Variable(np.ones((50,), "float32")) for _ in range(7)]
+    optimizer = AdamPlus(0.1, skip_nonfinite=True)
+    grads = [np.full((50,), 1e20, "float32") for _ in range(7)]
+    optimizer.apply([keras.ops.convert_to_tensor(g) for g in grads],
+                    variables)
+    assert int(keras.ops.convert_to_numpy(optimizer.skipped_steps)) == 0
+    assert int(keras.ops.convert_to_numpy(optimizer.iterations)) == 1
+    grads[5][17] = value
+    before = [keras.ops.convert_to_numpy(v).copy() for v in variables]
+    optimizer.apply([keras.ops.convert_to_tensor(g) for g in grads],
+                    variables)
+    assert int(keras.ops.convert_to_numpy(optimizer.skipped_steps)) == 1
+    assert int(keras.ops.convert_to_numpy(optimizer.iterations)) == 1
+    for v, b in zip(variables, before):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(v), b)
+
+
+@pytest.mark.skipif(keras.backend.backend() == "tensorflow",
+                    reason="TensorFlow's optimizer has no stateless_apply")
+def test_stateless_apply_skips_a_nan_step_under_jit():
+    variable = keras.Variable(np.ones((3,), "float32"))
+    optimizer = AdamPlus(0.1, skip_nonfinite=True, average_decay=0.9)
+    optimizer.build([variable])
+    step = optimizer.stateless_apply
+    if keras.backend.backend() == "jax":
+        import jax
+
+        step = jax.jit(step)
+    state = [v.value for v in optimizer.variables]
+    trainable = [variable.value]
+    good = [keras.ops.convert_to_tensor(np.array([0.1, -0.2, 0.3],
+                                                 "float32"))]
+    bad = [keras.ops.convert_to_tensor(np.array([0.1, np.nan, 0.3],
+                                                "float32"))]
+    trainable, state = step(state, good, trainable)
+    after_good = [to_numpy([x])[0] for x in trainable + state]
+    trainable, state = step(state, bad, trainable)
+    after_bad = [to_numpy([x])[0] for x in trainable + state]
+    names = [v.name for v in optimizer.variables]
+    for name, a, b in zip(["theta"] + names, after_good, after_bad):
+        if name == "skipped_steps":
+            assert (int(a), int(b)) == (0, 1)
+        else:
+            np.testing.assert_array_equal(a, b, err_msg=name)
+    assert np.abs(after_good[0] - 1.0).min() > 0.05
