@@ -9,6 +9,7 @@ import keras_tuner
 import numpy as np
 import pytest
 
+from tests.test_tuning import once_on
 from tuning import claims as rules
 from tuning import replicate
 from tuning.benchmarks import BENCHMARKS
@@ -30,20 +31,6 @@ needs_mnist = pytest.mark.skipif(
     reason="real MNIST (IDX files or mnist.npz) not found; the claims are "
     "never decided on stand-ins",
 )
-
-
-def _once_on(backend):
-    """Runs a slow, backend-independent test on one backend only.
-
-    The replication machinery (searches, grid, report) uses Keras's public
-    API alone; each such test runs on one backend (a different one each) to
-    keep CI under its budget. The optimizer itself is tested everywhere.
-    """
-    return pytest.mark.skipif(
-        keras.backend.backend() != backend,
-        reason=f"backend-independent machinery, tested once, on {backend}, "
-        "to keep CI under its budget",
-    )
 
 
 def _reference_counterexample(steps, amsgrad, lr=1e-2):
@@ -251,7 +238,7 @@ def _stand_in(shape, classes, n=64, seed=0):
     return (x, y), (x[:16], y[:16])
 
 
-@_once_on("torch")
+@once_on("torch")
 def test_stand_in_data_is_marked_not_evidence(tmp_path):
     """IMDB: code path on generated sequences, labelled as stand-in."""
     rng = np.random.default_rng(0)
@@ -273,21 +260,29 @@ def test_stand_in_data_is_marked_not_evidence(tmp_path):
             result["curves"]["adam"]["trials"]] == [1e-3, 1.0]
 
 
-def test_unavailable_dataset_is_reported_not_run(tmp_path, monkeypatch):
+def test_unavailable_dataset_is_reported_not_run(tmp_path, monkeypatch,
+                                                 capsys):
+    reason = ("Dataset 'cifar10' is not cached and could not be downloaded "
+              "(URLError: no network). Without a network, place "
+              "cifar-10-python.tar.gz in /home/me/.keras/datasets/ (or set "
+              "KERAS_HOME to a folder whose datasets/ holds it).")
+
     def missing(*args, **kwargs):
-        raise DatasetUnavailable("Dataset 'cifar10' is not cached. Without "
-                                 "a network, place the file")
+        raise DatasetUnavailable(reason)
 
     bench = dataclasses.replace(BENCHMARKS["cifar10_cnn"], load=missing)
     monkeypatch.setitem(BENCHMARKS, "cifar10_cnn", bench)
     path = replicate.replicate("3", "tiny", tmp_path)
     text = path.read_text()
     assert text.count("**NOT RUN**") == 2
-    assert "Dataset 'cifar10' is not cached" in text
+    # The claims say what is missing; the run says where to put it.
+    assert f"- CIFAR-10 ConvNet: **not run**: {reason}" in text
+    printed = capsys.readouterr().out.splitlines()
+    assert f"NOT RUN  CIFAR-10 ConvNet: {reason}" in printed
     assert (tmp_path / "figure3.png").read_bytes().startswith(PNG)
 
 
-@_once_on("tensorflow")
+@once_on("tensorflow")
 @needs_mnist
 def test_tiny_replication_draws_figures_and_decides_claims(tmp_path):
     path = replicate.replicate(("1", "2", "4", "amsgrad"), "tiny", tmp_path)
@@ -323,7 +318,7 @@ def test_tiny_replication_draws_figures_and_decides_claims(tmp_path):
         before["wall_seconds_total"] + after["wall_seconds"])
 
 
-@_once_on("jax")
+@once_on("jax")
 @needs_mnist
 def test_figure4_resumes_from_saved_runs(tmp_path, monkeypatch):
     first = replicate.run_figure4(replicate.GRID_SCALES["tiny"], tmp_path)

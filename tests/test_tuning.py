@@ -1,5 +1,6 @@
 """The keras-tuner sweep: space, every tuner, failures, reports, resume."""
 
+import importlib
 import json
 import math
 import os
@@ -93,16 +94,19 @@ def test_diverging_trials_fail_and_are_never_best(tmp_path):
                    **QUICK)
     statuses = [t["status"] for t in result.trials]
     assert len(statuses) == 6
-    assert "FAILED" in statuses and "COMPLETED" in statuses
-    failed = [t for t in result.trials if t["status"] == "FAILED"]
+    assert "DIVERGED" in statuses and "COMPLETED" in statuses
+    assert set(statuses) == {"DIVERGED", "COMPLETED"}
+    failed = [t for t in result.trials if t["status"] == "DIVERGED"]
     assert all("non-finite" in t["error"] for t in failed)
+    assert all(t["error_type"] == "Diverged" for t in failed)
     assert all(t["score"] is None for t in failed)
     assert min(t["optimizer"]["learning_rate"] for t in failed) > 1.0
     assert result.best_config["learning_rate"] < 1.0
     text = (tmp_path / "summary.txt").read_text()
-    assert "diverged (failed) trials span:" in text
+    assert "diverged (NaN/Inf loss) trials span:" in text
+    assert "failed with an error" not in text
     rows = (tmp_path / "trials.csv").read_text().splitlines()
-    assert sum(",FAILED," in r for r in rows) == len(failed)
+    assert sum(",DIVERGED," in r for r in rows) == len(failed)
 
 
 def test_report_rebuilds_tables_and_plots(tmp_path, capsys):
@@ -145,14 +149,22 @@ def _trial_states(directory):
     return states
 
 
-# Process-level machinery (keras-tuner's oracle files, its gRPC chief and
-# workers) is the same whatever Keras backend trains the trials: these two
-# subprocess tests run once, on TensorFlow, to keep CI short.
-_ONCE = pytest.mark.skipif(
-    keras.backend.backend() != "tensorflow",
-    reason="resume and chief/worker machinery do not depend on the Keras "
-    "backend; tested once, on TensorFlow, to keep CI under its budget",
-)
+def once_on(backend):
+    """Runs a backend-independent test on one backend only.
+
+    Process-level machinery (keras-tuner's oracle files, its gRPC chief and
+    workers, locks, signals) and the bookkeeping around trials are the same
+    whatever Keras backend trains them: such tests run once, each on one
+    backend (spread over the three), to keep CI under its budget.
+    """
+    return pytest.mark.skipif(
+        keras.backend.backend() != backend,
+        reason=f"backend-independent machinery, tested once, on {backend}, "
+        "to keep CI under its budget",
+    )
+
+
+_ONCE = once_on("tensorflow")
 
 
 @_ONCE
@@ -196,3 +208,309 @@ def test_distributed_chief_and_two_workers_on_loopback(tmp_path):
     table = json.loads((tmp_path / "trials.json").read_text())["trials"]
     assert len(table) == 4
     assert "best" in out.stdout
+
+
+def _read_trials(directory):
+    """keras-tuner's trial.json files of a search, by trial id."""
+    return {p.parent.name[len("trial_"):]: json.loads(p.read_text())
+            for p in Path(directory).glob("*/trial_*/trial.json")}
+
+
+def test_hyperband_continues_trials_end_to_end(tmp_path):
+    # max_epochs 3, factor 3: a bracket of three 1-epoch trials whose best
+    # continues to 3 epochs from its checkpoint (optimizer state included),
+    # then a bracket of two 3-epoch trials.
+    result = sweep(tuner="hyperband", epochs=3, directory=tmp_path,
+                   space=SearchSpace(tune=("learning_rate",)), subset=300,
+                   plots=False, verbose=0)
+    assert [t["status"] for t in result.trials] == ["COMPLETED"] * 6
+    assert [t["epochs"] for t in result.trials] == [1, 1, 1, 3, 3, 3]
+    states = _read_trials(tmp_path)
+    continued = [s for s in states.values()
+                 if "tuner/trial_id" in s["hyperparameters"]["values"]]
+    assert len(continued) == 1
+    child = next(t for t in result.trials
+                 if t["trial_id"] == continued[0]["trial_id"])
+    parent_id = continued[0]["hyperparameters"]["values"]["tuner/trial_id"]
+    parent = next(t for t in result.trials if t["trial_id"] == parent_id)
+    assert child["optimizer"] == parent["optimizer"]
+    # It trained epochs 2 and 3 from where its parent stopped.
+    assert len(child["history"]["loss"]) == 2
+    assert child["history"]["loss"][0] < parent["history"]["loss"][0]
+    # Best and defaults compared at 3 epochs only.
+    assert result.epochs == 3
+    assert result.best_score == min(t["score"] for t in result.trials
+                                    if t["epochs"] == 3)
+
+
+@once_on("torch")
+def test_a_trial_that_fails_for_a_bug_is_not_diverged(tmp_path, monkeypatch):
+    from tuning.hypermodel import AdamPlusHyperModel
+    from tuning.sweep import SweepFailed
+
+    fit, calls = AdamPlusHyperModel.fit, []
+
+    def buggy_second_fit(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom: a bug\nsecond line")
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(AdamPlusHyperModel, "fit", buggy_second_fit)
+    result = sweep(max_trials=3, directory=tmp_path, verbose=0, **QUICK)
+    assert [t["status"] for t in result.trials] == [
+        "COMPLETED", "FAILED", "COMPLETED"]
+    failed = result.trials[1]
+    assert (failed["error_type"], failed["error"]) == (
+        "RuntimeError", "boom: a bug\nsecond line")
+    text = (tmp_path / "summary.txt").read_text()
+    assert "trials: 2 COMPLETED, 1 FAILED" in text
+    assert ("trial 1 failed with an error (not divergence): RuntimeError: "
+            "boom: a bug second line") in text
+    assert "diverged" not in text
+    rows = (tmp_path / "trials.csv").read_text().splitlines()
+    assert ",FAILED," in rows[2]
+    assert rows[2].endswith(",RuntimeError,boom: a bug second line")
+    # Every trial failing stops with one line, the tables written.
+    monkeypatch.setattr(AdamPlusHyperModel, "fit", lambda *a, **k: 1 / 0)
+    with pytest.raises(SweepFailed) as err:
+        sweep(max_trials=3, directory=tmp_path / "all", verbose=0, **QUICK)
+    assert str(err.value) == (
+        "all 3 trials failed, the last with ZeroDivisionError: division by "
+        f"zero; see {tmp_path / 'all' / 'trials.csv'}")
+    rows = (tmp_path / "all" / "trials.csv").read_text().splitlines()
+    assert [r.split(",")[1] for r in rows[1:]] == ["FAILED"] * 3
+
+
+def _trial(trial_id, score, epochs, learning_rate=1e-3, beta_2=0.999,
+           status="COMPLETED"):
+    optimizer = {"learning_rate": learning_rate, "beta_1": 0.9,
+                 "beta_2": beta_2, "epsilon": 1e-8}
+    return {"trial_id": trial_id, "status": status, "score": score,
+            "epochs": epochs, "optimizer": optimizer, "hyperparameters": {},
+            "seed": 0, "duration_s": 2.0, "history": {}, "error_type": None,
+            "error": None, "rss_mb": 1.0,
+            "is_default": optimizer == PAPER_DEFAULTS}
+
+
+# Hyperband-like: the lowest score overall is a 1-epoch trial; the paper's
+# defaults ran 1 epoch only.
+BUDGETS = [_trial("0", 0.50, 1), _trial("1", 0.25, 1, learning_rate=0.01),
+           _trial("2", 0.45, 3, learning_rate=0.003),
+           _trial("3", 0.30, 3, learning_rate=0.02, beta_2=0.9996)]
+
+
+@pytest.mark.parametrize("direction,best_id", [("min", "3"), ("max", "2")])
+def test_best_is_chosen_in_the_objectives_direction_at_one_budget(
+        direction, best_id, tmp_path):
+    from tuning import report
+
+    settings = {"objective": "val_loss", "direction": direction,
+                "benchmark": "digits", "tuner": "hyperband", "data": "d"}
+    result = report.sweep_result(tmp_path, BUDGETS, settings)
+    best = next(t for t in BUDGETS if t["trial_id"] == best_id)
+    assert (result.best_config, result.best_score, result.epochs) == (
+        best["optimizer"], best["score"], 3)
+    assert result.default_score is None  # not run at 3 epochs
+    lines = report.summary(result, settings).splitlines()
+    assert lines[1] == (f"objective val_loss, "
+                        f"{dict(min='minimised', max='maximised')[direction]}"
+                        "; score = its value at a trial's best epoch")
+    assert lines[-2].split() == ["val_loss,", "3", "epochs",
+                                 f"{best['score']:.4f}", "not", "run"]
+    assert lines[-1] == ("paper default: 0.5000 after 1 epoch only (not "
+                         "comparable with 3 epochs)")
+
+
+def test_summary_keeps_betas_apart_from_one(tmp_path):
+    from tuning import report
+
+    trials = [_trial("0", 0.5, 2),
+              _trial("1", 0.2, 2, learning_rate=0.01, beta_2=0.9996),
+              _trial("2", None, 2, learning_rate=3.0, beta_2=0.99961,
+                     status="DIVERGED"),
+              _trial("3", None, 2, learning_rate=9.0, beta_2=0.99996,
+                     status="DIVERGED")]
+    settings = {"objective": "val_loss", "direction": "min"}
+    text = report.summary(report.sweep_result(tmp_path, trials, settings),
+                          settings)
+    assert "beta_2                         0.9996          0.999" in text
+    assert "  beta_2: 0.99961 .. 0.99996" in text
+    assert "  learning_rate: 3 .. 9" in text
+    assert "val_loss, 2 epochs             0.2000         0.5000" in text
+
+
+@once_on("jax")
+def test_max_trials_may_grow_other_settings_may_not(tmp_path):
+    from tuning.rundir import SettingsMismatch
+
+    first = sweep(max_trials=2, directory=tmp_path, verbose=0, **QUICK)
+    again = sweep(max_trials=3, directory=tmp_path, verbose=0, **QUICK)
+    assert len(again.trials) == 3
+    assert again.trials[:2] == first.trials
+    with pytest.raises(SettingsMismatch, match=(
+        r"holds a search with other settings: epochs 1 there, 2 now; "
+        r"max_trials 3 there, 2 now \(it may only grow\)\. Rerun with "
+        r"--overwrite")):
+        sweep(max_trials=2, directory=tmp_path, verbose=0,
+              **dict(QUICK, epochs=2))
+    fresh = sweep(max_trials=1, directory=tmp_path, verbose=0, overwrite=True,
+                  **dict(QUICK, epochs=2))
+    assert [t["epochs"] for t in fresh.trials] == [2]
+
+
+def test_the_lock_is_exclusive_and_reentrant(tmp_path):
+    from tuning import rundir
+
+    with rundir.lock(tmp_path / "run"):
+        with rundir.lock(tmp_path / "run"):  # sweep inside the CLI's lock
+            pass
+        code = ("import sys; from tuning import rundir\n"
+                "try:\n"
+                f"    with rundir.lock({str(tmp_path / 'run')!r}): pass\n"
+                "except rundir.DirectoryBusy as err:\n"
+                "    print(err)")
+        out = subprocess.run([sys.executable, "-c", code], text=True,
+                             capture_output=True, timeout=60)
+        assert out.stdout.startswith(f"directory {tmp_path / 'run'} is in "
+                                     f"use by pid {os.getpid()} on ")
+    # Released, and the folder it made (holding nothing else) removed.
+    assert not (tmp_path / "run").exists()
+
+
+def test_files_are_replaced_atomically(tmp_path, monkeypatch):
+    from tuning import rundir
+
+    path = tmp_path / "best.json"
+    rundir.write_json(path, {"learning_rate": 0.001})
+
+    def crash(*args):
+        raise OSError("killed before the rename")
+
+    monkeypatch.setattr(rundir.os, "replace", crash)
+    with pytest.raises(OSError, match="killed"):
+        rundir.write_json(path, {"learning_rate": 0.1})
+    assert json.loads(path.read_text()) == {"learning_rate": 0.001}
+    assert [p.name for p in tmp_path.iterdir()] == ["best.json"]
+
+
+@_ONCE
+def test_a_truncated_trial_is_named_and_run_again(tmp_path, capsys):
+    from tuning import report
+
+    first = sweep(max_trials=3, directory=tmp_path, verbose=0, **QUICK)
+    path = tmp_path / "digits" / "trial_1" / "trial.json"
+    text = path.read_text()
+    path.write_text(text[:len(text) // 2])  # as a kill mid-write left it
+    capsys.readouterr()
+    trials = report.write(tmp_path, plots=False).trials
+    warning = capsys.readouterr().err
+    assert warning.startswith(f"warning: {path} is truncated or corrupt (")
+    assert warning.endswith("its trial counts as interrupted: a resume runs "
+                            "it again\n")
+    assert [t["status"] for t in trials] == [
+        "COMPLETED", "INTERRUPTED", "COMPLETED"]
+    assert trials[1]["optimizer"] == first.trials[1]["optimizer"]
+    again = sweep(max_trials=3, directory=tmp_path, verbose=0, **QUICK)
+    assert f"warning: {path} is truncated" in capsys.readouterr().err
+    assert [t["status"] for t in again.trials] == ["COMPLETED"] * 3
+    for before, after in zip(first.trials, again.trials):
+        assert after["optimizer"] == before["optimizer"]
+        assert after["score"] == pytest.approx(before["score"], rel=1e-5)
+
+
+@once_on("jax")
+def test_confirm_retrains_the_best_and_the_defaults_over_seeds(
+        tmp_path, monkeypatch):
+    from scipy import stats
+
+    confirmation = importlib.import_module("tuning.confirm")  # not the
+    # function `tuning.confirm`
+    space = SearchSpace(tune=("learning_rate",))
+    sweep(max_trials=3, directory=tmp_path, space=space, seed=2, verbose=0,
+          **QUICK)
+    best = json.loads((tmp_path / "best.json").read_text())
+    trials = json.loads((tmp_path / "trials.json").read_text())["trials"]
+    top = sorted(trials, key=lambda t: t["score"])[:2]
+    result = confirmation.confirm(tmp_path, top=2, seeds=3, verbose=0)
+    assert result["seeds"] == [3, 4, 5]
+    assert [c["label"] for c in result["configs"]] == [
+        f"trial {t['trial_id']}" for t in top] + (
+        [] if any(t["is_default"] for t in top) else ["paper default"])
+    rows = (tmp_path / "confirm.csv").read_text().splitlines()
+    assert rows[0].startswith("label,trial_id,is_default,seed,"
+                              "val_loss_at_best_epoch,")
+    assert len(rows) == 1 + 3 * len(result["configs"])
+    default = next(c for c in result["configs"] if c["is_default"])
+    tuned = [c for c in result["configs"] if not c["is_default"]]
+    for config in result["configs"]:
+        scores = np.array(config["scores"])
+        assert len(scores) == 3 and len(set(scores)) == 3  # seeds differ
+        assert config["mean"] == pytest.approx(scores.mean(), rel=1e-12)
+        assert config["std"] == pytest.approx(scores.std(ddof=1), rel=1e-12)
+    for config in tuned:  # Welch's t, written out, one-sided (lower)
+        a, b = np.array(config["scores"]), np.array(default["scores"])
+        va, vb = a.var(ddof=1) / 3, b.var(ddof=1) / 3
+        t = (a.mean() - b.mean()) / np.sqrt(va + vb)
+        df = (va + vb) ** 2 / (va**2 / 2 + vb**2 / 2)
+        assert config["p_value"] == pytest.approx(stats.t.cdf(t, df),
+                                                  rel=1e-9)
+        assert config["beats_default"] == (
+            config["p_value"] < 0.05 / len(tuned))
+    assert json.loads((tmp_path / "best.json").read_text()) == best
+    AdamPlus(**best)
+    summary = (tmp_path / "summary.txt").read_text()
+    assert "confirmation: 3 new seeds (3, 4, 5), 1 epoch each" in summary
+    assert (tmp_path / "confirm.png").read_bytes()[:4] == b"\x89PNG"
+    # Saved runs are reused: confirming again trains nothing.
+    monkeypatch.setattr(confirmation, "_train", lambda *a: 1 / 0)
+    assert confirmation.confirm(tmp_path, top=2, seeds=3, verbose=0,
+                                plots=False)["configs"] == result["configs"]
+
+
+def test_welch_comparison_in_the_objectives_direction():
+    from tuning.confirm import compare
+
+    tuned, default = [0.30, 0.31, 0.29], [0.40, 0.42, 0.41]
+    lower = compare(tuned, default, "min")
+    assert lower["beats_default"] and lower["p_value"] < 1e-3
+    assert lower["verdict"].startswith("beats the defaults beyond seed noise")
+    higher = compare(tuned, default, "max")  # for accuracy, lower is worse
+    assert not higher["beats_default"] and higher["p_value"] > 0.999
+    noisy = compare([0.30, 0.45, 0.33], [0.40, 0.32, 0.41], "min")
+    assert not noisy["beats_default"]
+    assert compare([0.3, None, 0.3], default, "min") == {
+        "p_value": None, "beats_default": False,
+        "verdict": "diverged on some seeds: not better"}
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(max_trials=0), "Argument `max_trials` must be an integer >= 1. "
+     "Received: max_trials=0"),
+    (dict(epochs=2.5), "Argument `epochs` must be an integer >= 1. "
+     "Received: epochs=2.5"),
+    (dict(subset=2.5), "Argument `subset` must be a fraction in (0, 1] or a "
+     "whole count >= 1. Received: subset=2.5"),
+    (dict(objective="nope"), "Argument `objective` must be one of loss, "
+     "accuracy, val_loss, val_accuracy (what benchmark digits logs). "
+     "Received: objective='nope'"),
+    (dict(direction="up"), "Argument `direction` must be None, 'min' or "
+     "'max'. Received: direction='up'"),
+    (dict(tuner="annealing"), "Argument `tuner` must be one of random, "
+     "bayesian, hyperband, grid. Received: tuner='annealing'"),
+    (dict(workers=-1), "Argument `workers` must be an integer >= 0. "
+     "Received: workers=-1"),
+])
+def test_sweep_refuses_invalid_arguments_before_writing(kwargs, message,
+                                                        tmp_path):
+    with pytest.raises(ValueError) as err:
+        sweep(directory=tmp_path / "run", **kwargs)
+    assert str(err.value) == message
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_cli_offers_every_oracle():
+    from tuning.sweep import TUNERS
+    from tuning.tuners import ORACLES
+
+    assert TUNERS == tuple(ORACLES)

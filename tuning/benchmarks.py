@@ -1,19 +1,19 @@
 """The benchmark models: one table, name -> builder, loader, settings.
 
-Builders return uncompiled models; `tuning.hypermodel` compiles them with
-AdamPlus. Settings follow the paper's Section 6 (see README); the `quick`
-setting is CPU-sized, for tests and short sweeps.
+Builders return uncompiled models (`tuning.models`, imported with Keras
+when a model is first built: the table itself loads no Keras, so the command
+line checks its arguments against it at once); `tuning.hypermodel` compiles
+them with AdamPlus. Settings follow the paper's Section 6 (see README); the
+`quick` setting is CPU-sized, for tests and short sweeps.
 """
 
 import dataclasses
 from typing import Callable
 
-import keras
-from keras import layers, ops
-
 from tuning import datasets
 
 MNIST_DATASETS = ("mnist", "fashion_mnist")
+SCALES = ("quick", "paper")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,105 +55,44 @@ class Benchmark:
     inverse_sqrt_lr: bool = False
     datasets: tuple = ()
 
+    def setting(self, scale):
+        """The `Setting` of `scale` ("quick" or "paper")."""
+        if scale not in SCALES:
+            raise ValueError(f"Argument `scale` must be one of "
+                             f"{', '.join(SCALES)}. Received: scale={scale!r}")
+        return {"quick": self.quick, "paper": self.paper}[scale]
 
-def digits_mlp(input_shape):
-    """64 -> 64 ReLU -> 10 softmax, for scikit-learn's digits."""
-    return keras.Sequential([
-        keras.Input(input_shape),
-        layers.Dense(64, activation="relu"),
-        layers.Dense(10, activation="softmax"),
-    ], name="digits_mlp")
+    def objectives(self):
+        """The names `fit` logs with validation data: possible objectives."""
+        names = ("loss", *self.metrics)
+        return (*names, *(f"val_{name}" for name in names))
+
+
+def _from_models(name, **fixed):
+    """`tuning.models.<name>` with `fixed` keyword arguments, imported (and
+    Keras with it) on the first call."""
+
+    def call(*args, **kwargs):
+        from tuning import models
+
+        return getattr(models, name)(*args, **fixed, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = f"`tuning.models.{name}`, imported on the first call."
+    return call
+
+
+digits_mlp = _from_models("digits_mlp")
+mnist_mlp = _from_models("mnist_mlp")
+cifar10_cnn = _from_models("cifar10_cnn")
+mnist_vae = _from_models("mnist_vae")
+bernoulli_nll = _from_models("bernoulli_nll")
 
 
 def logistic_regression(l2=1e-4, input_dropout=0.0, classes=10):
-    """L2-regularised (multiclass) logistic regression (Section 6.1)."""
-
-    def build(input_shape):
-        model = keras.Sequential(name="logistic_regression")
-        model.add(keras.Input(input_shape))
-        if input_dropout:
-            model.add(layers.Dropout(input_dropout))
-        model.add(layers.Dense(
-            1 if classes == 2 else classes,
-            activation="sigmoid" if classes == 2 else "softmax",
-            kernel_regularizer=keras.regularizers.L2(l2),
-        ))
-        return model
-
-    return build
-
-
-def mnist_mlp(input_shape, hidden=1000, dropout=0.5):
-    """Two hidden layers of 1000 ReLU with dropout (Section 6.2)."""
-    return keras.Sequential([
-        keras.Input(input_shape),
-        layers.Dense(hidden, activation="relu"),
-        layers.Dropout(dropout),
-        layers.Dense(hidden, activation="relu"),
-        layers.Dropout(dropout),
-        layers.Dense(10, activation="softmax"),
-    ], name="mnist_mlp")
-
-
-def cifar10_cnn(input_shape, input_dropout=0.2, dropout=0.5):
-    """c64-c64-c128-1000 (Section 6.3): 5x5 convs, 3x3/2 max-pools."""
-    model = keras.Sequential(name="cifar10_cnn")
-    model.add(keras.Input(input_shape))
-    model.add(layers.Dropout(input_dropout))
-    for filters in (64, 64, 128):
-        model.add(layers.Conv2D(filters, 5, padding="same",
-                                activation="relu"))
-        model.add(layers.MaxPooling2D(3, strides=2, padding="same"))
-    model.add(layers.Flatten())
-    model.add(layers.Dense(1000, activation="relu"))
-    model.add(layers.Dropout(dropout))
-    model.add(layers.Dense(10, activation="softmax"))
-    return model
-
-
-@keras.saving.register_keras_serializable(package="tuning")
-class GaussianSample(layers.Layer):
-    """z = mu + exp(log_var / 2) * noise; adds the KL term to the loss."""
-
-    def __init__(self, seed=None, **kwargs):
-        super().__init__(**kwargs)
-        self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
-
-    def call(self, inputs):
-        mu, log_var = inputs
-        kl = -0.5 * ops.sum(1 + log_var - ops.square(mu) - ops.exp(log_var),
-                            axis=-1)
-        self.add_loss(ops.mean(kl))
-        noise = keras.random.normal(ops.shape(mu), seed=self.seed_generator)
-        return mu + ops.exp(0.5 * log_var) * noise
-
-    def get_config(self):
-        return {**super().get_config(), "seed": self.seed}
-
-
-@keras.saving.register_keras_serializable(package="tuning")
-def bernoulli_nll(y_true, logits):
-    """Per-example Bernoulli negative log-likelihood summed over pixels."""
-    per_pixel = keras.losses.binary_crossentropy(
-        y_true[..., None], logits[..., None], from_logits=True
-    )
-    return ops.sum(per_pixel, axis=-1)
-
-
-def mnist_vae(input_shape, hidden=500, latent=50):
-    """VAE of Section 6.4: 500 softplus units, 50-d Gaussian latent.
-
-    The loss (reconstruction NLL + KL) is the negative ELBO in nats.
-    """
-    x = keras.Input(input_shape)
-    h = layers.Dense(hidden, activation="softplus")(x)
-    mu = layers.Dense(latent)(h)
-    log_var = layers.Dense(latent)(h)
-    z = GaussianSample(seed=0)([mu, log_var])
-    h2 = layers.Dense(hidden, activation="softplus")(z)
-    logits = layers.Dense(input_shape[-1])(h2)
-    return keras.Model(x, logits, name="mnist_vae")
+    """The builder of an L2-regularised logistic regression (Section 6.1)."""
+    return _from_models("logistic_regression", l2=l2,
+                        input_dropout=input_dropout, classes=classes)
 
 
 def _mnist(loader):

@@ -1,91 +1,247 @@
 """Command line: `python -m tuning` (or `adam-plus-tune`).
 
-    python -m tuning [sweep options]      a sweep (default: digits, random)
-    python -m tuning report DIR           rebuild tables and plots of DIR
-    python -m tuning replicate [...]      the paper's experiments (replicate)
+    python -m tuning [options]        a search (default: digits, random)
+    python -m tuning report DIR       rebuild tables, summary and plots of DIR
+    python -m tuning replicate [...]  the paper's experiments (replicate)
+
+Every option is checked before Keras is imported. A mistake is one line on
+stderr and exit status 2 (a bad option) or 1 (a run that cannot go on);
+Ctrl-C stops with one line and status 130, and the same command resumes.
 """
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
-from tuning import benchmarks, report
+from tuning import benchmarks
+from tuning.confirm import MINIMUMS as CONFIRM_MINIMUMS
+from tuning.confirm import confirm
+from tuning.datasets import SUBSET_RULE, check_subset
+from tuning.errors import Parser, TuningError, catch_interrupts
 from tuning.search_space import TUNABLE, SearchSpace
-from tuning.sweep import TUNERS, sweep
+from tuning.sweep import LAUNCHED, MINIMUMS, TUNERS, search_settings
+
+PROG = "python -m tuning"
+INTERRUPTED = "interrupted; rerun the same command to resume"
+CONFIRM_TOP, CONFIRM_SEEDS = 3, 5
+
+
+# The smallest value of each integer option.
+_MINIMUMS = {**MINIMUMS, "confirm": CONFIRM_MINIMUMS["top"],
+             "seeds": CONFIRM_MINIMUMS["seeds"]}
+
+
+def _count(name):
+    """An argparse type: an integer >= `_MINIMUMS[name]`."""
+    minimum = _MINIMUMS[name]
+
+    def count(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(
+                f"must be an integer >= {minimum}, got {text!r}")
+        return value
+
+    return count
 
 
 def _subset(text):
-    value = float(text)
-    return int(value) if value > 1 else value
+    try:
+        return check_subset(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be {SUBSET_RULE}, got {text!r}") from None
 
 
 def sweep_parser():
-    p = argparse.ArgumentParser(
-        prog="python -m tuning",
+    """The parser of `python -m tuning [options]` (a search)."""
+    p = Parser(
+        prog=PROG,
         description="Sweep AdamPlus's learning_rate, beta_1, beta_2 and "
-        "epsilon through keras-tuner on a benchmark model. Subcommand: "
-        "'report DIR' rebuilds tables and plots.",
+        "epsilon through keras-tuner on a benchmark model; rerun the same "
+        "command to resume.",
+        epilog="subcommands:\n"
+        f"  {PROG} report DIR [--no-plots]   rebuild the tables, summary and "
+        "plots of DIR\n"
+        f"  {PROG} replicate [options]       the Adam paper's experiments "
+        "(see its --help)",
     )
     p.add_argument("--benchmark", default="digits",
-                   choices=list(benchmarks.BENCHMARKS))
+                   choices=list(benchmarks.BENCHMARKS),
+                   help="the model and data")
     p.add_argument("--dataset", default=None,
                    choices=list(benchmarks.MNIST_DATASETS),
-                   help="for MNIST-shaped benchmarks (default mnist)")
+                   help="for MNIST-shaped benchmarks (default: mnist)")
     p.add_argument("--mnist-idx", default=None, metavar="DIR",
-                   help="folder with the four LeCun MNIST IDX files")
-    p.add_argument("--tuner", default="random", choices=TUNERS)
-    p.add_argument("--max-trials", type=int, default=12)
-    p.add_argument("--epochs", type=int, default=None,
-                   help="epochs per trial (default: the scale's)")
-    p.add_argument("--batch-size", type=int, default=None)
+                   help="folder with the four LeCun MNIST IDX files "
+                   "(default: $MNIST_IDX_DIR, then "
+                   "$KERAS_HOME/datasets/mnist-idx)")
+    p.add_argument("--tuner", default="random", choices=TUNERS,
+                   help="keras-tuner's search algorithm")
+    p.add_argument("--max-trials", type=_count("max_trials"), default=12,
+                   help="trials in all (not Hyperband: it plans its own "
+                   "from --epochs); may grow on a resume")
+    p.add_argument("--epochs", type=_count("epochs"), default=None,
+                   help="epochs per trial, Hyperband's most (default: the "
+                   "scale's)")
+    p.add_argument("--batch-size", type=_count("batch_size"), default=None,
+                   help="default: the scale's")
     p.add_argument("--subset", type=_subset, default=None,
-                   help="fraction (<= 1) or count of training examples")
-    p.add_argument("--scale", default="quick", choices=["quick", "paper"])
+                   help=f"training examples: {SUBSET_RULE} (default: the "
+                   "scale's)")
+    p.add_argument("--scale", default="quick", choices=benchmarks.SCALES,
+                   help="quick: CPU-sized; paper: the paper's batch size, "
+                   "epochs and all the data")
     p.add_argument("--tune", nargs="+", default=list(TUNABLE),
-                   choices=TUNABLE, help="hyperparameters to search")
+                   choices=TUNABLE, metavar="NAME",
+                   help=f"hyperparameters to search, of {' '.join(TUNABLE)} "
+                   "(default: all four; the others keep the paper's values)")
     p.add_argument("--modes", action="store_true",
-                   help="also search amsgrad, epsilon_mode, weight decay")
-    p.add_argument("--grid-steps", type=int, default=1,
-                   help="GridSearch: values per decade (default 1)")
-    p.add_argument("--objective", default="val_loss")
-    p.add_argument("--directory", default="tuning_runs/digits")
-    p.add_argument("--seed", type=int, default=0)
+                   help="also search amsgrad, epsilon_mode and weight decay")
+    p.add_argument("--grid-steps", type=_count("grid_steps"), default=None,
+                   help="--tuner grid only: values per decade (default: 1)")
+    p.add_argument("--objective", default="val_loss",
+                   help="what a trial is scored on: a name the benchmark's "
+                   "fit logs (loss, val_loss, and accuracy, val_accuracy "
+                   "for classifiers)")
+    p.add_argument("--direction", default=None, choices=("min", "max"),
+                   help="minimise or maximise the objective (default: "
+                   "keras-tuner's rule from its name: losses min, accuracy "
+                   "max)")
+    p.add_argument("--directory", default=None,
+                   help="output folder; rerunning on it resumes (default: "
+                   "tuning_runs/<benchmark>)")
+    p.add_argument("--seed", type=_count("seed"), default=0,
+                   help="seed of the oracle, the data subset and every "
+                   "trial's initial weights")
     p.add_argument("--overwrite", action="store_true",
-                   help="start afresh instead of resuming")
-    p.add_argument("--workers", type=int, default=0,
-                   help="run distributed: one chief and N worker processes")
-    p.add_argument("--no-plots", action="store_true")
+                   help="start afresh: remove the previous search's files "
+                   "from --directory")
+    p.add_argument("--workers", type=_count("workers"), default=0,
+                   help="run distributed: a chief and N worker processes on "
+                   "this machine")
+    p.add_argument("--no-plots", action="store_true",
+                   help="skip the PNG plots")
+    p.add_argument("--confirm", type=_count("confirm"), nargs="?",
+                   const=CONFIRM_TOP, default=None, metavar="K",
+                   help="after the search, retrain the K best configurations "
+                   "and the paper's defaults with --seeds new seeds each and "
+                   "test whether the best beats the defaults beyond seed "
+                   f"noise (default: off; K = {CONFIRM_TOP} if omitted)")
+    p.add_argument("--seeds", type=_count("seeds"), default=None,
+                   metavar="N", help="--confirm's seeds per configuration, "
+                   f"at least 2 (default: {CONFIRM_SEEDS})")
+    return p
+
+
+
+def report_parser():
+    """The parser of `python -m tuning report DIR`."""
+    p = Parser(prog=f"{PROG} report",
+               description="Rebuild trials.csv, trials.json, best.json, "
+               "summary.txt and the plots of a search's directory.")
+    p.add_argument("directory", metavar="DIR")
+    p.add_argument("--no-plots", action="store_true",
+                   help="skip the PNG plots")
     return p
 
 
 def main(argv=None):
     """Entry point of `python -m tuning` and `adam-plus-tune`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["replicate"]:
-        from tuning import replicate
+    # TensorFlow's startup lines (oneDNN, cpu_feature_guard) are noise here.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    catch_interrupts()
+    try:
+        if argv[:1] == ["replicate"]:
+            from tuning import replicate
 
-        return replicate.main(argv[1:])
-    if argv[:1] == ["report"]:
-        if len(argv) != 2:
-            sys.exit("usage: python -m tuning report DIR")
-        result = report.write(argv[1])
-        print(report.summary(result, report.collect(argv[1])[1]), end="")
-        return 0
-    args = sweep_parser().parse_args(argv)
-    space = SearchSpace(tune=tuple(args.tune), modes=args.modes,
-                        grid_steps=args.grid_steps if args.tuner == "grid"
-                        else 0)
+            return replicate.main(argv[1:])
+        if argv[:1] == ["report"]:
+            return _report(report_parser().parse_args(argv[1:]))
+        return _sweep(sweep_parser(), argv)
+    except TuningError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        if not os.environ.get(LAUNCHED):  # our launcher speaks for its own
+            print(INTERRUPTED, file=sys.stderr, flush=True)
+        return 130
+
+
+def _report(args):
+    from tuning import report
+
+    report.write(args.directory, plots=not args.no_plots)
+    _print_outputs(Path(args.directory))
+    return 0
+
+
+def _sweep(parser, argv):
+    from tuning.sweep import sweep
+
+    args = parser.parse_args(argv)
+    _check(parser, args)
+    directory = args.directory or f"tuning_runs/{args.benchmark}"
     result = sweep(
         benchmark=args.benchmark, tuner=args.tuner,
         max_trials=args.max_trials, epochs=args.epochs, subset=args.subset,
-        directory=args.directory, seed=args.seed, overwrite=args.overwrite,
-        space=space, dataset=args.dataset, idx_dir=args.mnist_idx,
+        directory=directory, seed=args.seed, overwrite=args.overwrite,
+        space=_space(args), dataset=args.dataset, idx_dir=args.mnist_idx,
         batch_size=args.batch_size, objective=args.objective,
-        scale=args.scale, workers=args.workers, plots=not args.no_plots,
-        child_argv=argv,
+        direction=args.direction, scale=args.scale, workers=args.workers,
+        plots=not args.no_plots, child_argv=argv,
     )
-    if result is not None:
-        print(report.summary(result, report.collect(args.directory)[1]),
-              end="")
-        print(f"outputs in {args.directory}/: trials.csv trials.json "
-              "best.json summary.txt *.png")
+    if result is None:
+        return 0  # a chief or worker: the launcher reports
+    if args.confirm:
+        confirm(directory, top=args.confirm,
+                seeds=args.seeds or CONFIRM_SEEDS, plots=not args.no_plots,
+                idx_dir=args.mnist_idx)
+    _print_outputs(Path(directory))
     return 0
+
+
+def _space(args):
+    return SearchSpace(tune=tuple(args.tune), modes=args.modes,
+                       grid_steps=(args.grid_steps or 1)
+                       if args.tuner == "grid" else 0)
+
+
+def _check(parser, args):
+    """Checks that need several options at once, before Keras loads."""
+    if args.grid_steps is not None and args.tuner != "grid":
+        parser.error("argument --grid-steps: only with --tuner grid")
+    if args.seeds is not None and not args.confirm:
+        parser.error("argument --seeds: only with --confirm")
+    if args.mnist_idx is not None and not Path(args.mnist_idx).is_dir():
+        parser.error(f"argument --mnist-idx: no such folder: "
+                     f"{args.mnist_idx}")
+    bench = benchmarks.get(args.benchmark)
+    if args.dataset is not None and not bench.datasets:
+        parser.error(f"argument --dataset: benchmark {args.benchmark} has no "
+                     "dataset choice")
+    if args.objective not in bench.objectives():
+        parser.error(f"argument --objective: benchmark {args.benchmark} "
+                     f"logs {', '.join(bench.objectives())}; got "
+                     f"{args.objective!r}")
+    try:
+        search_settings(
+            args.benchmark, args.tuner, args.max_trials, args.epochs,
+            args.subset, args.seed, _space(args), args.dataset,
+            args.batch_size, args.objective, args.direction, args.scale)
+    except ValueError as err:
+        parser.error(str(err))
+
+
+def _print_outputs(directory):
+    summary = directory / "summary.txt"
+    if summary.is_file():
+        print(summary.read_text(), end="")
+    written = sorted(p.name for p in directory.iterdir()
+                     if p.is_file() and not p.name.startswith("."))
+    print(f"outputs in {directory}/: {' '.join(written)}")

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tuning.errors import TuningError
+
 IDX_FILES = (
     "train-images-idx3-ubyte.gz",
     "train-labels-idx1-ubyte.gz",
@@ -24,7 +26,7 @@ IDX_FILES = (
 )
 
 
-class DatasetUnavailable(RuntimeError):
+class DatasetUnavailable(TuningError, RuntimeError):
     """A dataset is neither cached nor downloadable; the message says how."""
 
 
@@ -44,18 +46,14 @@ class Data:
         The validation set shrinks by the same fraction (at least 1/5 of
         the kept training examples, when the validation set has that many).
         """
+        subset = check_subset(subset)
         if subset is None:
             return self
         n = len(self.x_train)
-        if isinstance(subset, float) and 0 < subset <= 1:
+        if isinstance(subset, float):
             keep = max(1, int(round(subset * n)))
-        elif int(subset) == subset and subset >= 1:
-            keep = min(n, int(subset))
         else:
-            raise ValueError(
-                "Argument `subset` must be a fraction in (0, 1] or a count "
-                f">= 1. Received: subset={subset!r}"
-            )
+            keep = min(n, subset)
         keep_val = min(len(self.x_val),
                        max(keep // 5, int(round(keep / n * len(self.x_val)))))
         rng = np.random.default_rng(seed)
@@ -64,6 +62,26 @@ class Data:
         return Data(self.x_train[train], self.y_train[train],
                     self.x_val[val], self.y_val[val],
                     f"{self.source} (subset {keep}/{n})")
+
+
+SUBSET_RULE = "a fraction in (0, 1] or a whole count >= 1"
+
+
+def check_subset(subset):
+    """`subset` as a float fraction in (0, 1] or an int count, or None.
+
+    A whole number above 1 is a count (`2.0` -> `2`); anything else, such
+    as 0, -1 or 2.5, raises ValueError.
+    """
+    if subset is None:
+        return None
+    if not isinstance(subset, bool) and isinstance(subset, (int, float)):
+        if 0 < subset <= 1 and isinstance(subset, float):
+            return float(subset)
+        if subset >= 1 and subset == int(subset):
+            return int(subset)
+    raise ValueError(f"Argument `subset` must be {SUBSET_RULE}. "
+                     f"Received: subset={subset!r}")
 
 
 def keras_home():

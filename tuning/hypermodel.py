@@ -6,6 +6,7 @@ import keras
 import keras_tuner
 
 from keras_adam_plus import AdamPlus, InverseSqrtDecay
+from tuning.errors import check_interrupt
 from tuning.search_space import SearchSpace
 
 
@@ -20,10 +21,12 @@ class AdamPlusHyperModel(keras_tuner.HyperModel):
         epochs: Epochs of `fit` (Hyperband overrides it per trial).
         seed: Seed set before every build: every trial starts from the same
             initial weights and sees the same dropout masks and batches.
+        verbose: `fit`'s verbosity: 0 silent, 1 a progress bar, 2 one line
+            per epoch. Defaults to `0`.
     """
 
     def __init__(self, benchmark, input_shape, space=None, batch_size=32,
-                 epochs=1, seed=0):
+                 epochs=1, seed=0, verbose=0):
         super().__init__(name=benchmark.name)
         if batch_size < 1 or epochs < 1:
             raise ValueError(
@@ -36,7 +39,9 @@ class AdamPlusHyperModel(keras_tuner.HyperModel):
         self.batch_size = batch_size
         self.epochs = epochs
         self.seed = seed
+        self.verbose = verbose
         self.last_history = {}
+        self.last_epochs = None
         # Settings a subclass may change (tuning.replicate does).
         self.build_kwargs = {}
         self.inverse_sqrt_lr = benchmark.inverse_sqrt_lr
@@ -62,13 +67,21 @@ class AdamPlusHyperModel(keras_tuner.HyperModel):
         return AdamPlus(**kwargs)
 
     def fit(self, hp, model, *args, **kwargs):
-        """Trains; a non-finite loss fails the trial instead of scoring it."""
+        """Trains; a non-finite loss raises `Diverged` instead of scoring.
+
+        Records the per-epoch history (`last_history`) and the epochs the
+        model has trained in all (`last_epochs`: Hyperband continues a
+        trial from `initial_epoch`).
+        """
         kwargs.setdefault("batch_size", self.batch_size)
         kwargs.setdefault("epochs", self.epochs)
-        kwargs.setdefault("verbose", 0)
+        # keras-tuner hands search()'s verbose (which silences its own
+        # display) on to fit: the hypermodel's decides.
+        kwargs["verbose"] = self.verbose
         kwargs["callbacks"] = list(kwargs.get("callbacks", [])) + [
-            keras.callbacks.TerminateOnNaN()
+            keras.callbacks.TerminateOnNaN(), _Interruptible(),
         ]
+        self.last_epochs = kwargs["epochs"]
         keras.utils.set_random_seed(self.seed)
         history = model.fit(*args, **kwargs)
         self.last_history = {k: [float(x) for x in v]
@@ -80,8 +93,21 @@ class AdamPlusHyperModel(keras_tuner.HyperModel):
                     f"{name} has no values: the trial trained no epoch"
                 )
             if bad:
-                raise keras_tuner.errors.FailedTrialError(
+                raise Diverged(
                     f"{name} became non-finite ({values[bad[0]]}) at epoch "
                     f"{bad[0] + 1}: diverged"
                 )
         return history
+
+
+class _Interruptible(keras.callbacks.Callback):
+    """Stops training after the batch during which Ctrl-C was pressed."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        check_interrupt()
+
+    on_test_batch_end = on_train_batch_end
+
+
+class Diverged(keras_tuner.errors.FailedTrialError):
+    """A trial's loss or metric became NaN or Inf: the only divergence."""

@@ -4,12 +4,12 @@ Everything is drawn from the results `tuning.replicate` saved
 (`<dir>/figure<N>.json`), so the report can be rebuilt at any time.
 """
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 
+from tuning import rundir
 from tuning.claims import BY_FAR, SIMILAR, short
 
 
@@ -146,8 +146,10 @@ def write_report(directory, figures, settings):
         settings: Markdown lines of the settings common to all figures.
     """
     directory = Path(directory)
-    results = [json.loads((directory / f"figure{f}.json").read_text())
-               for f in figures if (directory / f"figure{f}.json").exists()]
+    results = [rundir.read_json(directory / f"figure{f}.json",
+                                "the figure is left out; rerun it")
+               for f in figures]
+    results = [r for r in results if r]
     lines = ["# Adam paper replication (keras-adam-plus)", "",
              "Claims of Kingma & Ba (2015), Section 6, and of Reddi et al. "
              "(2018), decided on this run's numbers. Training cost = the "
@@ -183,7 +185,7 @@ def write_report(directory, figures, settings):
               f"{SIMILAR:.0%}; 'by far' / 'much faster' = at least "
               f"{BY_FAR:.0%} lower.", ""]
     path = directory / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    rundir.write_text(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -199,9 +201,9 @@ def _report_section(directory, result):
     lines.append("")
     for panel in result.get("panels", []) + ([result["grid"]]
                                              if "grid" in result else []):
-        if "not_run" in panel:
+        if "not_run" in panel:  # the whole reason: what to put where
             lines += [f"- {panel['title']}: **not run**: "
-                      f"{short(panel['not_run'])}", ""]
+                      f"{panel['not_run']}", ""]
             continue
         scale = panel["scale"]
         lines.append(

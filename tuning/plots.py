@@ -16,32 +16,38 @@ AXES = {  # optimizer argument -> (axis label, value shown on a log axis)
 }
 
 
-def draw_all(directory, trials, best, default, settings):
+def draw_all(directory, trials, best, default, settings, direction="min"):
     """Writes scores.png, learning_curves.png and default_vs_best.png."""
     objective = settings.get("objective", "val_loss")
-    scores(directory / "scores.png", trials, objective)
-    curves(directory / "learning_curves.png", trials, objective)
+    scores(directory / "scores.png", trials, objective, direction)
+    curves(directory / "learning_curves.png", trials, objective, direction)
     if best:
         default_vs_best(directory / "default_vs_best.png", default, best)
 
 
-def scores(path, trials, objective):
-    """Score against each hyperparameter on log axes; failures marked x."""
+def scores(path, trials, objective, direction="min"):
+    """Score against each hyperparameter on log axes, one colour per
+    budget (epochs); diverged and failed trials marked x at the worst end."""
     keys = [k for k in AXES
             if len({t["optimizer"].get(k) for t in trials}) > 1]
     keys = keys or ["learning_rate"]
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5),
                              squeeze=False)
     good = [t for t in trials if t["score"] is not None]
-    failed = [t for t in trials if t["score"] is None]
-    top = max((t["score"] for t in good), default=1.0)
+    failed = [t for t in trials if t["status"] in ("DIVERGED", "FAILED")]
+    values = [t["score"] for t in good] or [1.0]
+    worst = max(values) * 1.1 if direction == "min" else min(values) * 0.9
+    budgets = sorted({t["epochs"] for t in good})
     for ax, key in zip(axes[0], keys):
         label, show = AXES[key]
-        ax.scatter([show(t["optimizer"][key]) for t in good],
-                   [t["score"] for t in good], label="completed")
+        for epochs in budgets:
+            level = [t for t in good if t["epochs"] == epochs]
+            ax.scatter([show(t["optimizer"][key]) for t in level],
+                       [t["score"] for t in level],
+                       label=f"completed, {epochs} epochs")
         if failed:
             ax.scatter([show(t["optimizer"][key]) for t in failed],
-                       [top * 1.1] * len(failed), marker="x", color="red",
+                       [worst] * len(failed), marker="x", color="red",
                        label="diverged / failed")
         for t in good:
             if t.get("is_default"):
@@ -60,10 +66,11 @@ def scores(path, trials, objective):
     plt.close(fig)
 
 
-def curves(path, trials, objective, top=5):
+def curves(path, trials, objective, direction="min", top=5):
     """Per-epoch `objective` of the best `top` completed trials."""
-    good = sorted((t for t in trials if t["score"] is not None),
-                  key=lambda t: t["score"])[:top]
+    from tuning.report import ranked
+
+    good = ranked(trials, direction)[:top]
     fig, ax = plt.subplots(figsize=(6, 4))
     for t in good:
         values = t["history"].get(objective, [])
@@ -107,3 +114,22 @@ def _log_if_positive(ax, values):
     finite = [v for v in values if math.isfinite(v)]
     if finite and min(finite) > 0:
         ax.set_yscale("log")
+
+
+def confirmation(path, confirmed):
+    """Each configuration's scores over the seeds, mean ± std as a bar."""
+    configs = confirmed["configs"]
+    fig, ax = plt.subplots(figsize=(1.2 * len(configs) + 2, 3.5))
+    for i, config in enumerate(configs):
+        color = "tab:orange" if config["is_default"] else "tab:blue"
+        ax.scatter([i] * len(config["scores"]), config["scores"],
+                   color=color, alpha=0.6)
+        ax.errorbar([i + 0.15], [config["mean"]], yerr=[config["std"]],
+                    fmt="o", color="black", capsize=4)
+    ax.set_xticks(range(len(configs)),
+                  [c["label"] for c in configs], fontsize="small")
+    ax.set_ylabel(f"{confirmed['objective']} ({confirmed['epochs']} epochs)")
+    ax.set_title(f"{len(confirmed['seeds'])} seeds each; bar: mean ± std")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

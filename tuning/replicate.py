@@ -18,7 +18,6 @@ Each figure's results are saved as `<dir>/figure<N>.json`, and the report is
 rebuilt from whatever results the directory holds.
 """
 
-import argparse
 import dataclasses
 import json
 import math
@@ -32,10 +31,11 @@ import numpy as np
 from keras import layers, ops
 
 from keras_adam_plus import AdamPlus
-from tuning import benchmarks, claims, paper_report, report
+from tuning import benchmarks, claims, paper_report, report, rundir
 from tuning.datasets import DatasetUnavailable
+from tuning.errors import Parser
 from tuning.hypermodel import AdamPlusHyperModel
-from tuning.sweep import make_tuner
+from tuning.tuners import make_tuner
 
 FIGURES = ("1", "2", "3", "4", "amsgrad")
 SCALES = ("tiny", "quick", "full")
@@ -367,7 +367,7 @@ def _best_curve(tuner, label):
     trials = []
     for trial in tuner.oracle.trials.values():
         path = Path(tuner.get_trial_dir(trial.trial_id)) / "adam_plus.json"
-        record = json.loads(path.read_text()) if path.exists() else {}
+        record = rundir.read_json(path) or {}
         loss = record.get("history", {}).get("loss", [])
         final = loss[-1] if loss and all(map(math.isfinite, loss)) else None
         trials.append({"hp": dict(trial.hyperparameters.values),
@@ -416,12 +416,11 @@ def run_figure4(scale, directory, seed=0, arrays=None, idx_dir=None):
                     path = runs_dir / ("b1_{beta_1}_b2_{beta_2}_a_"
                                        "{log10_alpha}_bc_{bias_correction}"
                                        ".json").format(**point)
-                    saved = (json.loads(path.read_text())
-                             if path.exists() else None)
+                    saved = rundir.read_json(path, "it is run again")
                     if not saved or saved.get("settings") != settings:
                         saved = {"settings": settings, **point,
                                  **_vae_run(bench, data, point, scale, seed)}
-                        path.write_text(json.dumps(saved))
+                        rundir.write_json(path, saved, indent=None)
                     runs.append(saved)
                     print(f"figure 4: beta_1={beta_1} beta_2={beta_2} "
                           f"alpha=1e{log_alpha} bias_correction="
@@ -574,42 +573,51 @@ def replicate(figures=FIGURES, scale="quick", directory=None, seed=0,
     """
     figures = _check(figures, scale)
     directory = Path(directory or f"replicate_runs/{scale}")
-    directory.mkdir(parents=True, exist_ok=True)
-    arrays = arrays or {}
-    for figure in figures:
-        start = time.perf_counter()
-        print(f"=== figure {figure} ({scale})", flush=True)
-        if figure in PANELS:
-            panels = [run_panel(p, PANEL_SCALES[scale][p.key], directory,
-                                seed, arrays.get(p.benchmark), idx_dir)
-                      for p in PANELS[figure]]
-            result = {"panels": panels,
-                      "claims": CLAIMS[figure](*panels)}
-        elif figure == "4":
-            result = run_figure4(GRID_SCALES[scale], directory, seed,
-                                 arrays.get("mnist_vae"), idx_dir)
-            result = {"grid": result,
-                      "claims": claims.claims_figure4(result)}
-        else:
-            result = run_amsgrad(AMSGRAD_STEPS[scale], seed)
-            result = {"run": result,
-                      "claims": claims.claims_amsgrad(result)}
-        if scale != "full" and figure in CAVEATS:
-            result["caveat"] = CAVEATS[figure]
-        result.update(figure=figure, scale=scale, seed=seed,
-                      backend=keras.backend.backend(),
-                      versions=report.versions(),
-                      wall_seconds=round(time.perf_counter() - start, 1))
-        saved = directory / f"figure{figure}.json"
-        # A resumed run adds its time to that of the run it resumed.
-        result["wall_seconds_total"] = result["wall_seconds"] + (
-            _previous_seconds(saved, scale, seed))
-        saved.write_text(json.dumps(result, indent=1))
-        paper_report.draw(directory, result)
-        for claim in result["claims"]:
-            print(f"{claim['result']:8} {claim['claim']}: {claim['detail']}",
+    with rundir.lock(directory):
+        for figure in figures:
+            _run_figure(figure, scale, directory, seed, arrays or {},
+                        idx_dir)
+        return write_report(directory)
+
+
+def _run_figure(figure, scale, directory, seed, arrays, idx_dir):
+    """Runs one figure; saves its results and figure; prints its claims."""
+    start = time.perf_counter()
+    print(f"=== figure {figure} ({scale})", flush=True)
+    if figure in PANELS:
+        panels = [run_panel(p, PANEL_SCALES[scale][p.key], directory,
+                            seed, arrays.get(p.benchmark), idx_dir)
+                  for p in PANELS[figure]]
+        result = {"panels": panels,
+                  "claims": CLAIMS[figure](*panels)}
+    elif figure == "4":
+        result = run_figure4(GRID_SCALES[scale], directory, seed,
+                             arrays.get("mnist_vae"), idx_dir)
+        result = {"grid": result,
+                  "claims": claims.claims_figure4(result)}
+    else:
+        result = run_amsgrad(AMSGRAD_STEPS[scale], seed)
+        result = {"run": result,
+                  "claims": claims.claims_amsgrad(result)}
+    if scale != "full" and figure in CAVEATS:
+        result["caveat"] = CAVEATS[figure]
+    result.update(figure=figure, scale=scale, seed=seed,
+                  backend=keras.backend.backend(),
+                  versions=report.versions(),
+                  wall_seconds=round(time.perf_counter() - start, 1))
+    saved = directory / f"figure{figure}.json"
+    # A resumed run adds its time to that of the run it resumed.
+    result["wall_seconds_total"] = result["wall_seconds"] + (
+        _previous_seconds(saved, scale, seed))
+    rundir.write_json(saved, result)
+    paper_report.draw(directory, result)
+    for panel in result.get("panels", []) + [result.get("grid", {})]:
+        if "not_run" in panel:  # the reason says what to put where
+            print(f"NOT RUN  {panel['title']}: {panel['not_run']}",
                   flush=True)
-    return write_report(directory)
+    for claim in result["claims"]:
+        print(f"{claim['result']:8} {claim['claim']}: {claim['detail']}",
+              flush=True)
 
 
 CLAIMS = {"1": claims.claims_figure1, "2": claims.claims_figure2,
@@ -617,9 +625,7 @@ CLAIMS = {"1": claims.claims_figure1, "2": claims.claims_figure2,
 
 
 def _previous_seconds(path, scale, seed):
-    if not path.exists():
-        return 0.0
-    before = json.loads(path.read_text())
+    before = rundir.read_json(path, "its wall time is not added") or {}
     if (before.get("scale"), before.get("seed")) != (scale, seed):
         return 0.0
     return before.get("wall_seconds_total", before.get("wall_seconds", 0.0))
@@ -671,7 +677,7 @@ def _check(figures, scale):
 
 def main(argv=None):
     """`python -m tuning replicate ...`."""
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m tuning replicate",
         description="Reproduce the Adam paper's experiments: figures, "
         "claims PASS/FAIL, one markdown report.")

@@ -1,20 +1,28 @@
-"""Trials table export (CSV, JSON), best config and PNG plots.
+"""Trials table export (CSV, JSON), best config, summary and PNG plots.
 
 Everything is rebuilt from the output directory alone (keras-tuner's
 `trial.json` files plus our `adam_plus.json` sidecars), so
 `python -m tuning report DIR` works on any finished or interrupted search.
+
+A trial's score is keras-tuner's: the objective's value at the trial's best
+epoch (the lowest `val_loss`, the highest `val_accuracy`). Scores are only
+compared between trials trained for the same number of epochs: the best
+trial is the best of those trained the most epochs (Hyperband trains some
+trials fewer), and the paper's defaults are shown beside it only at that
+budget.
 """
 
-import csv
 import dataclasses
-import json
 import math
 from importlib import metadata
 from pathlib import Path
 
-SETTINGS = "settings.json"
+from tuning import rundir
+from tuning.search_space import TUNABLE, SearchSpace, format_value
+
 PACKAGES = ("keras", "keras-tuner", "keras-adam-plus", "numpy", "tensorflow",
             "tensorflow-cpu", "jax", "torch")
+CONFIRM = "confirm.json"
 
 
 @dataclasses.dataclass
@@ -24,9 +32,14 @@ class SweepResult:
     Attributes:
         directory: The output directory.
         trials: One dict per trial, in trial order (see `collect`).
-        best_config: AdamPlus keyword arguments of the best completed trial.
-        best_score: Its objective value.
-        default_score: The objective of the paper's defaults, if run.
+        best_config: AdamPlus keyword arguments of the best completed trial
+            among those trained the most epochs.
+        best_score: Its objective value (at its best epoch).
+        default_score: The score of the paper's defaults at the same
+            number of epochs, if such a trial ran.
+        objective: The objective's name.
+        direction: `"min"` or `"max"`.
+        epochs: The epochs the best trial (and `default_score`) trained.
     """
 
     directory: Path
@@ -34,6 +47,9 @@ class SweepResult:
     best_config: dict
     best_score: float | None
     default_score: float | None
+    objective: str = "val_loss"
+    direction: str = "min"
+    epochs: int | None = None
 
 
 def versions():
@@ -47,54 +63,35 @@ def versions():
     return found
 
 
-def write_settings(directory, settings):
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / SETTINGS).write_text(json.dumps(settings, indent=1))
+def direction_of(settings):
+    """The search's direction; inferred for settings of older versions."""
+    if settings.get("direction"):
+        return settings["direction"]
+    from tuning.tuners import infer_direction
 
-
-def _project_dir(directory):
-    settings = json.loads((directory / SETTINGS).read_text())
-    return directory / settings["project"], settings
+    return infer_direction(settings.get("objective", "val_loss"))
 
 
 def collect(directory):
     """Returns (trials, settings) read from `directory`.
 
-    Each trial is a dict: trial_id, status, score, optimizer (AdamPlus
+    Each trial is a dict: trial_id, status (COMPLETED, DIVERGED: a NaN or
+    Inf loss or metric, FAILED: an error, RUNNING or INTERRUPTED: to be run
+    again by a resume), score, epochs (trained in all), optimizer (AdamPlus
     kwargs), hyperparameters (keras-tuner's values), seed, duration_s,
-    history (per-epoch metrics), error, is_default.
+    history (per-epoch metrics), error_type, error, rss_mb, is_default.
+    Raises `tuning.rundir.NoRun` if `directory` holds no search.
     """
-    from tuning.search_space import SearchSpace
-
     directory = Path(directory)
-    project, settings = _project_dir(directory)
+    settings = rundir.read_settings(directory)
     space = SearchSpace(**settings.get("space", {}))
+    project = directory / settings["project"]
     trials = []
     for trial_dir in sorted(project.glob("trial_*"),
                             key=lambda p: p.name.split("_", 1)[1]):
-        path = trial_dir / "trial.json"
-        if not path.is_file():
-            continue
-        trial = json.loads(path.read_text())
-        side_path = trial_dir / "adam_plus.json"
-        side = json.loads(side_path.read_text()) if side_path.is_file() else {}
-        values = {k: v for k, v in trial["hyperparameters"]["values"].items()
-                  if not k.startswith("tuner/")}
-        score = trial.get("score")
-        trials.append({
-            "trial_id": trial["trial_id"],
-            "status": trial["status"],
-            "score": score if score is not None and math.isfinite(score)
-            else None,
-            "optimizer": space.optimizer_kwargs(values),
-            "hyperparameters": values,
-            "seed": side.get("seed"),
-            "duration_s": side.get("duration_s"),
-            "history": side.get("history", {}),
-            "error": side.get("error"),
-            "rss_mb": side.get("rss_mb"),
-        })
+        trial = _trial(trial_dir, space, settings)
+        if trial:
+            trials.append(trial)
     defaults = space.optimizer_kwargs({})
     for t in trials:
         t["is_default"] = all(
@@ -104,68 +101,147 @@ def collect(directory):
     return trials, settings
 
 
-def write(directory, plots=True):
-    """Writes trials.csv, trials.json, best.json (and plots); returns result.
+def _trial(trial_dir, space, settings):
+    state_path = trial_dir / "trial.json"
+    side = rundir.read_json(trial_dir / rundir.SIDECAR,
+                            "its seed, history and error are not shown") or {}
+    state = rundir.read_json(
+        state_path, "its trial counts as interrupted: a resume runs it again")
+    if state is None and not state_path.exists():
+        return None
+    if state is None:
+        values, status, score = side.get("values", {}), "INTERRUPTED", None
+    else:
+        values = state["hyperparameters"]["values"]
+        status, score = state["status"], state.get("score")
+        if status == "FAILED" and side.get("status") == "DIVERGED":
+            status = "DIVERGED"
+    epochs = (side.get("epochs") or values.get("tuner/epochs")
+              or settings.get("epochs"))
+    values = {k: v for k, v in values.items() if not k.startswith("tuner/")}
+    return {
+        "trial_id": trial_dir.name.split("_", 1)[1],
+        "status": status,
+        "score": score if score is not None and math.isfinite(score)
+        else None,
+        "epochs": epochs,
+        "optimizer": space.optimizer_kwargs(values),
+        "hyperparameters": values,
+        "seed": side.get("seed"),
+        "duration_s": side.get("duration_s"),
+        "history": side.get("history", {}),
+        "error_type": side.get("error_type"),
+        "error": side.get("error"),
+        "rss_mb": side.get("rss_mb"),
+    }
 
-    Only COMPLETED trials with a finite score can be best; failed
-    (diverged) trials are listed with their status and error.
+
+def choose(trials, direction):
+    """(best, default): the best completed trial among those trained the
+    most epochs, and the paper's defaults at that budget (or None)."""
+    good = [t for t in trials if t["status"] == "COMPLETED"
+            and t["score"] is not None]
+    if not good:
+        return None, None
+    top = max(t["epochs"] for t in good)
+    level = [t for t in good if t["epochs"] == top]
+    pick = min if direction == "min" else max
+    best = pick(level, key=lambda t: t["score"])
+    default = next((t for t in level if t["is_default"]), None)
+    return best, default
+
+
+def ranked(trials, direction):
+    """Completed trials, best first: most epochs, then score."""
+    good = [t for t in trials if t["status"] == "COMPLETED"
+            and t["score"] is not None]
+    sign = 1 if direction == "min" else -1
+    return sorted(good, key=lambda t: (-t["epochs"], sign * t["score"]))
+
+
+def write(directory, plots=True):
+    """Writes trials.csv, trials.json, best.json, summary.txt (and plots).
+
+    Only COMPLETED trials with a finite score can be best; diverged and
+    failed trials are listed with their status and error. Every file is
+    written atomically. Returns the `SweepResult`.
     """
     directory = Path(directory)
     trials, settings = collect(directory)
-    good = [t for t in trials if t["status"] == "COMPLETED"
-            and t["score"] is not None]
-    best = min(good, key=lambda t: t["score"]) if good else None
-    default = next((t for t in good if t["is_default"]), None)
-    (directory / "trials.json").write_text(json.dumps(
-        {"settings": settings, "trials": trials}, indent=1))
-    _write_csv(directory / "trials.csv", trials)
-    if best:
-        (directory / "best.json").write_text(
-            json.dumps(best["optimizer"], indent=1))
-    result = SweepResult(directory, trials,
-                         best["optimizer"] if best else {},
-                         best["score"] if best else None,
-                         default["score"] if default else None)
-    (directory / "summary.txt").write_text(summary(result, settings))
+    result = sweep_result(directory, trials, settings)
+    rundir.write_json(directory / "trials.json",
+                      {"settings": settings, "trials": trials})
+    _write_csv(directory / "trials.csv", trials, settings["objective"])
+    if result.best_config:
+        rundir.write_json(directory / "best.json", result.best_config)
+    rundir.write_text(directory / "summary.txt", summary(result, settings))
     if plots:
         from tuning import plots as plotting
 
-        plotting.draw_all(directory, trials, best, default, settings)
+        best, default = choose(trials, result.direction)
+        plotting.draw_all(directory, trials, best, default, settings,
+                          result.direction)
     return result
 
 
-def _write_csv(path, trials):
+def sweep_result(directory, trials, settings):
+    """The `SweepResult` of `trials`: best and defaults at the same budget."""
+    direction = direction_of(settings)
+    best, default = choose(trials, direction)
+    return SweepResult(Path(directory), trials,
+                       best["optimizer"] if best else {},
+                       best["score"] if best else None,
+                       default["score"] if default else None,
+                       settings["objective"], direction,
+                       best["epochs"] if best else None)
+
+
+def score_column(objective):
+    """trials.csv's score column: the objective at the best epoch."""
+    return f"{objective}_at_best_epoch"
+
+
+def _write_csv(path, trials, objective):
     keys = sorted({k for t in trials for k in t["optimizer"]})
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["trial_id", "status", "score", *keys, "seed",
-                         "duration_s", "epochs", "is_default", "error"])
-        for t in trials:
-            epochs = len(next(iter(t["history"].values()), []))
-            writer.writerow([
-                t["trial_id"], t["status"], t["score"],
-                *[t["optimizer"].get(k) for k in keys], t["seed"],
-                t["duration_s"], epochs, t["is_default"],
-                (t["error"] or "").splitlines()[0] if t["error"] else "",
-            ])
+    rows = [[t["trial_id"], t["status"], t["epochs"], t["score"],
+             *[t["optimizer"].get(k) for k in keys], t["seed"],
+             t["duration_s"], t["is_default"], t["error_type"] or "",
+             one_line(t["error"])] for t in trials]
+    rundir.write_csv(path, ["trial_id", "status", "epochs",
+                            score_column(objective), *keys, "seed",
+                            "duration_s", "is_default", "error_type",
+                            "error"], rows)
 
 
 def diverged_region(trials):
-    """One line per optimizer argument: its range over failed trials."""
-    failed = [t for t in trials if t["status"] == "FAILED"]
-    if not failed:
+    """One line per optimizer argument: its range over diverged trials."""
+    diverged = [t for t in trials if t["status"] == "DIVERGED"]
+    if not diverged:
         return []
     lines = []
-    for key in sorted(failed[0]["optimizer"]):
-        values = [t["optimizer"][key] for t in failed
+    for key in sorted(diverged[0]["optimizer"]):
+        values = [t["optimizer"][key] for t in diverged
                   if isinstance(t["optimizer"].get(key), float)]
         if values:
-            lines.append(f"  {key}: {min(values):.3g} .. {max(values):.3g}")
+            lines.append(f"  {key}: {format_value(key, min(values))} .. "
+                         f"{format_value(key, max(values))}")
     return lines
 
 
+def one_line(text, limit=300):
+    """`text` with its whitespace collapsed into one line of <= `limit`."""
+    text = " ".join((text or "").split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def epochs_text(n):
+    """"1 epoch", "3 epochs"."""
+    return f"{n} epoch{'s' if n != 1 else ''}"
+
+
 def summary(result, settings):
-    """A human-readable summary: best vs the paper's defaults."""
+    """A human-readable summary: best vs the paper's defaults, failures,
+    and the confirmation over seeds if one ran."""
     trials = result.trials
     counts = {}
     for t in trials:
@@ -173,28 +249,70 @@ def summary(result, settings):
     durations = [t["duration_s"] for t in trials if t["duration_s"]]
     lines = [
         f"benchmark {settings.get('benchmark')} ({settings.get('data')}), "
-        f"tuner {settings.get('tuner')}, objective "
-        f"{settings.get('objective')}",
+        f"tuner {settings.get('tuner')}",
+        f"objective {result.objective}, "
+        f"{'minimised' if result.direction == 'min' else 'maximised'}; "
+        "score = its value at a trial's best epoch",
         "trials: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())),
     ]
     if durations:
         lines.append(f"wall time per trial: mean "
                      f"{sum(durations) / len(durations):.1f} s, max "
                      f"{max(durations):.1f} s")
-    fmt = "{:<16} {:>12} {:>12}"
     if result.best_config:
-        lines.append(fmt.format("", "best", "paper default"))
-        default = next((t for t in trials if t["is_default"]), None)
-        for key in ("learning_rate", "beta_1", "beta_2", "epsilon"):
-            lines.append(fmt.format(
-                key, f"{result.best_config.get(key, float('nan')):.4g}",
-                f"{default['optimizer'][key]:.4g}" if default else "-"))
-        lines.append(fmt.format(
-            "score", f"{result.best_score:.4f}",
-            f"{result.default_score:.4f}"
-            if result.default_score is not None else "-"))
+        lines += _best_vs_default(result, trials)
     region = diverged_region(trials)
     if region:
-        lines.append("diverged (failed) trials span:")
+        lines.append("diverged (NaN/Inf loss) trials span:")
         lines.extend(region)
+    for t in trials:
+        if t["status"] == "FAILED":
+            lines.append(f"trial {t['trial_id']} failed with an error (not "
+                         f"divergence): {t['error_type']}: "
+                         f"{one_line(t['error'], 200)}")
+        elif t["status"] in ("RUNNING", "INTERRUPTED"):
+            lines.append(f"trial {t['trial_id']} was interrupted; rerun the "
+                         "same command to finish it")
+    confirmed = rundir.read_json(Path(result.directory) / CONFIRM)
+    if confirmed:
+        lines += confirm_lines(confirmed)
     return "\n".join(lines) + "\n"
+
+
+def _best_vs_default(result, trials):
+    fmt = "{:<24} {:>12} {:>14}"
+    default = next((t for t in trials if t["is_default"]), None)
+    lines = [fmt.format("", "best", "paper default")]
+    for key in TUNABLE:
+        value = result.best_config.get(key, math.nan)
+        lines.append(fmt.format(
+            key, format_value(key, value),
+            format_value(key, default["optimizer"][key]) if default else "-"))
+    lines.append(fmt.format(
+        f"{result.objective}, {epochs_text(result.epochs)}",
+        f"{result.best_score:.4f}",
+        f"{result.default_score:.4f}" if result.default_score is not None
+        else "not run"))
+    if result.default_score is None:
+        elsewhere = [t for t in trials if t["is_default"]
+                     and t["status"] == "COMPLETED" and t["score"] is not None]
+        for t in elsewhere:
+            lines.append(f"paper default: {t['score']:.4f} after "
+                         f"{epochs_text(t['epochs'])} only (not comparable "
+                         f"with {epochs_text(result.epochs)})")
+    return lines
+
+
+def confirm_lines(confirmed):
+    """The summary's lines on a confirmation (`confirm.json`)."""
+    lines = [
+        f"confirmation: {len(confirmed['seeds'])} new seeds "
+        f"({', '.join(map(str, confirmed['seeds']))}), "
+        f"{epochs_text(confirmed['epochs'])} each; {confirmed['objective']} "
+        "mean ± std (sample):"
+    ]
+    for config in confirmed["configs"]:
+        verdict = config.get("verdict", "")
+        lines.append(f"  {config['label']:<14} {config['mean']:.4f} ± "
+                     f"{config['std']:.4f}  {verdict}".rstrip())
+    return lines

@@ -10,6 +10,7 @@ default values is Adam as published.
 """
 
 import dataclasses
+import math
 
 TUNABLE = ("learning_rate", "beta_1", "beta_2", "epsilon")
 PAPER_DEFAULTS = {"learning_rate": 1e-3, "beta_1": 0.9, "beta_2": 0.999,
@@ -119,11 +120,23 @@ class SearchSpace:
         return kwargs
 
 
+def format_value(name, value):
+    """`value` of AdamPlus argument `name`, for people.
+
+    A beta shows three significant digits of `1 - beta` (0.9996 stays
+    0.9996, never 1); other floats three significant digits.
+    """
+    if not isinstance(value, float):
+        return str(value)
+    if name.startswith("beta") and 0 <= value < 1:
+        decimals = math.floor(-math.log10(1 - value)) + 3
+        return f"{value:.{decimals}f}".rstrip("0").rstrip(".")
+    return f"{value:.3g}"
+
+
 def _snap(default, low, step):
     """With a grid step, the nearest grid value to `default`."""
     if not step:
         return default
-    import math
-
     k = round(math.log(default / low) / math.log(step))
     return low * step**k

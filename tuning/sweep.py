@@ -1,149 +1,115 @@
 """Run a keras-tuner search of AdamPlus's hyperparameters on a benchmark.
 
 `sweep()` is the Python API; the CLI (`python -m tuning`) is a thin layer on
-it. A search is resumable: rerunning it on the same directory reloads
-keras-tuner's oracle, keeps every completed trial and re-runs the one that
-was interrupted, so it ends with the requested number of trials.
+it. A search is resumable: rerunning it on the same directory with the same
+settings reloads keras-tuner's oracle, keeps every completed trial and
+re-runs the one that was interrupted, so it ends with the requested number
+of trials. Other settings on the same directory are refused, as is a second
+search while one runs.
+
+Arguments, settings and the directory are checked before Keras is imported
+(this module imports it only to search), so a mistake costs a fraction of a
+second and writes nothing.
 """
 
+import contextlib
 import dataclasses
-import gc
-import json
 import os
-import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import keras
-import keras_tuner
-from keras_tuner import oracles
-
-from tuning import benchmarks, report
-from tuning.hypermodel import AdamPlusHyperModel
+from tuning import benchmarks, report, rundir
+from tuning.datasets import check_subset
+from tuning.errors import TuningError
+from tuning.search_space import SearchSpace
 
 TUNERS = ("random", "bayesian", "hyperband", "grid")
-SIDECAR = "adam_plus.json"
+DIRECTIONS = ("min", "max")
+# The smallest value of each integer argument.
+MINIMUMS = {"max_trials": 1, "epochs": 1, "batch_size": 1, "workers": 0,
+            "grid_steps": 1, "seed": 0}
+# What a search writes besides keras-tuner's project (`--overwrite` clears).
+OUTPUTS = (rundir.SETTINGS, "trials.csv", "trials.json", "best.json",
+           "summary.txt", "*.png", "confirm.csv", "confirm.json",
+           "confirm_runs")
+# Set in the environment of the chief and workers our launcher starts.
+LAUNCHED = "TUNING_LAUNCHED"
 
 
-class _DefaultsFirst:
-    """Oracle mixin: the first new trial evaluates the default values."""
-
-    def _random_values(self):
-        hps = self.get_space()
-        defaults = {hp.name: hp.default for hp in hps.space
-                    if hps.is_active(hp)}
-        if not self._duplicate(defaults):
-            return defaults
-        return super()._random_values()
+class SweepFailed(TuningError):
+    """Every trial of a search failed, or its chief or a worker died."""
 
 
-def _oracle_class(name):
-    base = {
-        "random": oracles.RandomSearchOracle,
-        "bayesian": oracles.BayesianOptimizationOracle,
-        "hyperband": oracles.HyperbandOracle,
-        # GridSearch starts from the defaults by itself.
-        "grid": oracles.GridSearchOracle,
-    }[name]
-    if name == "grid":
-        return base
-    return type(f"DefaultsFirst{base.__name__}", (_DefaultsFirst, base), {})
+def check_int(name, value, minimum=None):
+    """`value` if it is an integer >= `minimum` (default `MINIMUMS[name]`),
+    else ValueError in Keras's message shape."""
+    minimum = MINIMUMS[name] if minimum is None else minimum
+    if isinstance(value, bool) or not isinstance(value, int) or (
+        value < minimum
+    ):
+        raise ValueError(f"Argument `{name}` must be an integer >= {minimum}."
+                         f" Received: {name}={value!r}")
+    return value
 
 
-class _Bookkeeping:
-    """Tuner mixin: records seed, duration, history and versions per trial.
+def search_settings(benchmark="digits", tuner="random", max_trials=10,
+                    epochs=None, subset=None, seed=0, space=None,
+                    dataset=None, batch_size=None, objective="val_loss",
+                    direction=None, scale="quick"):
+    """The settings of a search, validated, with the scale's defaults filled.
 
-    Writes `trial_<id>/adam_plus.json` beside keras-tuner's `trial.json`,
-    prints one progress line per trial and collects garbage after each.
+    They are what `settings.json` records and what a resume must match.
+    Raises ValueError (in Keras's message shape) for an invalid argument.
     """
-
-    def run_trial(self, trial, *args, **kwargs):
-        start = time.time()
-        self.hypermodel.last_history = {}
-        error = None
-        try:
-            return super().run_trial(trial, *args, **kwargs)
-        except Exception as err:
-            error = err
-            raise
-        finally:
-            record = {
-                "trial_id": trial.trial_id,
-                "seed": self.hypermodel.seed,
-                "duration_s": round(time.time() - start, 3),
-                "history": self.hypermodel.last_history,
-                "error": None if error is None else str(error)[:500],
-                "backend": keras.backend.backend(),
-                "rss_mb": _rss_mb(),
-                "versions": report.versions(),
-            }
-            path = Path(self.get_trial_dir(trial.trial_id)) / SIDECAR
-            path.write_text(json.dumps(record, indent=1))
-
-    def on_trial_end(self, trial):
-        super().on_trial_end(trial)
-        gc.collect()
-        done = self.oracle.get_trial(trial.trial_id)
-        score = done.score
-        values = self.hypermodel.space.optimizer_kwargs(
-            done.hyperparameters.values
-        )
-        # Betas near 1 need more digits than alpha and epsilon.
-        shown = " ".join(
-            f"{k}={v:.5g}" if k.startswith("beta") else f"{k}={v:.3g}"
-            for k, v in values.items() if isinstance(v, float)
-        )
-        result = (f"{self.oracle.objective.name}={score:.4f}"
-                  if score is not None else str(done.status))
-        print(f"trial {trial.trial_id}: {shown} -> {result}", flush=True)
-
-
-class AdamPlusTuner(_Bookkeeping, keras_tuner.Tuner):
-    """A keras-tuner `Tuner` with AdamPlus bookkeeping."""
-
-
-class AdamPlusHyperband(_Bookkeeping, keras_tuner.Hyperband):
-    """keras-tuner's Hyperband (epochs per bracket) with bookkeeping."""
-
-    def __init__(self, oracle, hypermodel, **kwargs):
-        # Hyperband.__init__ only builds its oracle; ours is built already.
-        keras_tuner.Tuner.__init__(self, oracle=oracle, hypermodel=hypermodel,
-                                   **kwargs)
-
-
-def make_tuner(hypermodel, tuner="random", max_trials=10, objective="val_loss",
-               directory="tuning_runs", project_name=None, seed=0,
-               overwrite=False, max_epochs=None):
-    """Builds an `AdamPlusTuner` (or Hyperband) around `hypermodel`."""
+    bench = benchmarks.get(benchmark)
+    setting = bench.setting(scale)
     if tuner not in TUNERS:
+        raise ValueError(f"Argument `tuner` must be one of {', '.join(TUNERS)}."
+                         f" Received: tuner={tuner!r}")
+    if objective not in bench.objectives():
         raise ValueError(
-            f"Argument `tuner` must be one of {', '.join(TUNERS)}. "
-            f"Received: tuner={tuner!r}"
+            f"Argument `objective` must be one of "
+            f"{', '.join(bench.objectives())} (what benchmark {benchmark} "
+            f"logs). Received: objective={objective!r}"
         )
-    common = dict(objective=objective, seed=seed,
-                  max_consecutive_failed_trials=max(3, max_trials))
-    if tuner == "hyperband":
-        oracle = _oracle_class(tuner)(
-            max_epochs=max_epochs or hypermodel.epochs, factor=3,
-            hyperband_iterations=1, **common,
-        )
-        cls = AdamPlusHyperband
-    else:
-        oracle = _oracle_class(tuner)(max_trials=max_trials, **common)
-        cls = AdamPlusTuner
-    return cls(oracle=oracle, hypermodel=hypermodel, directory=str(directory),
-               project_name=project_name or hypermodel.name,
-               overwrite=overwrite)
+    if direction not in (None, *DIRECTIONS):
+        raise ValueError("Argument `direction` must be None, 'min' or 'max'. "
+                         f"Received: direction={direction!r}")
+    if dataset is not None and dataset not in bench.datasets:
+        choices = (f"one of {', '.join(bench.datasets)}" if bench.datasets
+                   else "None (it has no dataset choice)")
+        raise ValueError(
+            f"Argument `dataset` must be {choices} for benchmark "
+            f"{benchmark}. Received: dataset={dataset!r}")
+    for name, value in (("max_trials", max_trials), ("epochs", epochs),
+                        ("batch_size", batch_size)):
+        if value is not None:
+            check_int(name, value)
+    check_int("seed", seed)
+    subset = check_subset(subset)
+    space = space or SearchSpace()
+    return {
+        "benchmark": benchmark,
+        "dataset": dataset or (bench.datasets or (None,))[0],
+        "tuner": tuner, "max_trials": max_trials,
+        "epochs": epochs or setting.epochs,
+        "batch_size": batch_size or setting.batch_size,
+        "subset": subset if subset is not None else setting.subset,
+        "scale": scale, "seed": seed, "objective": objective,
+        "direction": direction,
+        "space": dataclasses.asdict(space),
+    }
 
 
 def sweep(benchmark="digits", tuner="random", max_trials=10, epochs=None,
           subset=None, directory="tuning_runs", seed=0, overwrite=False,
           space=None, dataset=None, idx_dir=None, batch_size=None,
-          objective="val_loss", scale="quick", workers=0, arrays=None,
-          plots=True, child_argv=None):
+          objective="val_loss", direction=None, scale="quick", workers=0,
+          arrays=None, plots=True, child_argv=None, verbose=1):
     """Searches AdamPlus's hyperparameters on one benchmark.
 
     Args:
@@ -151,112 +117,218 @@ def sweep(benchmark="digits", tuner="random", max_trials=10, epochs=None,
             embedded `"digits"`.
         tuner: `"random"`, `"bayesian"`, `"hyperband"` or `"grid"`.
         max_trials: Number of trials (Hyperband: its own budget from
-            `epochs`).
-        epochs: Epochs per trial; defaults to the scale's setting.
-        subset: Fraction or count of training examples; defaults to the
-            scale's setting.
+            `epochs`). On a resume it may grow, not shrink.
+        epochs: Epochs per trial (Hyperband: the most a trial trains);
+            defaults to the scale's setting.
+        subset: Fraction in (0, 1] or count of training examples; defaults
+            to the scale's setting.
         directory: Output directory (keras-tuner's project, trials.csv,
-            trials.json, best.json, PNG plots).
-        seed: Seed of the oracle and of every trial's initial weights.
-        overwrite: Start afresh instead of resuming.
+            trials.json, best.json, summary.txt, PNG plots).
+        seed: Seed of the oracle, of the data subset and of every trial's
+            initial weights.
+        overwrite: Start afresh instead of resuming: removes the previous
+            search's files (only those) from `directory`.
         space: A `SearchSpace`; defaults to all four hyperparameters.
         dataset: For MNIST-shaped benchmarks: `"mnist"` or
             `"fashion_mnist"`.
         idx_dir: A folder with the four MNIST IDX files.
         batch_size: Defaults to the scale's setting.
-        objective: keras-tuner objective, minimised if it ends in "loss".
+        objective: A name the benchmark's `fit` logs (`val_loss`, `loss`,
+            `val_accuracy`, ...). A trial's score is its value at the
+            trial's best epoch.
+        direction: `"min"` or `"max"`; defaults to keras-tuner's inference
+            from the objective's name (`accuracy` is maximised).
         scale: `"quick"` (CPU-sized) or `"paper"` (the paper's setting).
         workers: If > 0, runs keras-tuner's distributed mode on this
             machine: one chief and this many worker processes, each running
             `python -m tuning` with `child_argv` (the CLI passes its own).
+            A chief or worker that dies stops the others.
         arrays: Injected `((x, y), (x_test, y_test))` in place of the real
             dataset (for stand-ins).
         plots: Whether to draw the PNG plots.
+        child_argv: The command line the chief and workers run.
+        verbose: 0: one line per trial; 1: also Keras's progress per epoch
+            and a progress bar over the search with its ETA.
 
     Returns:
-        A `tuning.report.SweepResult` (`None` in a distributed worker).
+        A `tuning.report.SweepResult` (`None` in a distributed chief or
+        worker).
+
+    Raises:
+        ValueError: An invalid argument.
+        tuning.rundir.SettingsMismatch: `directory` holds a search with
+            other settings (and `overwrite` is False).
+        tuning.rundir.DirectoryBusy: Another search runs on `directory`.
+        tuning.rundir.DirectoryUnusable: `directory` cannot be written.
+        tuning.datasets.DatasetUnavailable: The data cannot be had.
+        SweepFailed: Every trial failed, or a chief or worker died.
     """
-    bench = benchmarks.get(benchmark)
-    setting = {"quick": bench.quick, "paper": bench.paper}[scale]
-    epochs = epochs or setting.epochs
+    settings = search_settings(
+        benchmark, tuner, max_trials, epochs, subset, seed, space, dataset,
+        batch_size, objective, direction, scale)
+    check_int("workers", workers)
+    if workers and child_argv is None:
+        raise ValueError("Distributed sweeps run `python -m tuning`: pass "
+                         "its arguments as `child_argv`.")
     directory = Path(directory)
-    if workers:
-        if child_argv is None:
-            raise ValueError("Distributed sweeps run `python -m tuning`: "
-                             "pass its arguments as `child_argv`.")
-        _run_distributed(workers, directory, overwrite, child_argv)
-        return report.write(directory, plots=plots)
-    data = bench.load(dataset=dataset or (bench.datasets or (None,))[0],
-                      idx_dir=idx_dir, arrays=arrays)
-    data = data.subset(subset if subset is not None else setting.subset,
-                       seed=seed)
-    hypermodel = AdamPlusHyperModel(
-        bench, data.x_train.shape[1:], space=space,
-        batch_size=batch_size or setting.batch_size, epochs=epochs, seed=seed,
-    )
-    search = make_tuner(hypermodel, tuner=tuner, max_trials=max_trials,
-                        objective=objective, directory=directory, seed=seed,
-                        overwrite=overwrite, max_epochs=epochs)
-    report.write_settings(directory, {
-        "benchmark": benchmark, "tuner": tuner, "max_trials": max_trials,
-        "epochs": epochs, "subset": subset, "scale": scale, "seed": seed,
-        "batch_size": hypermodel.batch_size, "objective": objective,
-        "data": data.source, "project": search.project_name,
-        "space": dataclasses.asdict(hypermodel.space),
-    })
-    search.search(data.x_train, data.y_train,
-                  validation_data=(data.x_val, data.y_val), verbose=0)
-    if os.environ.get("KERASTUNER_TUNER_ID"):
-        return None  # a worker of a distributed search: the launcher reports
+    child = rundir.is_distributed_child()
+    if child or not overwrite:
+        rundir.check_settings(directory, settings,
+                              pending=() if direction else ("direction",))
+    with contextlib.nullcontext() if child else rundir.lock(directory):
+        if workers:
+            if overwrite:
+                rundir.clear(directory, OUTPUTS)
+            _run_distributed(workers, child_argv)
+            return report.write(directory, plots=plots)
+        return _search(settings, directory, overwrite and not child,
+                       space or SearchSpace(), idx_dir, arrays, plots,
+                       verbose)
+
+
+def _search(settings, directory, overwrite, space, idx_dir, arrays, plots,
+            verbose):
+    """The search itself, in this process (Keras is imported here)."""
+    from tuning import tuners
+
+    if settings["direction"] is None:
+        settings["direction"] = tuners.infer_direction(settings["objective"])
+        if not overwrite:
+            rundir.check_settings(directory, settings)
+    data, hypermodel = load(settings, space, idx_dir, arrays)
+    if overwrite:
+        rundir.clear(directory, OUTPUTS)
+    hypermodel.verbose = (1 if sys.stdout.isatty() else 2) if verbose else 0
+    search = tuners.make_tuner(
+        hypermodel, tuner=settings["tuner"],
+        max_trials=settings["max_trials"], objective=settings["objective"],
+        direction=settings["direction"], directory=directory,
+        seed=settings["seed"], overwrite=overwrite,
+        max_epochs=settings["epochs"])
+    worker = os.environ.get("KERASTUNER_TUNER_ID", "chief") != "chief"
+    if not worker:
+        rundir.write_json(directory / rundir.SETTINGS, dict(
+            settings, data=data.source, project=search.project_name))
+    if verbose and not rundir.is_distributed_child():
+        search.progress = _progress(search.oracle)
+    try:
+        search.search(data.x_train, data.y_train,
+                      validation_data=(data.x_val, data.y_val), verbose=0)
+    except RuntimeError as err:
+        if not str(err).startswith("Number of consecutive failures"):
+            raise
+        search.oracle.save_all()
+        result = report.write(directory, plots=plots)
+        last = result.trials[-1]
+        raise SweepFailed(
+            f"all {len(result.trials)} trials failed, the last with "
+            f"{last['error_type']}: {last['error']}; see "
+            f"{directory / 'trials.csv'}") from None
+    if rundir.is_distributed_child():
+        return None  # a chief or worker of a distributed search
     return report.write(directory, plots=plots)
 
 
-def _rss_mb():
-    """Resident memory of this process now, in MiB (Linux), else peak."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-        return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
-    except (OSError, ValueError):
-        import resource
+def load(settings, space=None, idx_dir=None, arrays=None):
+    """The data and the `AdamPlusHyperModel` that `settings` describe."""
+    from tuning.hypermodel import AdamPlusHyperModel
 
-        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                     / 1024, 1)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    bench = benchmarks.get(settings["benchmark"])
+    data = bench.load(dataset=settings["dataset"], idx_dir=idx_dir,
+                      arrays=arrays)
+    data = data.subset(settings["subset"], seed=settings["seed"])
+    hypermodel = AdamPlusHyperModel(
+        bench, data.x_train.shape[1:],
+        space=space or SearchSpace(**settings["space"]),
+        batch_size=settings["batch_size"], epochs=settings["epochs"],
+        seed=settings["seed"])
+    return data, hypermodel
 
 
-def _run_distributed(workers, directory, overwrite, child_argv,
-                     timeout=3600, chief_grace=30):
-    """Starts a chief and `workers` workers of this command on loopback.
+def _progress(oracle):
+    """Keras's progress bar over the trials this run has left, or None."""
+    import keras
 
-    The children re-run the same command line with `--workers 0`. Waits for
-    the workers; the chief gets `chief_grace` seconds to exit after them and
-    is terminated otherwise (keras-tuner's chief may not exit on its own).
+    from tuning.tuners import planned_trials
+
+    done = len(oracle.end_order)
+    left = planned_trials(oracle) - done
+    if left <= 0:
+        return None
+    if done:
+        print(f"resuming: {done} trials done, {left} to run", flush=True)
+    return keras.utils.Progbar(left, unit_name="trial")
+
+
+# ------------------------------------------------------------ distributed
+
+
+def _run_distributed(workers, child_argv, poll_s=0.5, timeout_s=300,
+                     grace_s=10):
+    """Runs a chief and `workers` workers of this command on loopback.
+
+    The children re-run the same command line with `--workers 0`. A chief
+    or worker that dies (a signal, a non-zero exit) is noticed within
+    `poll_s` seconds: the others are stopped and `SweepFailed` says which
+    died. The chief exits by itself once every trial has ended; workers
+    still running `grace_s` seconds later are stopped (they may be waiting
+    on the chief that left).
     """
-    if overwrite and directory.exists():
-        shutil.rmtree(directory)
     argv = _child_argv(child_argv)
+    port = _free_port()
     env = dict(os.environ, KERASTUNER_ORACLE_IP="127.0.0.1",
-               KERASTUNER_ORACLE_PORT=str(_free_port()))
-    chief = subprocess.Popen(argv, env=dict(env, KERASTUNER_TUNER_ID="chief"))
-    _wait_for_port(int(env["KERASTUNER_ORACLE_PORT"]), chief)
-    procs = [subprocess.Popen(argv, env=dict(env,
-                                             KERASTUNER_TUNER_ID=f"tuner{i}"))
-             for i in range(workers)]
-    failed = [p.wait(timeout=timeout) for p in procs]
+               KERASTUNER_ORACLE_PORT=str(port), **{LAUNCHED: "1"})
+    procs = {}
     try:
-        chief.wait(timeout=chief_grace)
-    except subprocess.TimeoutExpired:
-        print("chief did not exit after the workers; terminating it",
+        chief = procs["the chief"] = subprocess.Popen(
+            argv, env=dict(env, KERASTUNER_TUNER_ID="chief"))
+        _wait_for_port(port, procs, poll_s, timeout_s)
+        for i in range(workers):
+            procs[f"worker {i}"] = subprocess.Popen(
+                argv, env=dict(env, KERASTUNER_TUNER_ID=f"tuner{i}"))
+        workers = list(procs.values())[1:]
+        print(f"distributed: chief pid {chief.pid} on 127.0.0.1:{port}, "
+              f"worker pids {' '.join(str(p.pid) for p in workers)}",
               flush=True)
-        chief.terminate()
-        chief.wait(timeout=30)
-    if any(failed):
-        raise RuntimeError(f"distributed workers exited with {failed}")
+        chief_done = None
+        while any(p.poll() is None for p in workers):
+            _check_exits(procs)
+            if chief.poll() is not None:
+                chief_done = chief_done or time.time()
+                if time.time() - chief_done > grace_s:
+                    break
+            time.sleep(poll_s)
+        _check_exits(procs)
+    finally:
+        _stop(procs.values())
+
+
+def _check_exits(procs):
+    """Raises `SweepFailed` if a child was killed or exited non-zero."""
+    for name, proc in procs.items():
+        code = proc.poll()
+        if code:
+            how = (f"was killed by {signal.Signals(-code).name}" if code < 0
+                   else f"exited with code {code}")
+            others = len(procs) - 1
+            raise SweepFailed(
+                f"{name} (pid {proc.pid}) {how}; stopped the other "
+                f"{others} process{'es' if others != 1 else ''}; rerun the "
+                "same command to resume")
+
+
+def _stop(procs, grace_s=5):
+    """Terminates the processes still running; kills them after `grace_s`."""
+    alive = [p for p in procs if p.poll() is None]
+    for proc in alive:
+        proc.terminate()
+    deadline = time.time() + grace_s
+    for proc in alive:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _child_argv(cli_args):
@@ -272,13 +344,22 @@ def _child_argv(cli_args):
     return [sys.executable, "-m", "tuning", *args]
 
 
-def _wait_for_port(port, process, timeout=300):
-    deadline = time.time() + timeout
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port, procs, poll_s, timeout_s):
+    deadline = time.time() + timeout_s
+    chief = procs["the chief"]
     while time.time() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError("the chief exited before serving the oracle")
+        _check_exits(procs)
+        if chief.poll() is not None:
+            raise SweepFailed(f"the chief (pid {chief.pid}) exited before "
+                              "serving the oracle")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
-        time.sleep(0.5)
-    raise RuntimeError(f"the chief did not open port {port} in {timeout} s")
+        time.sleep(poll_s)
+    raise SweepFailed(f"the chief did not open port {port} in {timeout_s} s")

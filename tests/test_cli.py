@@ -1,0 +1,359 @@
+"""`python -m tuning` as a user runs it: the real CLI in a subprocess.
+
+Every mistake is one line on stderr, a non-zero exit and nothing written;
+argument mistakes are caught before Keras (and TensorFlow) is imported, so
+these cost a fraction of a second each. The process machinery (Ctrl-C, a
+second run, a dead chief) does not depend on the Keras backend: those tests
+run once, on one backend, to keep CI under its budget.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from tests.test_tuning import once_on
+from tuning import report, rundir
+from tuning.cli import report_parser, sweep_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+PROG = "python -m tuning"
+INTERRUPTED = "interrupted; rerun the same command to resume\n"
+
+
+def _env(**extra):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **extra)
+    # A user's shell: no TF_CPP_MIN_LOG_LEVEL (conftest and CI set one).
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    return env
+
+
+def run(*args, timeout=300, **env):
+    """Runs `python -m tuning *args` from the repository root."""
+    return subprocess.run([sys.executable, "-m", "tuning", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout,
+                          env=_env(**env))
+
+
+def start(*args, **env):
+    return subprocess.Popen([sys.executable, "-m", "tuning", *args],
+                            cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env=_env(**env))
+
+
+def _wait_for_line(proc, prefix, timeout=240):
+    """Reads proc's stdout until a line starts with `prefix`."""
+    deadline = time.time() + timeout
+    for line in proc.stdout:
+        if line.startswith(prefix):
+            return line
+        assert time.time() < deadline, f"no line {prefix!r} in {timeout} s"
+    raise AssertionError(f"the command ended without a line {prefix!r}")
+
+
+SMALL = ("--subset", "200", "--no-plots")
+# (options, the one line after "python -m tuning: error: ").
+BAD_OPTIONS = [
+    (["--max-trials", "0"],
+     "argument --max-trials: must be an integer >= 1, got '0'"),
+    (["--max-trials", "-1"],
+     "argument --max-trials: must be an integer >= 1, got '-1'"),
+    (["--max-trials", "many"],
+     "argument --max-trials: must be an integer >= 1, got 'many'"),
+    (["--epochs", "0"], "argument --epochs: must be an integer >= 1, got '0'"),
+    (["--batch-size", "0"],
+     "argument --batch-size: must be an integer >= 1, got '0'"),
+    (["--subset", "2.5"], "argument --subset: must be a fraction in (0, 1] "
+     "or a whole count >= 1, got '2.5'"),
+    (["--subset", "0"], "argument --subset: must be a fraction in (0, 1] or "
+     "a whole count >= 1, got '0'"),
+    (["--workers", "-1"],
+     "argument --workers: must be an integer >= 0, got '-1'"),
+    (["--seed", "-3"], "argument --seed: must be an integer >= 0, got '-3'"),
+    (["--objective", "nope"], "argument --objective: benchmark digits logs "
+     "loss, accuracy, val_loss, val_accuracy; got 'nope'"),
+    (["--benchmark", "mnist_vae", "--objective", "val_accuracy"],
+     "argument --objective: benchmark mnist_vae logs loss, val_loss; got "
+     "'val_accuracy'"),
+    (["--direction", "up"], "argument --direction: invalid choice: 'up' "
+     "(choose from 'min', 'max')"),
+    (["--grid-steps", "2"], "argument --grid-steps: only with --tuner grid"),
+    (["--tuner", "grid", "--grid-steps", "0"],
+     "argument --grid-steps: must be an integer >= 1, got '0'"),
+    (["--seeds", "3"], "argument --seeds: only with --confirm"),
+    (["--confirm", "0"],
+     "argument --confirm: must be an integer >= 1, got '0'"),
+    (["--confirm", "--seeds", "1"],
+     "argument --seeds: must be an integer >= 2, got '1'"),
+    (["--dataset", "mnist"],
+     "argument --dataset: benchmark digits has no dataset choice"),
+    (["--mnist-idx", "/no/such/folder"],
+     "argument --mnist-idx: no such folder: /no/such/folder"),
+]
+
+
+@once_on("tensorflow")
+@pytest.mark.parametrize("options,message", BAD_OPTIONS,
+                         ids=[" ".join(o) for o, _ in BAD_OPTIONS])
+def test_a_bad_option_is_one_line_and_writes_nothing(options, message,
+                                                     tmp_path):
+    out = run("--directory", str(tmp_path / "run"), *options)
+    assert (out.returncode, out.stderr, out.stdout) == (
+        2, f"{PROG}: error: {message}\n", "")
+    assert not (tmp_path / "run").exists()
+
+
+def test_arguments_are_checked_before_keras_is_imported():
+    code = ("import sys\nfrom tuning.cli import main\n"
+            "try:\n    main(['--max-trials', '0'])\nexcept SystemExit:\n"
+            "    print('keras' in sys.modules, file=sys.stderr)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, text=True,
+                         capture_output=True, env=_env(), timeout=60)
+    assert out.stderr.splitlines() == [
+        f"{PROG}: error: argument --max-trials: must be an integer >= 1, "
+        "got '0'", "False"]
+
+
+@once_on("tensorflow")
+@pytest.mark.parametrize("directory,reason", [
+    ("/proc/tuning_x", "cannot create directory /proc/tuning_x: No such file "
+     "or directory"),
+    ("/sys", "cannot write to directory /sys: Permission denied"),
+])
+def test_an_unwritable_directory_is_one_line(directory, reason):
+    if not Path(directory).parent.is_dir():
+        pytest.skip(f"{Path(directory).parent} does not exist here")
+    out = run("--directory", directory, "--max-trials", "1")
+    assert (out.returncode, out.stderr) == (1, f"{PROG}: error: {reason}\n")
+
+
+@once_on("tensorflow")
+def test_report_without_a_run_is_one_line(tmp_path):
+    out = run("report", str(tmp_path))
+    assert (out.returncode, out.stderr) == (
+        1, f"{PROG}: error: {tmp_path} holds no tuning run (no readable "
+        f"settings.json); run `{PROG} --directory {tmp_path}` first\n")
+    out = run("report")
+    assert (out.returncode, out.stderr) == (
+        2, f"{PROG} report: error: the following arguments are required: "
+        "DIR\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+@once_on("tensorflow")
+def test_missing_data_is_its_message_alone(tmp_path):
+    # imdb.npz is not in the offline datasets, and there is no network.
+    home = tmp_path / "keras_home"
+    (home / "datasets").mkdir(parents=True)
+    out = run("--benchmark", "imdb_bow_logreg", "--directory",
+              str(tmp_path / "run"), KERAS_HOME=str(home))
+    lines = out.stderr.splitlines()
+    assert out.returncode == 1 and len(lines) == 1, out.stderr
+    assert lines[0].startswith(f"{PROG}: error: Dataset 'imdb' is not cached")
+    assert lines[0].endswith(
+        f"Without a network, place imdb.npz in {home / 'datasets'}/ (or set "
+        "KERAS_HOME to a folder whose datasets/ holds it).")
+    assert not (tmp_path / "run").exists()
+
+
+def test_help_shows_every_default_and_the_subcommands():
+    for parser in (sweep_parser(), report_parser()):
+        for action in parser._actions:
+            if action.option_strings and action.dest != "help":
+                text = parser._get_formatter()._get_help_string(action)
+                assert "default" in text, action.dest
+    out = subprocess.run([sys.executable, "-m", "tuning", "--help"],
+                         cwd=ROOT, capture_output=True, text=True,
+                         env=_env(), timeout=60)
+    assert out.returncode == 0
+    assert f"{PROG} report DIR" in out.stdout
+    assert f"{PROG} replicate" in out.stdout
+    assert "(default: 12)" in out.stdout
+
+
+def _tuning_section():
+    text = (ROOT / "README.md").read_text()
+    start = text.index("## Tuning: `python -m tuning`")
+    end = text.index("## Speed")
+    return text[start:end]
+
+
+def test_readme_documents_every_option_and_the_output():
+    section = _tuning_section()
+    rows = [line for line in section.splitlines() if line.startswith("| `-")]
+    documented = set(re.findall(r"`(--[a-z-]+)", "\n".join(rows)))
+    options = {s for a in sweep_parser()._actions for s in a.option_strings
+               if s.startswith("--") and s != "--help"}
+    assert documented == options
+    for row in rows:  # every row states its default (a cell, maybe empty)
+        assert row.count("|") >= 4, row
+    # A sample of the printed output, and what "score" means.
+    assert "objective val_loss, minimised; score = its value at a trial's " \
+        "best epoch" in section
+    assert "`<objective>_at_best_epoch`" in section
+    assert report.score_column("val_loss") == "val_loss_at_best_epoch"
+
+
+def test_packaging_extras_state_ranges_and_ci_pins():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    for extra, requirements in project["project"][
+        "optional-dependencies"
+    ].items():
+        for requirement in requirements:  # ranges, not pins
+            version = requirement.split(";")[0]
+            assert "==" not in version, (extra, requirement)
+    assert "torch>=2.4" in project["project"]["optional-dependencies"]["torch"]
+    pins = (ROOT / ".ci" / "constraints.txt").read_text().splitlines()
+    assert "torch==2.13.0" in pins
+    readme = (ROOT / "README.md").read_text()
+    installs = [line for line in readme.splitlines()
+                if "pip install" in line]
+    assert installs and all("-c .ci/constraints.txt" in line
+                            for line in installs), installs
+
+
+def _saved_run(directory, **settings):
+    """A directory as a finished default search leaves it (settings)."""
+    from tuning.sweep import search_settings
+
+    directory.mkdir()
+    saved = dict(search_settings(**settings), direction="min",
+                 data="sklearn digits", project="digits")
+    rundir.write_json(directory / rundir.SETTINGS, saved)
+    return (directory / rundir.SETTINGS).read_bytes()
+
+
+WAYS_OUT = (". Rerun with --overwrite to start afresh, or choose another "
+            "--directory\n")
+CHANGES = [
+    (["--epochs", "4"], "epochs 1 there, 4 now"),
+    (["--epochs", "1", "--tune", "learning_rate"],
+     "tune ['learning_rate', 'beta_1', 'beta_2', 'epsilon'] there, "
+     "['learning_rate'] now"),
+    (["--epochs", "1", "--tuner", "bayesian"],
+     "tuner 'random' there, 'bayesian' now"),
+    (["--epochs", "1", "--subset", "300"], "subset 200 there, 300 now"),
+    (["--epochs", "1", "--max-trials", "3"],
+     "max_trials 4 there, 3 now (it may only grow)"),
+    (["--epochs", "2", "--seed", "1"],
+     "epochs 1 there, 2 now; seed 0 there, 1 now"),
+]
+
+
+@once_on("tensorflow")
+@pytest.mark.parametrize("options,difference", CHANGES,
+                         ids=[" ".join(o) for o, _ in CHANGES])
+def test_other_settings_on_a_directory_are_refused(options, difference,
+                                                   tmp_path):
+    before = _saved_run(tmp_path / "run", epochs=1, subset=200,
+                        max_trials=4)
+    out = run("--directory", str(tmp_path / "run"), "--subset", "200",
+              "--max-trials", "4", "--no-plots", *options)
+    assert (out.returncode, out.stderr) == (
+        1, f"{PROG}: error: {tmp_path / 'run'} holds a search with other "
+        f"settings: {difference}{WAYS_OUT}")
+    assert (tmp_path / "run" / rundir.SETTINGS).read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        rundir.SETTINGS]
+
+
+@once_on("tensorflow")
+def test_a_second_benchmark_in_the_same_directory_is_refused(tmp_path):
+    before = _saved_run(tmp_path / "run", epochs=1)
+    out = run("--directory", str(tmp_path / "run"), "--benchmark",
+              "mnist_logreg", "--epochs", "1")
+    assert out.returncode == 1
+    assert out.stderr.startswith(
+        f"{PROG}: error: {tmp_path / 'run'} holds a search with other "
+        "settings: benchmark 'digits' there, 'mnist_logreg' now; ")
+    assert out.stderr.endswith(WAYS_OUT) and out.stderr.count("\n") == 1
+    assert (tmp_path / "run" / rundir.SETTINGS).read_bytes() == before
+
+
+@once_on("tensorflow")
+def test_a_second_run_on_a_directory_in_use_stops(tmp_path):
+    with rundir.lock(tmp_path):
+        out = run("--directory", str(tmp_path), "--max-trials", "1")
+        since = json.loads((tmp_path / rundir.LOCK).read_text())["since"]
+    assert out.returncode == 1
+    assert out.stderr == (
+        f"{PROG}: error: directory {tmp_path} is in use by pid "
+        f"{os.getpid()} on {os.uname().nodename} since {since} "
+        f"({' '.join(sys.argv)}); wait for it to finish or choose another "
+        "--directory\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [rundir.LOCK]
+
+
+@once_on("tensorflow")
+def test_ctrl_c_is_one_line_and_the_trial_is_kept_for_resume(tmp_path):
+    proc = start("--directory", str(tmp_path), *SMALL, "--epochs", "30",
+                 "--max-trials", "3")
+    _wait_for_line(proc, "trial 0:")
+    _wait_for_line(proc, "Epoch 2/30")  # trial 1 is training
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    # One line; no traceback, no TensorFlow startup log (item 15).
+    assert (proc.returncode, err) == (130, INTERRUPTED)
+    side = json.loads((tmp_path / "digits" / "trial_1" / rundir.SIDECAR)
+                      .read_text())
+    trial = json.loads((tmp_path / "digits" / "trial_1" / "trial.json")
+                       .read_text())
+    assert (side["status"], trial["status"]) == ("INTERRUPTED", "RUNNING")
+
+
+@once_on("tensorflow")
+def test_progress_direction_and_the_summary_of_an_accuracy_search(tmp_path):
+    out = run("--directory", str(tmp_path), *SMALL, "--epochs", "2",
+              "--max-trials", "3", "--objective", "val_accuracy")
+    assert out.returncode == 0, out.stderr
+    # No TensorFlow startup lines, no warnings: stderr is empty (item 15).
+    assert out.stderr == ""
+    lines = out.stdout.splitlines()
+    # Keras's epoch lines inside each trial, Keras's progress bar over the
+    # search with its ETA (item 13).
+    assert sum(line == "Epoch 2/2" for line in lines) == 3
+    bars = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in lines
+            if "s/trial" in line]
+    assert len(bars) == 3 and bars[0].startswith("1/3 ")
+    assert bars[2].startswith("3/3 ")
+    table = json.loads((tmp_path / "trials.json").read_text())["trials"]
+    scores = {t["trial_id"]: t["score"] for t in table}
+    best = max(table, key=lambda t: t["score"])
+    assert json.loads((tmp_path / "best.json").read_text()) == best[
+        "optimizer"]
+    assert best["score"] == max(scores.values())
+    row = next(line for line in lines
+               if line.startswith("val_accuracy, 2 epochs"))
+    assert row.split()[3] == f"{best['score']:.4f}"
+    assert ("objective val_accuracy, maximised; score = its value at a "
+            "trial's best epoch") in out.stdout
+    header = (tmp_path / "trials.csv").read_text().splitlines()[0]
+    assert header.startswith("trial_id,status,epochs,"
+                             "val_accuracy_at_best_epoch,")
+
+
+@once_on("tensorflow")
+def test_a_dead_chief_stops_the_workers_within_seconds(tmp_path):
+    proc = start("--directory", str(tmp_path), *SMALL, "--epochs", "20",
+                 "--max-trials", "6", "--workers", "2")
+    line = _wait_for_line(proc, "distributed: chief pid ")
+    chief = int(line.split()[3])
+    workers = [int(p) for p in line.split("worker pids ")[1].split()]
+    os.kill(chief, signal.SIGKILL)
+    killed = time.time()
+    out, err = proc.communicate(timeout=60)
+    assert time.time() - killed < 15
+    assert proc.returncode == 1
+    assert err.splitlines()[-1] == (
+        f"{PROG}: error: the chief (pid {chief}) was killed by SIGKILL; "
+        "stopped the other 2 processes; rerun the same command to resume")
+    for pid in workers:  # stopped and reaped
+        assert not Path(f"/proc/{pid}").exists()

@@ -1,0 +1,70 @@
+"""The errors a tuning command reports in one line, without a traceback.
+
+`python -m tuning` prints a `TuningError` as `python -m tuning: error: ...`
+and exits non-zero; any other exception is a bug and keeps its traceback.
+`Parser` gives the command line's own mistakes the same one-line shape.
+"""
+
+import argparse
+import signal
+import sys
+
+
+class TuningError(Exception):
+    """A problem the user can act on; its message is one line that says how."""
+
+
+class Parser(argparse.ArgumentParser):
+    """An `argparse.ArgumentParser` whose errors are one line, and whose
+    help shows every option's default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _DefaultsHelp)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        """Prints `<prog>: error: <message>` and exits with status 2."""
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class _DefaultsHelp(argparse.RawDescriptionHelpFormatter):
+    """Appends "(default: ...)" to options whose help does not state it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.option_strings and "default" not in text and (
+            action.default is not argparse.SUPPRESS
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
+_interrupts = []
+
+
+def catch_interrupts():
+    """Makes Ctrl-C stick until the command stops.
+
+    Python raises KeyboardInterrupt wherever the main thread is, and a
+    garbage-collection callback or `__del__` swallows it ("Exception
+    ignored in ..."). With this handler the interrupt is also recorded (and
+    such a swallowed one not printed), and `check_interrupt()` (called after
+    every batch and trial) raises it again.
+    """
+    def handler(signum, frame):
+        _interrupts.append(signum)
+        raise KeyboardInterrupt
+
+    def unraisable(info, default=sys.unraisablehook):
+        if not isinstance(info.exc_value, KeyboardInterrupt):
+            default(info)  # a swallowed interrupt is raised again instead
+
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, handler)
+        sys.unraisablehook = unraisable
+
+
+def check_interrupt():
+    """Raises KeyboardInterrupt if Ctrl-C was pressed (and swallowed)."""
+    if _interrupts:
+        raise KeyboardInterrupt

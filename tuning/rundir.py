@@ -1,0 +1,282 @@
+"""The output directory of a search: atomic files, one owner, one setting.
+
+- Every JSON, CSV and text file is written to a temporary file in the same
+  folder and renamed over the old one (`os.replace` is atomic on POSIX), so
+  a crash, an interrupt or a kill leaves the old file or the new one, never
+  a truncated one.
+- `lock(directory)` holds an exclusive `fcntl.flock` on `<dir>/.lock` for the
+  duration of a search; a second search on the same directory stops at once
+  and says which process holds it. keras-tuner's chief and workers share a
+  directory by design and do not lock it (their launcher does).
+- `check_settings` compares a new search with the one the directory holds
+  (`settings.json`) and refuses to mix them.
+
+This module imports no Keras: the command line runs these checks in a
+fraction of a second, before TensorFlow loads.
+"""
+
+import contextlib
+import csv
+import fcntl
+import io
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+from tuning.errors import TuningError
+
+SETTINGS = "settings.json"
+LOCK = ".lock"
+# Our record of one trial, beside keras-tuner's trial.json.
+SIDECAR = "adam_plus.json"
+# Settings that may change on a resume: max_trials may grow; the others
+# describe rather than decide the trials.
+_MAY_CHANGE = ("max_trials", "data", "project")
+
+
+class DirectoryBusy(TuningError):
+    """Another search holds the directory's lock."""
+
+
+class DirectoryUnusable(TuningError):
+    """The directory cannot be created or written."""
+
+
+class SettingsMismatch(TuningError, ValueError):
+    """The directory holds a search with other settings."""
+
+
+class NoRun(TuningError):
+    """The directory holds no search to report on."""
+
+
+# ----------------------------------------------------------------- files
+
+
+def write_text(path, text):
+    """Writes `text` to `path` atomically (temporary file, then rename)."""
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temp, "w", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    finally:
+        if temp.exists():
+            temp.unlink()
+
+
+def write_json(path, obj, indent=1):
+    """Writes `obj` as JSON to `path` atomically."""
+    write_text(path, json.dumps(obj, indent=indent))
+
+
+def write_csv(path, header, rows):
+    """Writes a CSV table (a header, then rows) to `path` atomically."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(rows)
+    write_text(path, buffer.getvalue())
+
+
+def read_json(path, what="its contents are ignored"):
+    """The JSON in `path`, or None (with a warning naming it) if unreadable.
+
+    A missing file is None without a warning. A truncated or corrupt one
+    (written by an older version, or damaged) warns on stderr, saying what
+    becomes of it: `what`.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        print(f"warning: {path} is truncated or corrupt ({err}); {what}",
+              file=sys.stderr, flush=True)
+        return None
+
+
+# ------------------------------------------------------------------ lock
+
+_HELD = {}  # resolved directory -> [file descriptor, depth]
+
+
+def is_distributed_child():
+    """Whether this process is a keras-tuner chief or worker."""
+    return bool(os.environ.get("KERASTUNER_TUNER_ID"))
+
+
+@contextlib.contextmanager
+def lock(directory):
+    """Holds `directory` exclusively; creates it if needed.
+
+    Re-entrant within one process. Raises `DirectoryBusy` naming the holder
+    if another process has it, `DirectoryUnusable` if it cannot be created
+    or written. Folders this call created are removed again on exit if
+    nothing but the lock was written in them.
+    """
+    directory = Path(directory)
+    key = str(directory.resolve())
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[key][1] -= 1
+        return
+    created = _make_dirs(directory)
+    path = directory / LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        _remove_empty(created)
+        raise DirectoryUnusable(
+            f"cannot write to directory {directory}: {err.strerror}"
+        ) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DirectoryBusy(
+            f"directory {directory} is in use by {_holder(path)}; wait for "
+            "it to finish or choose another --directory"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({
+        "pid": os.getpid(), "host": socket.gethostname(),
+        "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": " ".join(sys.argv),
+    }).encode())
+    _HELD[key] = [fd, 1]
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        os.close(fd)  # releases the flock
+        if created and not any(p.name != LOCK for p in directory.iterdir()):
+            path.unlink()
+            _remove_empty(created)
+
+
+def _holder(path):
+    try:
+        info = json.loads(Path(path).read_text())
+        return (f"pid {info['pid']} on {info['host']} since {info['since']} "
+                f"({info['command']})")
+    except (OSError, ValueError, KeyError):
+        return "another process"
+
+
+def _make_dirs(directory):
+    """Creates `directory` and its parents; the ones created, deepest first."""
+    missing = []
+    for folder in (directory, *directory.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DirectoryUnusable(
+            f"cannot create directory {directory}: {err.strerror}"
+        ) from None
+    if not directory.is_dir():
+        raise DirectoryUnusable(f"{directory} is not a directory")
+    return missing
+
+
+def _remove_empty(folders):
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+# -------------------------------------------------------------- settings
+
+
+def read_settings(directory):
+    """The settings of the search in `directory`; `NoRun` if there is none."""
+    directory = Path(directory)
+    settings = read_json(directory / SETTINGS, "the directory cannot be read")
+    if settings is None:
+        raise NoRun(
+            f"{directory} holds no tuning run (no readable {SETTINGS}); run "
+            f"`python -m tuning --directory {directory}` first"
+        )
+    return settings
+
+
+def check_settings(directory, settings, pending=()):
+    """Refuses to resume a search saved with other settings.
+
+    Compares `settings` with `<directory>/settings.json` key by key (keys
+    in `pending` are not known yet and are skipped; a key the saved file
+    lacks, written by an older version, is not compared). `max_trials` may
+    grow. Raises `SettingsMismatch` naming every difference and the two ways
+    out.
+    """
+    directory = Path(directory)
+    saved = read_json(directory / SETTINGS,
+                      "delete it or rerun with --overwrite")
+    if saved is None:
+        if (directory / SETTINGS).exists():
+            raise SettingsMismatch(f"{directory / SETTINGS} is unreadable; "
+                                   "rerun with --overwrite to start afresh, "
+                                   "or choose another --directory")
+        return
+    new = json.loads(json.dumps(settings))  # tuples as lists, as saved
+    flat_new, flat_saved = _flatten(new), _flatten(saved)
+    differences = [
+        f"{key} {flat_saved[key]!r} there, {value!r} now"
+        for key, value in flat_new.items()
+        if key not in _MAY_CHANGE and key not in pending
+        and key in flat_saved and flat_saved[key] != value
+    ]
+    if new.get("max_trials", 0) < saved.get("max_trials", 0):
+        differences.append(f"max_trials {saved['max_trials']} there, "
+                           f"{new['max_trials']} now (it may only grow)")
+    if differences:
+        raise SettingsMismatch(
+            f"{directory} holds a search with other settings: "
+            + "; ".join(differences)
+            + ". Rerun with --overwrite to start afresh, or choose another "
+            "--directory"
+        )
+
+
+def _flatten(settings):
+    """The search space's fields as top-level keys (`tune`, `modes`, ...)."""
+    flat = {k: v for k, v in settings.items() if k != "space"}
+    flat.update(settings.get("space", {}))
+    return flat
+
+
+def clear(directory, outputs):
+    """Removes a previous search's files from `directory` (`--overwrite`).
+
+    Removes only what a search writes: the keras-tuner project folder named
+    in its settings, and `outputs` (names or glob patterns). Other files in
+    the directory are left alone.
+    """
+    directory = Path(directory)
+    saved = read_json(directory / SETTINGS, "it is removed") or {}
+    doomed = [directory / saved["project"]] if saved.get("project") else []
+    for pattern in outputs:
+        doomed.extend(directory.glob(pattern))
+    for path in doomed:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()

@@ -1,0 +1,273 @@
+"""keras-tuner's oracles and tuners with AdamPlus's bookkeeping.
+
+- The first new trial of every tuner but GridSearch evaluates the paper's
+  defaults (GridSearch starts from the defaults by itself).
+- Every file keras-tuner keeps (`oracle.json`, `trial.json`, the tuner's
+  state, the build config) is written atomically; on a resume, a trial whose
+  `trial.json` is unreadable is run again, with a warning naming the file.
+- Each trial gets an `adam_plus.json` sidecar (values, seed, epochs,
+  duration, history, error class, memory, versions), a progress line, and a
+  step of Keras's `Progbar` over the whole search (elapsed time and ETA).
+"""
+
+import gc
+import math
+import os
+import time
+from pathlib import Path
+
+import keras
+import keras_tuner
+from keras_tuner import oracles
+from keras_tuner.engine.metrics_tracking import infer_metric_direction
+from keras_tuner.engine.trial import Trial, TrialStatus
+from keras_tuner.src.engine import tuner_utils
+
+from tuning import report, rundir
+from tuning.errors import check_interrupt
+from tuning.hypermodel import Diverged
+from tuning.report import epochs_text
+from tuning.search_space import format_value
+
+SIDECAR = rundir.SIDECAR
+ORACLES = {
+    "random": oracles.RandomSearchOracle,
+    "bayesian": oracles.BayesianOptimizationOracle,
+    "hyperband": oracles.HyperbandOracle,
+    "grid": oracles.GridSearchOracle,
+}
+
+
+class _DefaultsFirst:
+    """Oracle mixin: the first new trial evaluates the default values."""
+
+    def _random_values(self):
+        hps = self.get_space()
+        defaults = {hp.name: hp.default for hp in hps.space
+                    if hps.is_active(hp)}
+        if not self._duplicate(defaults):
+            return defaults
+        return super()._random_values()
+
+
+class _AtomicState:
+    """Oracle mixin: atomic `oracle.json` and `trial.json`; unreadable trials
+    are run again on a resume."""
+
+    def save(self):
+        rundir.write_json(self._get_oracle_fname(), self.get_state(),
+                          indent=None)
+
+    def _save_trial(self, trial):
+        rundir.write_json(Path(self._get_trial_dir(trial.trial_id))
+                          / "trial.json", trial.get_state(), indent=None)
+
+    def save_all(self):
+        """Saves every trial and the oracle; keras-tuner stops a search that
+        failed too often inside `end_trial`, before saving the last trial."""
+        for trial in self.trials.values():
+            self._save_trial(trial)
+        self.save()
+
+    def reload(self):
+        rerun = [self._recover(path) for path in
+                 sorted(Path(self._project_dir).glob("trial_*/trial.json"))
+                 if rundir.read_json(path, "its trial is run again") is None]
+        super().reload()
+        for trial_id in rerun:
+            if trial_id in self.end_order:
+                self.end_order.remove(trial_id)
+            if trial_id not in self._retry_queue:
+                self._retry_queue.append(trial_id)
+
+    def _recover(self, path):
+        """Rewrites an unreadable trial.json as a trial to run again.
+
+        Its values come from our sidecar (written when the trial started);
+        without one (a trial that never started, or an older version's),
+        from the oracle's next draw.
+        """
+        trial_id = path.parent.name[len("trial_"):]
+        side = rundir.read_json(path.parent / SIDECAR,
+                                "its values are drawn again") or {}
+        values = side.get("values") or self._random_values() or {}
+        hps = self.hyperparameters.copy()
+        hps.values = values
+        trial = Trial(
+            hps, trial_id=trial_id,
+            status=TrialStatus.RUNNING)
+        rundir.write_json(path, trial.get_state(), indent=None)
+        return trial_id
+
+
+def oracle_class(name):
+    """keras-tuner's oracle `name` with our mixins."""
+    if name not in ORACLES:
+        raise ValueError(
+            f"Argument `tuner` must be one of {', '.join(ORACLES)}. "
+            f"Received: tuner={name!r}"
+        )
+    mixins = (_AtomicState,) if name == "grid" else (_AtomicState,
+                                                     _DefaultsFirst)
+    base = ORACLES[name]
+    return type(f"AdamPlus{base.__name__}", (*mixins, base), {})
+
+
+class _Bookkeeping:
+    """Tuner mixin: sidecar, progress, atomic state and failure records."""
+
+    progress = None  # a keras.utils.Progbar over the search, or None
+
+    def run_trial(self, trial, *args, **kwargs):
+        start = time.time()
+        hypermodel = self.hypermodel
+        hypermodel.last_history, hypermodel.last_epochs = {}, None
+        record = {"trial_id": trial.trial_id,
+                  "values": dict(trial.hyperparameters.values),
+                  "seed": hypermodel.seed, "backend": keras.backend.backend(),
+                  "versions": report.versions(), "status": "RUNNING"}
+        path = Path(self.get_trial_dir(trial.trial_id)) / SIDECAR
+        rundir.write_json(path, record)
+        status, error = "INTERRUPTED", None
+        try:
+            result = super().run_trial(trial, *args, **kwargs)
+            status = "COMPLETED"
+            return result
+        except Exception as err:
+            status, error = ("DIVERGED" if isinstance(err, Diverged)
+                             else "FAILED"), err
+            raise
+        finally:
+            record.update(
+                status=status,
+                epochs=hypermodel.last_epochs,
+                duration_s=round(time.time() - start, 3),
+                history=hypermodel.last_history,
+                error=None if error is None else str(error)[:500],
+                error_type=None if error is None else type(error).__name__,
+                rss_mb=_rss_mb(),
+            )
+            rundir.write_json(path, record)
+
+    def _build_and_fit_model(self, trial, *args, **kwargs):
+        # keras-tuner's, with the build config written atomically.
+        hp = trial.hyperparameters
+        model = self._try_build(hp)
+        results = self.hypermodel.fit(hp, model, *args, **kwargs)
+        rundir.write_json(self._get_build_config_fname(trial.trial_id),
+                          model.get_build_config(), indent=None)
+        tuner_utils.validate_trial_results(
+            results, self.oracle.objective, "HyperModel.fit()")
+        return results
+
+    def save(self):
+        if not self._is_worker():
+            self.oracle.save()
+        rundir.write_json(self._get_tuner_fname(), self.get_state(),
+                          indent=None)
+
+    def reload(self):
+        # The tuner's own state is empty: only the oracle has one to read.
+        if not self._is_worker():
+            self.oracle.reload()
+
+    def on_trial_end(self, trial):
+        super().on_trial_end(trial)
+        gc.collect()
+        check_interrupt()
+        done = self.oracle.get_trial(trial.trial_id)
+        values = self.hypermodel.space.optimizer_kwargs(
+            {k: v for k, v in done.hyperparameters.values.items()
+             if not k.startswith("tuner/")})
+        shown = " ".join(f"{k}={format_value(k, v)}"
+                         for k, v in values.items() if isinstance(v, float))
+        objective = self.oracle.objective.name
+        epochs = self.hypermodel.last_epochs
+        if done.score is not None and math.isfinite(done.score):
+            result = f"{objective}={done.score:.4f} ({epochs_text(epochs)})"
+        else:
+            side = rundir.read_json(
+                Path(self.get_trial_dir(trial.trial_id)) / SIDECAR) or {}
+            result = side.get("status", str(done.status))
+            if side.get("error_type") not in (None, "Diverged"):
+                result += (f" ({side['error_type']}: "
+                           f"{report.one_line(side['error'], 200)})")
+        print(f"trial {trial.trial_id}: {shown} -> {result}", flush=True)
+        if self.progress is not None:
+            self.progress.add(1)
+            print(flush=True)  # the next trial's lines start on a new line
+
+
+class AdamPlusTuner(_Bookkeeping, keras_tuner.Tuner):
+    """A keras-tuner `Tuner` with AdamPlus bookkeeping."""
+
+
+class AdamPlusHyperband(_Bookkeeping, keras_tuner.Hyperband):
+    """keras-tuner's Hyperband (epochs per bracket) with bookkeeping."""
+
+    def __init__(self, oracle, hypermodel, **kwargs):
+        # Hyperband.__init__ only builds its oracle; ours is built already.
+        keras_tuner.Tuner.__init__(self, oracle=oracle, hypermodel=hypermodel,
+                                   **kwargs)
+
+
+def make_tuner(hypermodel, tuner="random", max_trials=10, objective="val_loss",
+               direction=None, directory="tuning_runs", project_name=None,
+               seed=0, overwrite=False, max_epochs=None):
+    """Builds an `AdamPlusTuner` (or Hyperband) around `hypermodel`.
+
+    `direction` ("min" or "max") defaults to keras-tuner's inference from
+    the objective's name (`keras_tuner.Objective`).
+    """
+    objective = keras_tuner.Objective(
+        objective, direction or infer_direction(objective))
+    common = dict(objective=objective, seed=seed,
+                  max_consecutive_failed_trials=max(3, max_trials))
+    if tuner == "hyperband":
+        oracle = oracle_class(tuner)(
+            max_epochs=max_epochs or hypermodel.epochs, factor=3,
+            hyperband_iterations=1, **common,
+        )
+        cls = AdamPlusHyperband
+    else:
+        oracle = oracle_class(tuner)(max_trials=max_trials, **common)
+        cls = AdamPlusTuner
+    return cls(oracle=oracle, hypermodel=hypermodel, directory=str(directory),
+               project_name=project_name or hypermodel.name,
+               overwrite=overwrite)
+
+
+def infer_direction(objective):
+    """"min" or "max" for a metric name, by keras-tuner's own rules."""
+    direction = infer_metric_direction(objective)
+    if direction is None:
+        raise ValueError(
+            f"The direction of objective {objective!r} cannot be inferred; "
+            "pass direction='min' or 'max' (--direction)"
+        )
+    return direction
+
+
+def planned_trials(oracle):
+    """How many trials the search runs in all (Hyperband: its brackets)."""
+    if isinstance(oracle, oracles.HyperbandOracle):
+        per_iteration = sum(
+            oracle._get_size(bracket, round_num)
+            for bracket in range(oracle._get_num_brackets())
+            for round_num in range(oracle._get_num_rounds(bracket))
+        )
+        return per_iteration * oracle.hyperband_iterations
+    return oracle.max_trials
+
+
+def _rss_mb():
+    """Resident memory of this process now, in MiB (Linux), else peak."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+    except (OSError, ValueError):
+        import resource
+
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                     / 1024, 1)
+
