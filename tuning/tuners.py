@@ -93,9 +93,7 @@ class _AtomicState:
         values = side.get("values") or self._random_values() or {}
         hps = self.hyperparameters.copy()
         hps.values = values
-        trial = Trial(
-            hps, trial_id=trial_id,
-            status=TrialStatus.RUNNING)
+        trial = Trial(hps, trial_id=trial_id, status=TrialStatus.RUNNING)
         rundir.write_json(path, trial.get_state(), indent=None)
         return trial_id
 
