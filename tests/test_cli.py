@@ -136,6 +136,30 @@ def test_an_unwritable_directory_is_one_line(directory, reason):
 
 
 @once_on("tensorflow")
+def test_a_file_or_empty_path_as_directory_is_one_line(tmp_path):
+    # Were: a 27-line NotADirectoryError traceback, and "" ran a sweep.
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    out = run("--directory", str(afile), "--max-trials", "1")
+    assert (out.returncode, out.stderr) == (
+        1, f"{PROG}: error: cannot create directory {afile}: File exists\n")
+    out = run("--directory", str(afile / "x"), "--max-trials", "1")
+    assert (out.returncode, out.stderr) == (
+        1, f"{PROG}: error: cannot create directory {afile / 'x'}: Not a "
+        "directory\n")
+    out = run("report", str(afile))
+    assert (out.returncode, out.stderr) == (
+        1, f"{PROG}: error: {afile} holds no tuning run (no readable "
+        f"settings.json); run `{PROG} --directory {afile}` first\n")
+    for args in (["--directory", ""], ["report", ""]):
+        out = run(*args)
+        assert out.returncode == 2
+        assert out.stderr.endswith("must be a folder path, got ''\n")
+        assert len(out.stderr.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+@once_on("tensorflow")
 def test_report_without_a_run_is_one_line(tmp_path):
     out = run("report", str(tmp_path))
     assert (out.returncode, out.stderr) == (

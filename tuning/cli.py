@@ -32,6 +32,13 @@ _MINIMUMS = {**MINIMUMS, "confirm": CONFIRM_MINIMUMS["top"],
              "seeds": CONFIRM_MINIMUMS["seeds"]}
 
 
+def _folder(text):
+    """An argparse type: a non-empty folder path."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must be a folder path, got ''")
+    return text
+
+
 def _count(name):
     """An argparse type: an integer >= `_MINIMUMS[name]`."""
     minimum = _MINIMUMS[name]
@@ -112,7 +119,7 @@ def sweep_parser():
                    help="minimise or maximise the objective (default: "
                    "keras-tuner's rule from its name: losses min, accuracy "
                    "max)")
-    p.add_argument("--directory", default=None,
+    p.add_argument("--directory", default=None, type=_folder,
                    help="output folder; rerunning on it resumes (default: "
                    "tuning_runs/<benchmark>)")
     p.add_argument("--seed", type=_count("seed"), default=0,
@@ -144,7 +151,7 @@ def report_parser():
     p = Parser(prog=f"{PROG} report",
                description="Rebuild trials.csv, trials.json, best.json, "
                "summary.txt and the plots of a search's directory.")
-    p.add_argument("directory", metavar="DIR")
+    p.add_argument("directory", metavar="DIR", type=_folder)
     p.add_argument("--no-plots", action="store_true",
                    help="skip the PNG plots")
     return p

@@ -96,8 +96,10 @@ def read_json(path, what="its contents are ignored"):
     path = Path(path)
     try:
         text = path.read_text()
-    except FileNotFoundError:
-        return None
+    except (FileNotFoundError, NotADirectoryError):
+        return None  # also a path under a file: nothing there
+    except OSError as err:
+        raise TuningError(f"cannot read {path}: {err.strerror}") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
