@@ -105,8 +105,8 @@ class AdamPlus(keras.optimizers.Optimizer):
         skip_nonfinite: Whether to skip every step whose gradients hold a
             NaN or an Inf: weights, moments, accumulators, EMA and the step
             count stay unchanged, and `skipped_steps` (a saved variable)
-            counts the skips. Costs one copy of the state per step.
-            Defaults to `False`.
+            counts the skips. Costs one extra read of the gradients per
+            step (see `keras_adam_plus.nonfinite`). Defaults to `False`.
         weight_decay: Weight decay coefficient `lambda`, finite and >= 0, a
             schedule (`LearningRateSchedule` or callable of the step), or
             `None` for none. Defaults to `None`.
@@ -294,8 +294,9 @@ class AdamPlus(keras.optimizers.Optimizer):
         if self._betas_scheduled:
             # prod_{i<=t} beta_i, the bias correction of scheduled betas,
             # in float64 where a variable is float64.
-            dtype = max((rule.compute_dtype(v.dtype) for v in var_list),
-                        default="float32")
+            dtype = "float64" if any(
+                rule.compute_dtype(v.dtype) == "float64" for v in var_list
+            ) else "float32"
             self._beta_powers = [
                 self.add_variable((), initializer="ones", dtype=dtype,
                                   name=f"beta_{i}_power")
@@ -362,11 +363,13 @@ class AdamPlus(keras.optimizers.Optimizer):
                                else self._beta_now(self.beta_1, ahead=1))
         wd = self.weight_decay
         if callable(wd):
-            wd = wd(self.iterations)
+            wd = wd(self.iterations)  # a tensor: never test its truth
+        elif not wd:
+            wd = None
         scalars = rule.step_scalars(
             self._hyper(), dtype, self.iterations, learning_rate,
             betas=betas, beta_1_next=beta_1_next, beta_powers=powers,
-            weight_decay=wd or None,
+            weight_decay=wd,
         )
         if cache is not None:
             cache[dtype] = scalars
@@ -599,6 +602,10 @@ class AdamPlus(keras.optimizers.Optimizer):
         if not self.built:
             storage.check_kinds_before_build(self, saved_kinds,
                                              self._state_kinds())
+            # The step count and learning rate exist before build: assign
+            # them now (a later `optimizer.learning_rate = ...` wins); the
+            # slots wait for build.
+            storage.assign_scalars(self, values, saved_kinds)
             self._pending_state = (values, saved_kinds)
             return
         storage.assign(self, values, saved_kinds)
@@ -606,10 +613,8 @@ class AdamPlus(keras.optimizers.Optimizer):
     def __reduce__(self):
         # Pickle keeps the config and, once built, the state; the state is
         # assigned when the unpickled optimizer is built.
-        state = None
-        if self.built:
-            state = ([v.numpy() for v in self.variables],
-                     storage.kinds(self))
+        state = storage.snapshot(self) if (
+            self.built or self._pending_state is not None) else None
         return _unpickle, (self.__class__, self.get_config(), state)
 
 
@@ -628,5 +633,7 @@ def _serialize_schedule(value):
 
 def _unpickle(cls, config, state):
     optimizer = cls.from_config(config)
+    if isinstance(state, tuple):
+        storage.assign_scalars(optimizer, *state)
     optimizer._pending_state = state
     return optimizer

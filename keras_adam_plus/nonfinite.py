@@ -1,18 +1,20 @@
 """Skipping steps whose gradients hold a NaN or an Inf (`skip_nonfinite`).
 
 The decision is taken once per step, on every replica's gradients, and the
-step is then taken or not as a whole; nothing is copied:
+step is then taken or not as a whole:
 
 - eager (any backend): a Python branch on the flag;
 - `tf.function`: `ops.cond`, as Keras's `LossScaleOptimizer` does, in
   cross-replica context under a `tf.distribute` strategy (the flag AND-ed
   over the replicas, so that every replica skips together);
-- TensorFlow under XLA (`jit_compile=True`): a select per value (a cond
-  measured 2-4.6x the step there);
+- TensorFlow under XLA (`jit_compile=True`): a select per value against a
+  copy of the values before the step (a cond measured 2-4.6x the step
+  there);
 - `stateless_apply` (JAX's trainer, jitted): `ops.cond` between the step
   and the inputs (a select per value measured 4x the step on XLA CPU: the
   selects did not fuse into the update);
-- torch under `torch.compile`: a select per value (inductor fuses it).
+- torch under `torch.compile`: the same select (the copy may be fused
+  away by inductor).
 
 Measured on 2 CPU cores (benchmarks/step_time.py, skip / plain AdamPlus,
 on a loaded machine): tf.function ~1.0, JAX jit 1.3-1.5, torch 1.5-1.7,
@@ -149,10 +151,11 @@ def _tf_cross_replica(optimizer, apply_fn, grads, skip):
         return False
     context = tf.distribute.get_replica_context()
     if tf.__internal__.distribute.strategy_supports_no_merge_call():
-        # One replica per worker without merge_call: all-reduce the flag.
+        # Strategies that update without merge_call (e.g. MirroredStrategy
+        # under XLA on GPUs): all-reduce the flag in the replica context.
         bad = context.all_reduce(
             "sum", tf.cast(tf.logical_not(all_finite(grads)), tf.float32))
-        ops.cond(tf.equal(bad, 0.0), apply_fn, skip)
+        ops.cond(tf.equal(bad, 0.0), lambda: apply_fn(grads), skip)
         return True
 
     def cross_replica(strategy, grads):

@@ -144,11 +144,59 @@ def kinds(optimizer):
     return result
 
 
+def _scalars(optimizer):
+    """The state variables that exist before build, by kind."""
+    found = {"iteration": optimizer._iterations}
+    if isinstance(optimizer._learning_rate, keras.Variable):
+        found["learning_rate"] = optimizer._learning_rate
+    return found
+
+
+def snapshot(optimizer, pending=None):
+    """`(values, kinds)` of the state, built or still pending.
+
+    A pending state (loaded before build) is returned with the current
+    step count and learning rate, which were assigned at load and may have
+    been changed since.
+    """
+    pending = pending or optimizer._pending_state
+    if pending is None:
+        return [v.numpy() for v in optimizer.variables], kinds(optimizer)
+    # Plain lists: Keras tracks an optimizer's list attributes (the pending
+    # state) as TrackedList, which does not pickle.
+    values, saved_kinds = pending
+    values = list(values)
+    if saved_kinds is not None:
+        saved_kinds = list(saved_kinds)
+        scalars = _scalars(optimizer)
+        for i, kind in enumerate(saved_kinds):
+            if kind in scalars:
+                values[i] = np.array(ops.convert_to_numpy(scalars[kind]))
+    return values, saved_kinds
+
+
+def assign_scalars(optimizer, values, saved_kinds):
+    """Assigns the saved step count and learning rate (before build)."""
+    if saved_kinds is None:
+        return
+    scalars = _scalars(optimizer)
+    for value, kind in zip(values, saved_kinds):
+        if kind in scalars and tuple(np.shape(value)) == ():
+            scalars[kind].assign(value)
+
+
 def save(optimizer, store):
-    """Keras's indexed values, plus the kinds under `KINDS_KEY`."""
-    for i, variable in enumerate(optimizer.variables):
-        store[str(i)] = variable.numpy()
-    store[KINDS_KEY] = _encode(kinds(optimizer))
+    """Keras's indexed values, plus the kinds under `KINDS_KEY`.
+
+    An optimizer not built yet saves the state it was given (pending).
+    """
+    values, saved_kinds = snapshot(optimizer) if (
+        optimizer.built or optimizer._pending_state is not None) else (
+        [v.numpy() for v in optimizer.variables], kinds(optimizer))
+    for i, value in enumerate(values):
+        store[str(i)] = value
+    if saved_kinds is not None:
+        store[KINDS_KEY] = _encode(saved_kinds)
 
 
 def read_store(store):
@@ -174,8 +222,12 @@ def check_kinds_before_build(optimizer, saved_kinds, expected):
         raise ValueError(_mismatch(optimizer, extra, missing))
 
 
-def assign(optimizer, values, saved_kinds):
-    """Assigns a saved state to a built optimizer, all or nothing."""
+def assign(optimizer, values, saved_kinds, skip_scalars=False):
+    """Assigns a saved state to a built optimizer, all or nothing.
+
+    `skip_scalars`: leave the step count and learning rate (assigned when
+    a pending state was loaded, and perhaps changed since) as they are.
+    """
     variables = optimizer.variables
     if saved_kinds is not None:
         mine = kinds(optimizer)
@@ -207,8 +259,12 @@ def assign(optimizer, values, saved_kinds):
                 f"variable {variable.path} has shape {variable.shape}, "
                 f"the saved value has shape {np.shape(value)}."
             )
+    keep = set()
+    if skip_scalars and saved_kinds is not None:
+        keep = {id(v) for v in _scalars(optimizer).values()}
     for variable, value in zip(variables, values):
-        variable.assign(value)
+        if id(variable) not in keep:
+            variable.assign(value)
 
 
 def assign_pending(optimizer, values, saved_kinds):
@@ -222,9 +278,9 @@ def assign_pending(optimizer, values, saved_kinds):
         import tensorflow as tf
 
         with tf.init_scope():
-            assign(optimizer, values, saved_kinds)
+            assign(optimizer, values, saved_kinds, skip_scalars=True)
     else:
-        assign(optimizer, values, saved_kinds)
+        assign(optimizer, values, saved_kinds, skip_scalars=True)
 
 
 def _mismatch(optimizer, extra, missing):

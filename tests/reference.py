@@ -51,13 +51,15 @@ class ReferenceAdam:
         self.p1, self.p2 = self.p1 * self.b1, self.p2 * self.b2
         for i, (p, g) in enumerate(zip(params, grads)):
             g = np.asarray(g, np.float64)
-            decays = self.wd and (self.decay_mask is None or self.decay_mask[i])
+            # A callable weight decay is called with the 0-based step.
+            wd = float(self.wd(self.t - 1)) if callable(self.wd) else self.wd
+            decays = wd and (self.decay_mask is None or self.decay_mask[i])
             if decays and self.wd_mode == "l2":
-                g = g + self.wd * p
+                g = g + wd * p
             elif decays and self.wd_mode == "decoupled":
-                p -= lr * self.wd * p
+                p -= lr * wd * p
             elif decays and self.wd_mode == "decoupled_unscaled":
-                p -= self.wd * p
+                p -= wd * p
             self.m[i] = self.b1 * self.m[i] + (1 - self.b1) * g
             if self.adamax:
                 # Algorithm 2: the exponentially weighted infinity norm.

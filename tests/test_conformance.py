@@ -6,10 +6,10 @@ the float64 NumPy reference (tests/reference.py). For float16/bfloat16
 weights the reference keeps its state exact and rounds theta to the
 weights' dtype after every step, as AdamPlus does.
 
-The full product (14 modes x 4 dtypes x 5 executions, 280 cells per
+The full product (15 modes x 4 dtypes x 5 executions, 300 cells per
 backend) is sampled by pairs (tests/pairwise.py): every mode meets every
-dtype and every execution, and every dtype every execution, in about 65
-cells per backend. Executions:
+dtype and every execution, and every dtype every execution, in about 75
+cells per backend (about 60 on TensorFlow, which has no stateless_apply). Executions:
 
 - "apply": eager `optimizer.apply`;
 - "fit": `model.fit` (TF: tf.function, JAX: jax.jit, torch: eager);
@@ -57,6 +57,11 @@ MODES = {
     "scheduled_betas": dict(beta_1=BetaDecay(0.9, 0.9)),
     "average": dict(average_decay=0.9),
     "moment_dtype": dict(moment_dtype="float32"),
+    "scheduled_weight_decay": dict(
+        weight_decay=keras.optimizers.schedules.ExponentialDecay(
+            0.2, decay_steps=1, decay_rate=0.5),
+        weight_decay_mode="decoupled"),
+    # One step's gradients hold a NaN: that step is skipped.
     "skip_nonfinite": dict(skip_nonfinite=True),
     "amsgrad_hat_l2": dict(amsgrad=True, epsilon_mode="hat",
                            weight_decay=0.1, weight_decay_mode="l2"),
@@ -242,6 +247,11 @@ def _reference_config(mode):
 @pytest.mark.parametrize("mode, dtype, execution", _params(CELLS))
 def test_cell_follows_the_float64_reference(mode, dtype, execution):
     theta, grads = _problem(dtype)
+    reference_grads = grads
+    if mode == "skip_nonfinite":
+        grads = [g.copy() for g in grads]
+        grads[2][1, 1] = np.nan
+        reference_grads = grads[:2] + grads[3:]
     with _x64(dtype):
         optimizer = AdamPlus(learning_rate=LR, **MODES[mode])
         got = _numpy(RUNNERS[execution](optimizer, dtype, theta, grads))
@@ -250,16 +260,22 @@ def test_cell_follows_the_float64_reference(mode, dtype, execution):
         round_theta = lambda p: _round(p, dtype)  # noqa: E731
         if "moment_dtype" not in MODES[mode]:
             round_state = round_theta
-    want = run_reference(_reference_config(mode), [theta],
-                         [[g] for g in grads], round_theta=round_theta,
-                         round_state=round_state)[0]
+    with _x64(dtype):  # schedules evaluate as they did in the cell
+        want = run_reference(_reference_config(mode), [theta],
+                             [[g] for g in reference_grads],
+                             round_theta=round_theta,
+                             round_state=round_state)[0]
     np.testing.assert_allclose(got, want, **_tolerance(dtype, want))
-    # Every coordinate but the zero-gradient one moved, far beyond the
-    # tolerance; the zero-gradient one moved only by weight decay.
+    # The coordinates with gradients moved far beyond the tolerance (all
+    # but at most one, which may oscillate back); the zero-gradient one
+    # moved only by weight decay.
     moved = np.abs(want - theta)
-    assert moved.ravel()[1:].min() > 0.01, moved
+    assert (moved.ravel()[1:] > 0.01).sum() >= 4, moved
     if "weight_decay" not in MODES[mode]:
         assert got[0, 0] == theta[0, 0]
+    if mode == "skip_nonfinite" and execution != "stateless":
+        with _x64(dtype):
+            assert int(ops.convert_to_numpy(optimizer.skipped_steps)) == 1
     if mode == "average" and dtype in RTOL and execution != "stateless":
         _, (average,) = run_reference_average(
             _reference_config(mode), [theta], [[g] for g in grads], 0.9)

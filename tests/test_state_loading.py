@@ -161,3 +161,40 @@ def test_keras_file_loads_with_state_and_kinds(tmp_path):
     assert storage.kinds(restored.optimizer)[:2] == ["iteration",
                                                      "learning_rate"]
     assert storage.kinds(restored.optimizer).count("velocity_max") == 4
+
+
+def test_pending_state_survives_save_and_pickle_and_yields_to_user_lr(
+        tmp_path):
+    # Were: a save (or pickle) before the first step wrote only iteration
+    # and learning_rate (the reload then refused it), and the pending
+    # assign at build overwrote a learning rate set after the load.
+    import pickle
+
+    source = _model(dict(amsgrad=True))
+    _fit(source, 2)
+    path = str(tmp_path / "a.weights.h5")
+    source.save_weights(path)
+    loaded = _model(dict(amsgrad=True))
+    loaded.load_weights(path)
+    assert int(ops.convert_to_numpy(loaded.optimizer.iterations)) == 8
+    again = str(tmp_path / "b.weights.h5")
+    loaded.save_weights(again)
+    twice = _model(dict(amsgrad=True))
+    twice.load_weights(again)
+    twice.optimizer.build(twice.trainable_variables)
+    for a, b in zip(_state(twice.optimizer), _state(source.optimizer)):
+        np.testing.assert_array_equal(a, b)
+    pending = AdamPlus(0.01, amsgrad=True)
+    pending.load_own_variables(_store(source.optimizer))
+    unpickled = pickle.loads(pickle.dumps(pending))
+    assert int(ops.convert_to_numpy(unpickled.iterations)) == 8
+    unpickled.build(loaded.trainable_variables)
+    for a, b in zip(_state(unpickled), _state(source.optimizer)):
+        np.testing.assert_array_equal(a, b)
+    # Fine-tuning: a learning rate set after the load wins.
+    loaded.optimizer.learning_rate = 1e-5
+    _fit(loaded, 1)
+    np.testing.assert_allclose(
+        float(ops.convert_to_numpy(loaded.optimizer.learning_rate)), 1e-5,
+        rtol=1e-6)
+    assert int(ops.convert_to_numpy(loaded.optimizer.iterations)) == 12

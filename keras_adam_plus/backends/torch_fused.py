@@ -59,6 +59,12 @@ def fallback_reason(optimizer):
     ):
         return ("moment_dtype: the fused kernel keeps state in the "
                 "parameters' dtype")
+    if any(str(v.dtype) == "float64" and v.value.device.type != "cpu"
+           for v in getattr(optimizer, "_trainable_variables", [])):
+        # CUDA's kernel reads a float32 learning-rate tensor; float64
+        # weights keep a float64 learning rate on the generic path.
+        return "float64 weights on an accelerator: the fused kernel's " \
+               "learning rate is float32 there"
     if torch.compiler.is_compiling():
         # The fused kernel has no meta implementation for tensor lr;
         # inductor fuses the generic path itself.
