@@ -8,8 +8,8 @@ weights' dtype after every step, as AdamPlus does.
 
 The full product (15 modes x 4 dtypes x 5 executions, 300 cells per
 backend) is sampled by pairs (tests/pairwise.py): every mode meets every
-dtype and every execution, and every dtype every execution, in about 75
-cells per backend (about 60 on TensorFlow, which has no stateless_apply). Executions:
+dtype and every execution, and every dtype every execution, in 75 cells
+per backend (60 on TensorFlow, which has no stateless_apply). Executions:
 
 - "apply": eager `optimizer.apply`;
 - "fit": `model.fit` (TF: tf.function, JAX: jax.jit, torch: eager);
