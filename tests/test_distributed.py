@@ -81,6 +81,24 @@ report(pairs)
 }
 
 
+def _run(script, backend, devices):
+    """Runs `script` in a fresh process with `devices` host devices.
+
+    The device count is fixed before the backend starts; the script prints
+    one JSON line behind "@@", returned here.
+    """
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], env=env,
+        capture_output=True, text=True, timeout=600,
+    )
+    lines = [line for line in out.stdout.splitlines()
+             if line.startswith("@@")]
+    assert lines, out.stderr[-3000:]
+    return json.loads(lines[0][2:])
+
+
 @pytest.mark.skipif(
     keras.backend.backend() == "torch",
     reason="Keras's torch backend has no multi-device distribution on CPU "
@@ -88,16 +106,8 @@ report(pairs)
 )
 def test_two_devices_equal_one_device():
     backend = keras.backend.backend()
-    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    out = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(SCRIPTS[backend])], env=env,
-        capture_output=True, text=True, timeout=600,
-    )
-    lines = [line for line in out.stdout.splitlines()
-             if line.startswith("@@")]
-    assert lines, out.stderr[-3000:]
-    for difference, moved in json.loads(lines[0][2:]):
+    result = _run(SCRIPTS[backend], backend, devices=2)
+    for difference, moved in result:
         assert moved > 0.01
         assert difference < 1e-6
 
@@ -142,16 +152,7 @@ print("@@" + json.dumps(result))
 )
 def test_slots_follow_the_weights_sharding():
     # Was: moment_dtype="float32" slots replicated, P(None, None).
-    env = dict(os.environ, KERAS_BACKEND="jax",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    out = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(SHARDING)], env=env,
-        capture_output=True, text=True, timeout=600,
-    )
-    lines = [line for line in out.stdout.splitlines()
-             if line.startswith("@@")]
-    assert lines, out.stderr[-3000:]
-    result = json.loads(lines[0][2:])
+    result = _run(SHARDING, "jax", devices=8)
     for moment_dtype, dtype in (("None", "bfloat16"), ("float32", "float32")):
         got = result[moment_dtype]
         assert got["kernel"] in ("P(None, 'model')",
@@ -223,16 +224,7 @@ def test_nan_on_one_replica_skips_the_step_on_every_replica():
     # so the finite replica applied the NaN-tainted all-reduced update:
     # every weight NaN while skipped_steps read 1.
     backend = keras.backend.backend()
-    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    out = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(NAN_SCRIPTS[backend])],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    lines = [line for line in out.stdout.splitlines()
-             if line.startswith("@@")]
-    assert lines, out.stderr[-3000:]
-    result = json.loads(lines[0][2:])
+    result = _run(NAN_SCRIPTS[backend], backend, devices=2)
     for run in result.values():
         # The batch with the NaN skipped, the other one taken.
         assert run["skipped"] == 1 and run["iterations"] == 1, run
