@@ -265,6 +265,7 @@ class AdamPlus(keras.optimizers.Optimizer):
         self._pending_state = None
         self._scalars_cache = None
         self._skip_bypass = False
+        self._finite = None  # a bool tensor while a step is guarded
 
     # ------------------------------------------------------------ build --
 
@@ -431,8 +432,8 @@ class AdamPlus(keras.optimizers.Optimizer):
             for beta, power in zip((self.beta_1, self.beta_2),
                                    self._beta_powers):
                 now = beta if isinstance(beta, float) else self._beta_now(beta)
-                power.assign(ops.multiply(power, rule.as_dtype(now,
-                                                               power.dtype)))
+                self.assign(power, ops.multiply(
+                    power, rule.as_dtype(now, power.dtype)))
 
     def apply(self, grads, trainable_variables=None):
         """Applies one step; see `keras.optimizers.Optimizer.apply`.
@@ -474,6 +475,44 @@ class AdamPlus(keras.optimizers.Optimizer):
                 optimizer_variables, grads, trainable_variables),
             optimizer_variables, grads, trainable_variables,
         )
+
+    # ----------------------------------------------------------- writes --
+
+    def _guarded_variables(self):
+        """The variables this class writes only through `assign*`.
+
+        Under `skip_nonfinite` in a traced step those writes select the
+        old value on a bad step (see `keras_adam_plus.nonfinite`); Keras
+        writes the others itself (the step count, EMA, accumulators, and
+        theta where EMA overwrites it).
+        """
+        slots = [self._momentums, self._velocities, self._velocity_maxes,
+                 self._averages, self._beta_powers]
+        result = [s for group in slots if group for s in group
+                  if s is not None]
+        if not (self.use_ema and self.ema_overwrite_frequency):
+            result += self._trainable_variables
+        return result
+
+    def assign(self, variable, value):
+        """`Optimizer.assign`; keeps the old value on a skipped step."""
+        if self._finite is not None:
+            value = nonfinite.keep(self._finite, variable, value)
+        super().assign(variable, value)
+
+    def assign_add(self, variable, value):
+        """`Optimizer.assign_add`; keeps the old value on a skipped step."""
+        if self._finite is not None:
+            return self.assign(variable, ops.add(
+                variable, ops.cast(value, variable.dtype)))
+        super().assign_add(variable, value)
+
+    def assign_sub(self, variable, value):
+        """`Optimizer.assign_sub`; keeps the old value on a skipped step."""
+        if self._finite is not None:
+            return self.assign(variable, ops.subtract(
+                variable, ops.cast(value, variable.dtype)))
+        super().assign_sub(variable, value)
 
     def _decays_variable(self, variable):
         """Whether weight decay applies to `variable` (decided at build)."""

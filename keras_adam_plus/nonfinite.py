@@ -124,16 +124,11 @@ def apply(optimizer, apply_fn, grads):
     if keras.backend.backend() == "tensorflow" and not _in_xla():
         ops.cond(finite, lambda: apply_fn(grads), skip)
         return
-    # TF under XLA, traced JAX, compiled torch: a select per value.
-    variables = [v for v in optimizer._trainable_variables
-                 + list(optimizer.variables) if v is not skipped]
-    # The values before the step (TF: a read ordered before the step's
-    # writes, which XLA folds into the select; torch writes in place).
-    old = [ops.copy(v.value) for v in variables]
-    apply_fn(grads)
-    for variable, value in zip(variables, old):
-        variable.assign(ops.where(finite, variable.value, value))
-    skipped.assign_add(ops.cast(ops.logical_not(finite), skipped.dtype))
+    # TF under XLA, traced JAX, compiled torch: every write of the step
+    # selects its old value on a bad step (`guarded`), in the same pass.
+    with guarded(optimizer, finite) as finish:
+        apply_fn(grads)
+    finish(finite)
 
 
 def _tf_cross_replica(optimizer, apply_fn, grads, skip):
@@ -173,6 +168,54 @@ def _tf_cross_replica(optimizer, apply_fn, grads, skip):
     return True
 
 
+def _unguarded(optimizer):
+    """The variables a step may write other than through `optimizer.assign`.
+
+    AdamPlus writes theta, its slots, averages and beta products through
+    `assign`/`assign_add`/`assign_sub` (guarded). Keras writes the step
+    count, EMA weights and gradient accumulators itself, and the
+    constraint of a trainable variable, after the step: those are kept in
+    a copy and selected afterwards (scalars, or full-size only where EMA,
+    accumulation or a constraint is used).
+    """
+    skipped = optimizer._skipped_steps
+    guarded_ids = {id(v) for v in optimizer._guarded_variables()}
+    return [v for v in optimizer._trainable_variables
+            + list(optimizer.variables)
+            if v is not skipped and (id(v) not in guarded_ids or getattr(
+                v, "constraint", None) is not None)]
+
+
+@contextlib.contextmanager
+def guarded(optimizer, finite):
+    """Inside, the optimizer's writes keep the old value unless `finite`.
+
+    Yields `finish(finite)`, to call after the step: it selects the
+    unguarded variables (see `_unguarded`) and counts a skip.
+    """
+    rest = _unguarded(optimizer)
+    # Values before the step (TF: a read ordered before the step's writes).
+    old = [ops.copy(v.value) for v in rest]
+
+    def finish(finite):
+        for variable, value in zip(rest, old):
+            variable.assign(ops.where(finite, variable.value, value))
+        skipped = optimizer._skipped_steps
+        skipped.assign_add(ops.cast(ops.logical_not(finite), skipped.dtype))
+
+    optimizer._finite = finite
+    try:
+        yield finish
+    finally:
+        optimizer._finite = None
+
+
+def keep(finite, variable, value):
+    """`value` if `finite`, else `variable`'s current value (one select)."""
+    return ops.where(finite, ops.cast(value, variable.dtype),
+                     ops.convert_to_tensor(variable))
+
+
 @contextlib.contextmanager
 def bypassed(optimizer):
     """Inside, `optimizer.apply` takes the step without the check."""
@@ -185,22 +228,37 @@ def bypassed(optimizer):
 
 def stateless_apply(optimizer, stateless_fn, optimizer_variables, grads,
                     trainable_variables):
-    """`stateless_fn` (the step) under `ops.cond` on the step's flag.
+    """`stateless_fn` (the step) with its writes guarded by the flag.
 
-    The skipped branch returns the inputs, `skipped_steps` plus one.
+    On a bad step every returned value is its input, `skipped_steps` plus
+    one; the selects are part of the step's own fusions (no copy).
     """
     finite = all_finite(grads)
-    skipped = [v is optimizer._skipped_steps for v in optimizer.variables]
-
-    def step():
+    if _concrete(finite):  # eager torch: a Python branch
+        if bool(finite):
+            with bypassed(optimizer):
+                return stateless_fn()
+        return list(trainable_variables), [
+            ops.add(old, ops.ones((), old.dtype))
+            if v is optimizer._skipped_steps else old
+            for v, old in zip(optimizer.variables, optimizer_variables)]
+    rest = {id(v) for v in _unguarded(optimizer)}
+    optimizer._finite = finite
+    try:
         with bypassed(optimizer):
             new_trainable, new_state = stateless_fn()
-        return list(new_trainable), list(new_state)
-
-    def skip():
-        state = [ops.add(old, ops.ones((), old.dtype)) if is_count
-                 else old
-                 for is_count, old in zip(skipped, optimizer_variables)]
-        return list(trainable_variables), state
-
-    return ops.cond(finite, step, skip)
+    finally:
+        optimizer._finite = None
+    trainable = [
+        ops.where(finite, new, old) if id(v) in rest else new
+        for v, new, old in zip(optimizer._trainable_variables,
+                               new_trainable, trainable_variables)]
+    state = []
+    for v, new, old in zip(optimizer.variables, new_state,
+                           optimizer_variables):
+        if v is optimizer._skipped_steps:
+            new = ops.add(old, ops.cast(ops.logical_not(finite), old.dtype))
+        elif id(v) in rest:
+            new = ops.where(finite, new, old)
+        state.append(new)
+    return trainable, state

@@ -10,8 +10,13 @@ import keras
 import numpy as np
 import pytest
 
-from keras_adam_plus import AdamPlus
-from tests.helpers import make_problem, run_optimizer, to_numpy
+from keras_adam_plus import AdamPlus, BetaDecay
+from tests.helpers import (
+    make_problem,
+    make_variables,
+    run_optimizer,
+    to_numpy,
+)
 from tests.reference import run_reference
 from tests.test_update_rule import ATOL, RTOL
 
@@ -170,3 +175,98 @@ def test_stateless_apply_skips_a_nan_step_under_jit():
         else:
             np.testing.assert_array_equal(a, b, err_msg=name)
     assert np.abs(after_good[0] - 1.0).min() > 0.05
+
+
+def _traced_runner(optimizer, variables):
+    """A compiled step of `optimizer` on `variables`, as training runs it.
+
+    TF: `tf.function(jit_compile=True)` (XLA); JAX: `stateless_apply`
+    under `jax.jit`, its results assigned back after each step; torch:
+    `torch.compile`. In each, the flag is a traced value, so every write
+    of the step is guarded by a select (see keras_adam_plus.nonfinite).
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(lambda g: optimizer.apply(g, variables),
+                           jit_compile=True)
+    if backend == "jax":
+        import jax
+
+        optimizer.build(variables)
+        step = jax.jit(optimizer.stateless_apply)
+
+        def run(grads):
+            trainable, state = step([v.value for v in optimizer.variables],
+                                    grads, [v.value for v in variables])
+            for v, x in zip(variables, trainable):
+                v.assign(x)
+            for v, x in zip(optimizer.variables, state):
+                v.assign(x)
+
+        return run
+    import torch
+
+    return torch.compile(lambda g: optimizer.apply(g, variables))
+
+
+TRACED_CONFIGS = {
+    # theta written twice (decay, step), v_max, averages, beta products.
+    "amsgrad_wd_average_schedule": dict(
+        amsgrad=True, weight_decay=0.05, average_decay=0.9,
+        beta_1=BetaDecay(0.9, 0.99)),
+    # Keras writes the EMA and (every 2 steps) theta from it.
+    "ema_overwrite_unscaled_wd": dict(
+        use_ema=True, ema_overwrite_frequency=2, weight_decay=0.01,
+        weight_decay_mode="decoupled_unscaled"),
+    "gradient_accumulation": dict(gradient_accumulation_steps=2),
+}
+
+
+@pytest.mark.parametrize("name", [
+    # torch.compile costs ~20 s a config: one by default on torch.
+    pytest.param(n, marks=pytest.mark.slow)
+    if keras.backend.backend() == "torch" and i else n
+    for i, n in enumerate(TRACED_CONFIGS)])
+def test_traced_bad_step_leaves_every_variable_exactly(name):
+    # A bad step in a compiled step: each variable of the optimizer and
+    # the weights (with a constraint, applied by Keras after the step)
+    # are bit-identical to their values before it; the step count and
+    # the schedules do not advance. Then training goes on as if the bad
+    # step had not been there.
+    config = TRACED_CONFIGS[name]
+    params, grads = make_problem(seed=33, steps=6)
+    grads[3] = [g.copy() for g in grads[3]]
+    grads[3][1][0] = np.nan
+    runs = {}
+    for label, steps in (("skip", grads), ("clean", grads[:3] + grads[4:])):
+        optimizer = AdamPlus(learning_rate=0.01, skip_nonfinite=True,
+                             **config)
+        variables = make_variables(params)
+        variables[0].constraint = keras.constraints.MaxNorm(1.5)
+        run = _traced_runner(optimizer, variables)
+        snapshots = []
+        for g in steps:
+            before = to_numpy(variables + optimizer.variables
+                              if optimizer.built else variables)
+            run([keras.ops.convert_to_tensor(x) for x in g])
+            snapshots.append(before)
+        runs[label] = (optimizer, variables, snapshots)
+    optimizer, variables, snapshots = runs["skip"]
+    names = ["theta"] * len(variables) + [v.name for v in
+                                          optimizer.variables]
+    # Step 3 was bad: the values after it (before step 4) are those before.
+    for n, a, b in zip(names, snapshots[3], snapshots[4]):
+        if n == "skipped_steps":
+            assert (int(a), int(b)) == (0, 1)
+        else:
+            np.testing.assert_array_equal(a, b, err_msg=n)
+    clean_optimizer, clean_variables, _ = runs["clean"]
+    assert int(keras.ops.convert_to_numpy(optimizer.skipped_steps)) == 1
+    for n, a, b in zip(names, to_numpy(variables + optimizer.variables),
+                       to_numpy(clean_variables
+                                + clean_optimizer.variables)):
+        if n != "skipped_steps":
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7,
+                                       err_msg=n)

@@ -45,8 +45,10 @@ def update_step(optimizer, gradient, variable, learning_rate):
         return tf.cast(tf.gather(slot, unique), dtype)
 
     def scatter(slot, rows):
-        slot.scatter_update(tf.IndexedSlices(tf.cast(rows, slot.dtype),
-                                             unique))
+        rows = tf.cast(rows, slot.dtype)
+        if optimizer._finite is not None:  # skip_nonfinite, traced step
+            rows = tf.where(optimizer._finite, rows, tf.gather(slot, unique))
+        slot.scatter_update(tf.IndexedSlices(rows, unique))
 
     theta = gather(var)
     if optimizer._decays[index]:
