@@ -8,7 +8,8 @@ Each backend runs in its own process (KERAS_BACKEND is fixed at import).
 For every case (10M parameters in 1 variable, 10M in 200, 1M in 1000) it
 prints the median time of one step of AdamPlus (default, amsgrad, weight
 decay), its keras.optimizers peers, and the framework's own Adam
-(torch.optim.Adam foreach and fused; optax.adam under jit), each as a ratio
+(torch.optim.Adam foreach and fused; optax.adam under jit; on JAX also a
+bare jitted per-variable Adam loop, the room XLA leaves), each as a ratio
 to the memory bandwidth floor and to its keras.optimizers peer (Adam,
 Adam(amsgrad=True), AdamW; torch and optax rows against Adam) measured in
 the same run.
@@ -18,9 +19,10 @@ theta, m, v) over the streaming bandwidth measured here at each case's
 size, the best of a few in-place probes (see `bandwidth`).
 On TensorFlow, a 1M x 64 embedding table with a sparse gradient of 4096
 rows compares dense steps with `AdamPlus(lazy_sparse=True)` (its floor row
-is the dense one). Finally, `model.fit` step time of the paper's MLP
-(784-1000-1000-10, batch 128, random MNIST-shaped data) with AdamPlus and
-keras.optimizers.Adam.
+is the dense one). Finally, `model.fit` step time with AdamPlus and
+keras.optimizers.Adam of the paper's MLP (784-1000-1000-10, batch 128,
+random MNIST-shaped data) and of a many-variable model (ResNet50 from
+keras.applications, weights=None, 32x32 inputs, 214 variables, batch 16).
 """
 
 import argparse
@@ -296,35 +298,93 @@ def run_jax(sizes, repeats):
     steps["optax adam (jit)"] = (
         optax_step, lambda: jax.block_until_ready(state["p"])
     )
+    steps["plain JAX loop (jit)"] = _plain_jax_loop(sizes, grads)
     return measure(steps, repeats)
 
 
-def fit_step_time(steps, rounds=5):
-    """Median `model.fit` batch time of the 2x1000 MLP, per optimizer.
+def _plain_jax_loop(sizes, grads):
+    """The room left: a bare jitted per-variable Adam, buffers donated.
 
-    The two models train in alternating epochs of `steps` batches, `rounds`
+    m, v and theta per variable with the step's scalars computed once; no
+    Keras around it. Not an optimizer users can call: the row shows what
+    XLA makes of the arithmetic alone.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    def update(params, ms, vs, count, g):
+        count = count + 1
+        t = count.astype(jnp.float32)
+        c1, c2 = 1 - 0.9 ** t, 1 - 0.999 ** t
+        out = [], [], []
+        for p, m, v, x in zip(params, ms, vs, g):
+            m = 0.9 * m + 0.1 * x
+            v = 0.999 * v + 0.001 * x * x
+            p = p - 1e-3 * (m / c1) / (jnp.sqrt(v / c2) + 1e-8)
+            for column, value in zip(out, (p, m, v)):
+                column.append(value)
+        return (*out, count)
+
+    state = [[jnp.zeros((n,)) for n in sizes] for _ in range(3)]
+    state.append(jnp.zeros((), jnp.int32))
+    update = jax.jit(update, donate_argnums=(0, 1, 2, 3))
+
+    def step():
+        state[:] = update(*state, grads)
+
+    return step, lambda: jax.block_until_ready(state[0])
+
+
+def _mlp():
+    import keras
+
+    return keras.Sequential([
+        keras.Input((784,)),
+        keras.layers.Dense(1000, activation="relu"),
+        keras.layers.Dropout(0.5),
+        keras.layers.Dense(1000, activation="relu"),
+        keras.layers.Dropout(0.5),
+        keras.layers.Dense(10, activation="softmax"),
+    ])
+
+
+def _resnet():
+    import keras
+
+    return keras.applications.ResNet50(weights=None, input_shape=(32, 32, 3),
+                                       classes=10)
+
+
+# name -> (model builder, input shape, batch size). ResNet50 at 32x32 has
+# 214 trainable variables (23.6M parameters): the many-variable case.
+FIT_MODELS = {
+    "MLP 784-1000-1000-10": (_mlp, (784,), 128),
+    "ResNet50 (214 variables), 32x32": (_resnet, (32, 32, 3), 16),
+}
+
+
+def fit_step_time(steps, rounds=5, model_name="MLP 784-1000-1000-10"):
+    """Median `model.fit` batch time of a model, per optimizer.
+
+    `model_name` is a key of `FIT_MODELS` (random inputs of its shape).
+    The models train in alternating epochs of `steps` batches, `rounds`
     times each, so that drift in the machine's speed hits both alike.
     """
     import keras
     import numpy as np
 
+    build, shape, batch = FIT_MODELS[model_name]
     rng = np.random.default_rng(0)
-    x = rng.random((128 * steps, 784), dtype=np.float32)
-    y = rng.integers(0, 10, 128 * steps)
+    x = rng.random((batch * steps, *shape), dtype=np.float32)
+    y = rng.integers(0, 10, batch * steps)
     models, times = {}, {}
     for label in ("keras Adam", "AdamPlus"):
         keras.utils.set_random_seed(0)
-        model = keras.Sequential([
-            keras.Input((784,)),
-            keras.layers.Dense(1000, activation="relu"),
-            keras.layers.Dropout(0.5),
-            keras.layers.Dense(1000, activation="relu"),
-            keras.layers.Dropout(0.5),
-            keras.layers.Dense(10, activation="softmax"),
-        ])
+        model = build()
         model.compile(optimizer=keras_variants()[label][0](),
                       loss="sparse_categorical_crossentropy")
-        model.fit(x[:256], y[:256], batch_size=128, epochs=1, verbose=0)
+        model.fit(x[:2 * batch], y[:2 * batch], batch_size=batch, epochs=1,
+                  verbose=0)
         models[label], times[label] = model, []
     for _ in range(rounds):
         for label, model in models.items():
@@ -334,7 +394,7 @@ def fit_step_time(steps, rounds=5):
                     time.perf_counter()
                 )
             )
-            model.fit(x, y, batch_size=128, epochs=1, verbose=0,
+            model.fit(x, y, batch_size=batch, epochs=1, verbose=0,
                       callbacks=[timer])
             times[label] += [b - a for a, b in zip(ends, ends[1:])]
     keras.utils.clear_session()
@@ -348,7 +408,7 @@ def worker(quick, repeats, cases=None, fit=True):
     """Runs the cases on the current backend; prints and returns a table.
 
     `cases`: names of `CASES` to run (default all, or the quick ones);
-    `fit`: whether to time `model.fit` of the MLP too.
+    `fit`: whether to time `model.fit` of `FIT_MODELS` too.
     """
     import keras
 
@@ -377,10 +437,14 @@ def worker(quick, repeats, cases=None, fit=True):
         bw = bandwidth(repeats, table_rows * 64)
         rows.append({"case": case, "times": times,
                      "floor_s": BYTES_PER_PARAM * table_rows * 64 / bw})
-    fit = fit_step_time(8 if quick else 20, rounds=2 if quick else 5) \
-        if fit else None
+    fits = {}
+    for name in (FIT_MODELS if fit else ()):
+        print(f"# {backend} model.fit {name}: measuring", file=sys.stderr,
+              flush=True)
+        fits[name] = fit_step_time(8 if quick else 20,
+                                   rounds=2 if quick else 5, model_name=name)
     table = {"backend": backend, "bandwidth_gb_s": bw / 1e9, "rows": rows,
-             "fit": fit, "versions": {
+             "fit": fits, "versions": {
                  "keras": keras.__version__,
                  "keras_adam_plus": keras_adam_plus.__version__}}
     print_table(table)
@@ -401,13 +465,12 @@ def print_table(table):
             versus = f"{seconds / keras_time:.2f}" if keras_time else ""
             print(f"| {row['case']} | {label} | {1e3 * seconds:.2f} | "
                   f"{seconds / floor:.2f} | {versus} |")
-    fit = table["fit"]
-    if fit is None:
-        return
-    print(f"\nmodel.fit, MLP 784-1000-1000-10, batch 128: "
-          f"keras Adam {1e3 * fit['keras Adam']:.1f} ms/step, AdamPlus "
-          f"{1e3 * fit['AdamPlus']:.1f} ms/step, ratio "
-          f"{fit['AdamPlus'] / fit['keras Adam']:.3f}", flush=True)
+    for name, fit in (table["fit"] or {}).items():
+        batch = FIT_MODELS[name][2]
+        print(f"\nmodel.fit, {name}, batch {batch}: "
+              f"keras Adam {1e3 * fit['keras Adam']:.1f} ms/step, AdamPlus "
+              f"{1e3 * fit['AdamPlus']:.1f} ms/step, ratio "
+              f"{fit['AdamPlus'] / fit['keras Adam']:.3f}", flush=True)
 
 
 def main(argv=None):

@@ -7,20 +7,20 @@ step is then taken or not as a whole:
 - `tf.function`: `ops.cond`, as Keras's `LossScaleOptimizer` does, in
   cross-replica context under a `tf.distribute` strategy (the flag AND-ed
   over the replicas, so that every replica skips together);
-- TensorFlow under XLA (`jit_compile=True`): a select per value against a
-  copy of the values before the step (a cond measured 2-4.6x the step
-  there);
-- `stateless_apply` (JAX's trainer, jitted): `ops.cond` between the step
-  and the inputs (a select per value measured 4x the step on XLA CPU: the
-  selects did not fuse into the update);
-- torch under `torch.compile`: the same select (the copy may be fused
-  away by inductor).
+- traced or compiled steps (TensorFlow under XLA, `stateless_apply`
+  under `jax.jit`, `torch.compile`): the step runs with its writes
+  guarded: each `assign` of AdamPlus (theta, m, v, v_max, averages, beta
+  products) writes `where(finite, new, old)`, which XLA fuses into the
+  update's own pass, so nothing is copied. Only what Keras writes itself
+  (the step count, EMA weights, gradient accumulators, a constrained
+  weight) is kept in a copy and selected after the step. (A cond around
+  the step measured 2-4.6x the step under XLA, and a select against a
+  copy of every value 2-4x.)
 
-Measured on 2 CPU cores (benchmarks/step_time.py, skip / plain AdamPlus,
-on a loaded machine): tf.function ~1.0, JAX jit 1.3-1.5, torch 1.5-1.7,
-TF XLA ~2; the remaining cost is the pass that reads every gradient to
-decide (XLA's CPU reductions run at ~5 GB/s, a third of the step's
-streaming rate).
+The remaining cost is the pass that reads every gradient to decide: at
+least 4 bytes per parameter against the step's 28 (1.14x), more where a
+backend's reductions run below its streaming bandwidth. See the README
+for the measured ratios.
 
 A skipped step leaves every variable (weights, moments, averages, EMA,
 accumulators, the step count) exactly as it was and adds 1 to
@@ -34,7 +34,15 @@ from keras import ops
 
 
 def all_finite(grads):
-    """A scalar bool tensor: no gradient holds a NaN or an Inf."""
+    """A scalar bool tensor: no gradient holds a NaN or an Inf.
+
+    One read of each gradient: the sum of all gradients (half precision
+    summed in float32) is finite unless a value is NaN or Inf or the sum
+    overflows; only then is each gradient checked exactly (a branch, or
+    `ops.cond` when traced). A plain `all(isfinite(g))` measured twice the
+    time of the sum on XLA CPU (a boolean reduction), and the sum runs at
+    about the streaming rate.
+    """
     values = []
     for grad in grads:
         if grad is None:
@@ -46,14 +54,38 @@ def all_finite(grads):
         return ops.convert_to_tensor(True)
     if keras.backend.backend() == "torch":
         return _torch_all_finite(values)
-    return ops.all(ops.stack([ops.all(ops.isfinite(v)) for v in values]))
+
+    def exact():
+        return ops.all(ops.stack([ops.all(ops.isfinite(v)) for v in values]))
+
+    sums = []
+    for value in values:
+        dtype = keras.backend.standardize_dtype(value.dtype)
+        if dtype != "float64":
+            value = ops.cast(value, "float32")  # fused into the reduction
+        sums.append(ops.cast(ops.sum(value), "float64" if dtype == "float64"
+                             else "float32"))
+    total = sums[0] if len(sums) == 1 else ops.sum(ops.stack(
+        [ops.cast(x, "float32") for x in sums]))
+    fast = ops.isfinite(total)
+    if _concrete(fast):
+        return fast if bool(fast) else exact()
+    return ops.cond(fast, lambda: ops.convert_to_tensor(True), exact)
+
+
+# Groups of at least this many tensors are checked by torch's multi-tensor
+# non-finite check (the kernel of its GradScaler): for 1000 tensors of 1k
+# it measured 7x faster than a sum per tensor; for one tensor, slower.
+_FOREACH_MIN = 16
 
 
 def _torch_all_finite(values):
-    # One fused multi-tensor L2 norm per (device, dtype): a single read of
-    # each gradient, no boolean tensor written; a NaN or Inf makes it
-    # non-finite. Only where a norm is not finite (a NaN, an Inf, or an
-    # overflow of the sum of squares) is each gradient checked exactly.
+    # Per (device, dtype) group, one read of each gradient: torch's
+    # multi-tensor non-finite check (exact; it writes each gradient back
+    # multiplied by 1, bit-identical for float32, float16 and float64, so
+    # it is used only on contiguous tensors outside autograd), or the sum
+    # of the group (non-finite also on an overflow: then each gradient is
+    # checked exactly).
     import torch
 
     def exact():
@@ -64,10 +96,21 @@ def _torch_all_finite(values):
     groups = {}
     for value in values:
         groups.setdefault((value.device, value.dtype), []).append(value)
-    norms = []
-    for group in groups.values():
-        norms.extend(n.float() for n in torch._foreach_norm(group))
-    finite = torch.isfinite(torch.stack(norms)).all()
+    flags = []
+    for (device, dtype), group in groups.items():
+        if len(group) >= _FOREACH_MIN and dtype in (
+                torch.float32, torch.float16, torch.float64) and all(
+                g.is_contiguous() and not g.requires_grad for g in group):
+            found = torch.zeros((), dtype=torch.float32, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(
+                group, found, torch.ones((), device=device))
+            flags.append(found == 0)
+        else:
+            accumulate = torch.float64 if dtype == torch.float64 else (
+                torch.float32)
+            flags.append(torch.isfinite(torch.stack(
+                [g.sum(dtype=accumulate) for g in group]).sum()))
+    finite = flags[0] if len(flags) == 1 else torch.stack(flags).all()
     return finite if bool(finite) else exact()
 
 
@@ -91,9 +134,9 @@ def _in_xla():
     """Whether TensorFlow is tracing for XLA (`jit_compile=True`).
 
     There a cond around the step measured 2-4.6x the step (XLA copies the
-    state into the conditional); a select per value is the 0.1.0 mechanism
-    (1.9-2.3x in the issue's measurement). TF has no public test; this uses
-    its own (tensorflow.python), False if absent.
+    state into the conditional): the step's writes are guarded instead.
+    TF has no public test; this uses its own (tensorflow.python), False if
+    absent.
     """
     try:
         import tensorflow as tf
