@@ -1,7 +1,9 @@
 """Test-wide fixtures: fixed seeds and a clean Keras session per test."""
 
+import atexit
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -22,6 +24,9 @@ def _offline_keras_home():
     if "KERAS_HOME" in os.environ or not shared.is_dir():
         return
     home = Path(tempfile.mkdtemp(prefix="keras_home_"))
+    # Removed at exit (pytest-xdist's workers inherit KERAS_HOME and end
+    # before the process that made it).
+    atexit.register(shutil.rmtree, home, ignore_errors=True)
     for source in shared.rglob("*"):
         if source.is_file() and source.suffix != ".md" and (
             source.name != "SHA256SUMS"
