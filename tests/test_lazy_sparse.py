@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from keras_adam_plus import AdamPlus
+from tests.helpers import to_numpy
 from tests.test_update_rule import ATOL, RTOL
 
 pytestmark = pytest.mark.skipif(
@@ -110,3 +111,44 @@ def test_lazy_sparse_refuses_modes_it_lacks():
     with pytest.raises(ValueError, match="Received: lazy_sparse=True, "
                        "adamax=True"):
         AdamPlus(lazy_sparse=True, adamax=True)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_sparse_nan_step_is_skipped_compiled(jit_compile):
+    # skip_nonfinite with lazy_sparse in a compiled step: under XLA the
+    # scattered rows are selected against their old values (nothing else
+    # copied); under tf.function the step sits in a cond. A NaN row leaves
+    # the table, m, v and the step count exactly as they were.
+    import tensorflow as tf
+
+    rng = np.random.default_rng(5)
+    table = keras.Variable(rng.normal(size=(ROWS, DIM)).astype("float32"))
+    optimizer = AdamPlus(learning_rate=0.1, lazy_sparse=True, amsgrad=True,
+                         skip_nonfinite=True)
+    optimizer.build([table])
+
+    def slices(values, indices):
+        return tf.IndexedSlices(tf.constant(values, tf.float32),
+                                tf.constant(indices, tf.int64),
+                                tf.constant([ROWS, DIM], tf.int64))
+
+    step = tf.function(lambda g: optimizer.apply([g], [table]),
+                       jit_compile=jit_compile)
+    initial = table.numpy().copy()
+    good = rng.normal(size=(2, DIM)).astype("float32")
+    step(slices(good, [1, 4]))
+    before = [np.array(x) for x in to_numpy([table] + optimizer.variables)]
+    bad = good.copy()
+    bad[1, 2] = np.nan
+    step(slices(bad, [2, 5]))
+    after = to_numpy([table] + optimizer.variables)
+    names = ["table"] + [v.name for v in optimizer.variables]
+    for name, a, b in zip(names, before, after):
+        if name == "skipped_steps":
+            assert (int(a), int(b)) == (0, 1)
+        else:
+            np.testing.assert_array_equal(a, b, err_msg=name)
+    # The good step moved rows 1 and 4 only (lazy), by about lr.
+    moved = np.abs(before[0] - initial).max(axis=1)
+    assert (moved[[1, 4]] > 0.05).all() and (
+        np.delete(moved, [1, 4]) == 0).all(), moved
