@@ -463,9 +463,9 @@ class AdamPlus(keras.optimizers.Optimizer):
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
         """`keras.optimizers.Optimizer.stateless_apply`, with the skip.
 
-        With `skip_nonfinite=True`, the step runs under `ops.cond` on its
-        finiteness; a skipped step returns the inputs (`skipped_steps`
-        plus one).
+        With `skip_nonfinite=True`, each write of the step keeps its input
+        when a gradient is not finite (see `keras_adam_plus.nonfinite`): a
+        skipped step returns the inputs, `skipped_steps` plus one.
         """
         if not self.skip_nonfinite or self._skip_bypass:
             return super().stateless_apply(optimizer_variables, grads,
@@ -491,7 +491,10 @@ class AdamPlus(keras.optimizers.Optimizer):
         result = [s for group in slots if group for s in group
                   if s is not None]
         if not (self.use_ema and self.ema_overwrite_frequency):
-            result += self._trainable_variables
+            # Keras assigns a variable with `overwrite_with_gradient` (float8
+            # scales) its gradient itself.
+            result += [v for v in self._trainable_variables
+                       if not getattr(v, "overwrite_with_gradient", False)]
         return result
 
     def assign(self, variable, value):

@@ -88,8 +88,11 @@ def _torch_all_finite(values):
     # checked exactly).
     import torch
 
+    device = values[0].device  # flags gathered there (several devices)
+
     def exact():
-        return torch.stack([torch.isfinite(v).all() for v in values]).all()
+        return torch.stack([torch.isfinite(v).all().to(device)
+                            for v in values]).all()
 
     if torch.compiler.is_compiling():
         return exact()  # inductor fuses it
@@ -110,7 +113,8 @@ def _torch_all_finite(values):
                 torch.float32)
             flags.append(torch.isfinite(torch.stack(
                 [g.sum(dtype=accumulate) for g in group]).sum()))
-    finite = flags[0] if len(flags) == 1 else torch.stack(flags).all()
+    finite = flags[0] if len(flags) == 1 else torch.stack(
+        [f.to(device) for f in flags]).all()
     return finite if bool(finite) else exact()
 
 
@@ -223,7 +227,7 @@ def _unguarded(optimizer):
     """
     skipped = optimizer._skipped_steps
     guarded_ids = {id(v) for v in optimizer._guarded_variables()}
-    return [v for v in optimizer._trainable_variables
+    return [v for v in list(optimizer._trainable_variables)
             + list(optimizer.variables)
             if v is not skipped and (id(v) not in guarded_ids or getattr(
                 v, "constraint", None) is not None)]
@@ -277,6 +281,12 @@ def stateless_apply(optimizer, stateless_fn, optimizer_variables, grads,
     one; the selects are part of the step's own fusions (no copy).
     """
     finite = all_finite(grads)
+    # Keras's LossScaleOptimizer passes the inner optimizer's Variables as
+    # `optimizer_variables`: their values (the scope's, when in one).
+    optimizer_variables = [ops.convert_to_tensor(x)
+                           for x in optimizer_variables]
+    trainable_variables = [ops.convert_to_tensor(x)
+                           for x in trainable_variables]
     if _concrete(finite):  # eager torch: a Python branch
         if bool(finite):
             with bypassed(optimizer):

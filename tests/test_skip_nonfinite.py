@@ -272,3 +272,75 @@ def test_traced_bad_step_leaves_every_variable_exactly(name):
         if n != "skipped_steps":
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7,
                                        err_msg=n)
+
+
+def test_mixed_float16_fit_compiled_with_the_loss_scale_optimizer():
+    # mixed_float16 wraps AdamPlus in Keras's LossScaleOptimizer, which
+    # passes the inner optimizer's Variables to stateless_apply (JAX): this
+    # crashed under jax.jit. A NaN batch is skipped by the wrapper (the
+    # inner step never sees it); the clean batches train.
+    jit = keras.backend.backend() != "torch"
+    policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        model = _model()
+        model.compile(optimizer=AdamPlus(learning_rate=0.01,
+                                         skip_nonfinite=True),
+                      loss="mse", jit_compile=jit)
+        rng = np.random.default_rng(1)
+        x = rng.normal(size=(32, 6)).astype("float32")
+        x[9, 2] = np.nan  # batch 1 of 4
+        y = rng.normal(size=(32, 1)).astype("float32")
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    finally:
+        keras.config.set_dtype_policy(policy)
+    inner = model.optimizer.inner_optimizer
+    assert isinstance(inner, AdamPlus)
+    assert int(keras.ops.convert_to_numpy(inner.iterations)) == 3
+    assert all(np.isfinite(w).all() for w in model.get_weights())
+
+
+@pytest.mark.skipif(keras.backend.backend() == "tensorflow",
+                    reason="TensorFlow's optimizer has no stateless_apply")
+def test_overwrite_with_gradient_variable_is_kept_on_a_skipped_step():
+    # Keras assigns a variable with `overwrite_with_gradient` (float8
+    # scales) its gradient itself: on a skipped step, compiled or not, it
+    # keeps its value like every other variable.
+    a = keras.Variable(np.ones(3, "float32"), name="a")
+    b = keras.Variable(np.zeros(2, "float32"), name="b")
+    b.overwrite_with_gradient = True
+    optimizer = AdamPlus(0.1, skip_nonfinite=True)
+    optimizer.build([a, b])
+    step = optimizer.stateless_apply
+    if keras.backend.backend() == "jax":
+        import jax
+
+        step = jax.jit(step)
+    grads = [keras.ops.convert_to_tensor(np.array([1, np.nan, 1],
+                                                  "float32")),
+             keras.ops.convert_to_tensor(np.array([5, 5], "float32"))]
+    trainable, state = step([v.value for v in optimizer.variables], grads,
+                            [a.value, b.value])
+    np.testing.assert_array_equal(to_numpy(trainable)[1], [0, 0])
+    np.testing.assert_array_equal(to_numpy(trainable)[0], [1, 1, 1])
+    names = [v.name for v in optimizer.variables]
+    assert int(to_numpy([state[names.index("skipped_steps")]])[0]) == 1
+
+
+@pytest.mark.skipif(keras.backend.backend() == "torch",
+                    reason="torch.compile costs ~20 s; torch runs it eagerly "
+                    "in test_one_bad_coordinate_among_many_variables_is_found")
+def test_traced_overflowing_sum_of_finite_gradients_is_taken():
+    # The compiled check sums each gradient; a sum that overflows on finite
+    # values goes to the exact check (an ops.cond), which takes the step.
+    variables = [keras.Variable(np.ones((50,), "float32")) for _ in range(3)]
+    optimizer = AdamPlus(0.1, skip_nonfinite=True)
+    run = _traced_runner(optimizer, variables)
+    grads = [np.full((50,), 3e38, "float32") for _ in range(3)]
+    run([keras.ops.convert_to_tensor(g) for g in grads])
+    assert int(keras.ops.convert_to_numpy(optimizer.skipped_steps)) == 0
+    assert int(keras.ops.convert_to_numpy(optimizer.iterations)) == 1
+    grads[1][7] = np.inf
+    run([keras.ops.convert_to_tensor(g) for g in grads])
+    assert int(keras.ops.convert_to_numpy(optimizer.skipped_steps)) == 1
+    assert int(keras.ops.convert_to_numpy(optimizer.iterations)) == 1
