@@ -99,11 +99,14 @@ def _run(script, backend, devices):
     return json.loads(lines[0][2:])
 
 
-@pytest.mark.skipif(
+_multi_device = pytest.mark.skipif(
     keras.backend.backend() == "torch",
     reason="Keras's torch backend has no multi-device distribution on CPU "
     "(keras.distribution is JAX-only; tf.distribute is TensorFlow's)",
 )
+
+
+@_multi_device
 def test_two_devices_equal_one_device():
     backend = keras.backend.backend()
     result = _run(SCRIPTS[backend], backend, devices=2)
@@ -214,11 +217,7 @@ print("@@" + json.dumps({"parallel": parallel, "single": run(model())}))
 }
 
 
-@pytest.mark.skipif(
-    keras.backend.backend() == "torch",
-    reason="Keras's torch backend has no multi-device distribution on CPU "
-    "(keras.distribution is JAX-only; tf.distribute is TensorFlow's)",
-)
+@_multi_device
 def test_nan_on_one_replica_skips_the_step_on_every_replica():
     # Was (MirroredStrategy): each replica decided on its own gradients,
     # so the finite replica applied the NaN-tainted all-reduced update:
