@@ -58,6 +58,37 @@ def test_fused_path_is_used_by_default_and_by_subclasses():
     assert _generic(AdamPlus()).fast_path == "generic (forced by the test)"
 
 
+def test_layouts_an_accelerator_kernel_cannot_take_fall_back(monkeypatch):
+    # On a GPU (simulated: CI has none) float64 weights and
+    # bias_correction=False run the generic path: the first because CUDA's
+    # kernel reads a float32 learning rate, the second because the CUDA
+    # kernel measured 1e-5 off the float64 reference (H200, torch 2.11;
+    # the conformance matrix's no_bias_correction float32 cells failed
+    # there). On the CPU both are fused. The reason is cached per variable
+    # list: a new list is checked again.
+    from keras_adam_plus.backends import torch_fused
+
+    def build(optimizer, dtype="float32"):
+        optimizer.build([keras.Variable(np.ones(3), dtype=dtype)])
+        return optimizer
+
+    assert build(AdamPlus(bias_correction=False)).fast_path == "torch_fused"
+    assert build(AdamPlus(), "float64").fast_path == "torch_fused"
+    on_cpu = build(AdamPlus(bias_correction=False))
+    assert on_cpu.fast_path == "torch_fused"
+    monkeypatch.setattr(torch_fused, "_on_accelerator", lambda v: True)
+    assert build(AdamPlus(bias_correction=False)).fast_path == (
+        "generic (bias_correction=False on an accelerator: torch's CUDA "
+        "kernel measured 1e-5 off the reference there)")
+    assert build(AdamPlus(), "float64").fast_path.startswith(
+        "generic (float64 weights on an accelerator")
+    assert build(AdamPlus(epsilon_mode="hat")).fast_path == "torch_fused"
+    assert on_cpu.fast_path == "torch_fused"  # cached for its variables
+    on_cpu._trainable_variables = [keras.Variable(np.ones(2),
+                                                  dtype="float32")]
+    assert on_cpu.fast_path.startswith("generic (bias_correction=False")
+
+
 @pytest.mark.parametrize("mode", MODES, ids=_mode_id)
 def test_fused_equals_generic_and_reference_in_every_mode(mode):
     config = dict(learning_rate=0.01, beta_1=0.9, beta_2=0.99, **mode)
