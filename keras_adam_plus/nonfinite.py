@@ -226,11 +226,23 @@ def _unguarded(optimizer):
     accumulation or a constraint is used).
     """
     skipped = optimizer._skipped_steps
+    candidates = list(optimizer._trainable_variables) + list(
+        optimizer.variables)
+    # Cached per variable list and constraints (~1.5 ms of Python a step
+    # with 1000 variables).
+    key = (tuple(map(id, candidates)), optimizer.use_ema,
+           optimizer.ema_overwrite_frequency,
+           tuple(getattr(v, "constraint", None) is not None
+                 for v in optimizer._trainable_variables))
+    cached = optimizer.__dict__.get("_unguarded_cache")
+    if cached is not None and cached[0] == key:
+        return cached[1]
     guarded_ids = {id(v) for v in optimizer._guarded_variables()}
-    return [v for v in list(optimizer._trainable_variables)
-            + list(optimizer.variables)
+    rest = [v for v in candidates
             if v is not skipped and (id(v) not in guarded_ids or getattr(
                 v, "constraint", None) is not None)]
+    optimizer.__dict__["_unguarded_cache"] = (key, rest)
+    return rest
 
 
 @contextlib.contextmanager
