@@ -40,20 +40,37 @@ CASES = {
     "1M x 1000": [1_000] * 1000,
 }
 QUICK_CASES = {"1M x 1": [1_000_000], "1M x 100": [10_000] * 100}
+# On a GPU (found by the backend itself): 100M parameters, where one
+# variable sits at the bandwidth floor and many pay per-variable launches.
+GPU_CASES = {
+    "100M x 1": [100_000_000],
+    "100M x 200": [500_000] * 200,
+    "100M x 1000": [100_000] * 1000,
+    "10M x 1000": [10_000] * 1000,
+}
+# On a GPU the rows that the issues' GPU tables ask for (the others are
+# CPU-only to keep the run inside a short lease).
+GPU_VARIANTS = ("keras Adam", "AdamPlus", "AdamPlus skip_nonfinite")
+# Steps per timed sample on a GPU: one synchronisation per sample, so
+# that the host's wait is not counted in every step.
+GPU_BATCH = 10
 BYTES_PER_PARAM = 28
 
 
-def median_time(step, repeats, warmup=3, sync=lambda: None):
+def median_time(step, repeats, warmup=3, sync=lambda: None, batch=1):
     """Median wall time of `step()` in seconds over `repeats` calls."""
-    return measure({"": (step, sync)}, repeats, warmup, rounds=1)[""]
+    return measure({"": (step, sync)}, repeats, warmup, rounds=1,
+                   batch=batch)[""]
 
 
-def measure(steps, repeats, warmup=3, rounds=3):
+def measure(steps, repeats, warmup=3, rounds=3, batch=1):
     """Median step time of each `{label: (step, sync)}`, interleaved.
 
     Every step is warmed up (traced, compiled), then the labels take turns:
-    `rounds` rounds of `repeats // rounds` timed calls each, so that drift
-    in the machine's speed during the run hits every label alike.
+    `rounds` rounds of `repeats // rounds` timed samples each, so that
+    drift in the machine's speed during the run hits every label alike. A
+    sample is `batch` calls and one `sync()` (on a GPU, so that the
+    device's queue stays full as in training), divided by `batch`.
     """
     times = {label: [] for label in steps}
     for step, sync in steps.values():
@@ -64,10 +81,37 @@ def measure(steps, repeats, warmup=3, rounds=3):
         for label, (step, sync) in steps.items():
             for _ in range(max(1, repeats // rounds)):
                 start = time.perf_counter()
-                step()
+                for _ in range(batch):
+                    step()
                 sync()
-                times[label].append(time.perf_counter() - start)
+                times[label].append((time.perf_counter() - start) / batch)
     return {label: statistics.median(t) for label, t in times.items()}
+
+
+def accelerator():
+    """"gpu" where the Keras backend computes on a GPU, else None."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "torch":
+        import torch
+
+        return "gpu" if torch.cuda.is_available() else None
+    if backend == "jax":
+        import jax
+
+        return "gpu" if jax.default_backend() == "gpu" else None
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return "gpu" if tf.config.list_logical_devices("GPU") else None
+    return None
+
+
+def _cuda_sync():
+    import torch
+
+    torch.cuda.synchronize()
 
 
 def bandwidth(repeats, n=40_000_000):
@@ -84,6 +128,8 @@ def bandwidth(repeats, n=40_000_000):
     import numpy as np
 
     n = max(n, 1_000_000)
+    if accelerator():
+        return _gpu_bandwidth(repeats, n)
     a, b = (np.full(n, 1.0, np.float32) for _ in range(2))
     rates = [12 * n / median_time(lambda: np.add(a, b, out=a), repeats)]
     del a, b
@@ -101,6 +147,34 @@ def bandwidth(repeats, n=40_000_000):
                 [a], [b], [c], [d], [], step, lr=1e-3, beta1=0.9,
                 beta2=0.999, weight_decay=0.0, eps=1e-8, amsgrad=False,
                 maximize=False), repeats))
+    return max(rates)
+
+
+def _gpu_bandwidth(repeats, n):
+    """The GPU's rate at the case's footprint: the best of torch probes.
+
+    `a += b`, `a += b * c`, a device-to-device copy (read 1, write 1) and
+    torch's fused Adam kernel itself (28 bytes), on the GPU, each timed in
+    batches of `GPU_BATCH` between synchronisations. Needs torch (the
+    floor of the JAX backend is probed through torch on the same GPU).
+    """
+    import torch
+
+    t = [torch.rand(n, device="cuda") for _ in range(4)]
+    probes = [(12, lambda: t[0].add_(t[1])),
+              (16, lambda: t[0].addcmul_(t[1], t[2])),
+              (8, lambda: t[0].copy_(t[1]))]
+    if hasattr(torch, "_fused_adam_"):
+        step = [torch.ones((), device="cuda")]
+        probes.append((28, lambda: torch._fused_adam_(
+            [t[0]], [t[1]], [t[2]], [t[3]], [], step, lr=1e-3, beta1=0.9,
+            beta2=0.999, weight_decay=0.0, eps=1e-8, amsgrad=False,
+            maximize=False)))
+    rates = [size * n / median_time(probe, repeats, sync=_cuda_sync,
+                                    batch=GPU_BATCH)
+             for size, probe in probes]
+    t.clear()
+    torch.cuda.empty_cache()
     return max(rates)
 
 
@@ -155,6 +229,19 @@ def _release():
     gc.collect()
 
 
+def _variants():
+    """The keras variants this run times: all, or `GPU_VARIANTS` on a GPU."""
+    variants = keras_variants()
+    if accelerator():
+        variants = {k: v for k, v in variants.items() if k in GPU_VARIANTS}
+    return variants
+
+
+def _measure(steps, repeats):
+    """`measure` with this device's batching (one sync per GPU_BATCH)."""
+    return measure(steps, repeats, batch=GPU_BATCH if accelerator() else 1)
+
+
 # --- one runner per backend: {label: seconds} for one case --------------
 
 def run_torch(sizes, repeats):
@@ -162,22 +249,26 @@ def run_torch(sizes, repeats):
     import torch
 
     steps = {}
-    grads = [torch.randn(n) for n in sizes]
-    for label, (make, _) in keras_variants().items():
-        variables = [keras.Variable(torch.zeros(n)) for n in sizes]
+    device = "cuda" if accelerator() else "cpu"
+    sync = _cuda_sync if device == "cuda" else _no_sync
+    grads = [torch.randn(n, device=device) for n in sizes]
+    for label, (make, _) in _variants().items():
+        variables = [keras.Variable(torch.zeros(n, device=device))
+                     for n in sizes]
         optimizer = make()
         optimizer.build(variables)
         steps[label] = (
-            lambda o=optimizer, v=variables: o.apply(grads, v), _no_sync
+            lambda o=optimizer, v=variables: o.apply(grads, v), sync
         )
     for label, kwargs in (("torch Adam foreach", {"foreach": True}),
                           ("torch Adam fused", {"fused": True})):
-        params = [torch.zeros(n, requires_grad=True) for n in sizes]
+        params = [torch.zeros(n, device=device, requires_grad=True)
+                  for n in sizes]
         for p, g in zip(params, grads):
             p.grad = g
         optimizer = torch.optim.Adam(params, lr=1e-3, **kwargs)
-        steps[label] = (optimizer.step, _no_sync)
-    return measure(steps, repeats)
+        steps[label] = (optimizer.step, sync)
+    return _measure(steps, repeats)
 
 
 def _no_sync():
@@ -207,7 +298,7 @@ def run_tensorflow(sizes, repeats):
     for jit in (False, True):
         suffix = " (XLA)" if jit else " (tf.function)"
         steps = {}
-        for label, (make, _) in keras_variants().items():
+        for label, (make, _) in _variants().items():
             variables = [keras.Variable(tf.zeros((n,))) for n in sizes]
             optimizer = make()
             optimizer.build(variables)
@@ -252,7 +343,7 @@ def run_jax(sizes, repeats):
     steps = {}
     key = jax.random.PRNGKey(0)
     grads = [jax.random.normal(key, (n,)) for n in sizes]
-    for label, (make, _) in keras_variants().items():
+    for label, (make, _) in _variants().items():
         variables = [keras.Variable(jnp.zeros((n,))) for n in sizes]
         optimizer = make()
         optimizer.build(variables)
@@ -281,7 +372,7 @@ def run_jax(sizes, repeats):
     try:
         import optax
     except ImportError:
-        return measure(steps, repeats)
+        return _measure(steps, repeats)
     tx = optax.adam(1e-3)
     state = {"p": [jnp.zeros((n,)) for n in sizes]}
     state["s"] = tx.init(state["p"])
@@ -299,7 +390,7 @@ def run_jax(sizes, repeats):
         optax_step, lambda: jax.block_until_ready(state["p"])
     )
     steps["plain JAX loop (jit)"] = _plain_jax_loop(sizes, grads)
-    return measure(steps, repeats)
+    return _measure(steps, repeats)
 
 
 def _plain_jax_loop(sizes, grads):
@@ -404,11 +495,12 @@ def fit_step_time(steps, rounds=5, model_name="MLP 784-1000-1000-10"):
 RUNNERS = {"torch": run_torch, "tensorflow": run_tensorflow, "jax": run_jax}
 
 
-def worker(quick, repeats, cases=None, fit=True):
+def worker(quick, repeats, cases=None, fit=True, steps=True):
     """Runs the cases on the current backend; prints and returns a table.
 
     `cases`: names of `CASES` to run (default all, or the quick ones);
-    `fit`: whether to time `model.fit` of `FIT_MODELS` too.
+    `fit`: whether to time `model.fit` of `FIT_MODELS` too; `steps`:
+    whether to time the optimizer steps (the cases) at all.
     """
     import keras
 
@@ -417,6 +509,10 @@ def worker(quick, repeats, cases=None, fit=True):
     backend = keras.backend.backend()
     rows, bw = [], 0.0
     table_cases = QUICK_CASES if quick else CASES
+    if accelerator():
+        table_cases = QUICK_CASES if quick else GPU_CASES
+    if not steps:
+        table_cases = {}
     for case, sizes in table_cases.items():
         if cases and case not in cases:
             continue
@@ -428,7 +524,8 @@ def worker(quick, repeats, cases=None, fit=True):
         times = RUNNERS[backend](sizes, repeats)
         _release()
         rows.append({"case": case, "floor_s": floor, "times": times})
-    if backend == "tensorflow" and not cases:
+    if (backend == "tensorflow" and steps and not cases
+            and not accelerator()):
         table_rows = 100_000 if quick else 1_000_000
         case = f"{table_rows // 1000}k x 64 embedding, 4096 rows touched"
         print(f"# {backend} {case}: measuring", file=sys.stderr, flush=True)
@@ -443,7 +540,8 @@ def worker(quick, repeats, cases=None, fit=True):
               flush=True)
         fits[name] = fit_step_time(8 if quick else 20,
                                    rounds=2 if quick else 5, model_name=name)
-    table = {"backend": backend, "bandwidth_gb_s": bw / 1e9, "rows": rows,
+    table = {"backend": backend + (" (GPU)" if accelerator() else ""),
+             "bandwidth_gb_s": bw / 1e9, "rows": rows,
              "fit": fits, "versions": {
                  "keras": keras.__version__,
                  "keras_adam_plus": keras_adam_plus.__version__}}
@@ -481,26 +579,34 @@ def main(argv=None):
                    help="1M-parameter cases only: a smoke run")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed steps per measurement (default 30, quick 5)")
-    p.add_argument("--case", action="append", choices=list(CASES),
+    p.add_argument("--case", action="append",
+                   choices=list(CASES) + list(GPU_CASES),
                    help="case(s) to run (default: all; not the embedding)")
     p.add_argument("--no-fit", action="store_true",
                    help="skip the model.fit timing")
+    p.add_argument("--no-steps", action="store_true",
+                   help="skip the optimizer steps (only model.fit)")
     p.add_argument("--json", metavar="FILE", help="also write the tables")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     repeats = args.repeats or (5 if args.quick else 30)
     if args.worker:
         print("@@" + json.dumps(worker(args.quick, repeats, args.case,
-                                       not args.no_fit)), flush=True)
+                                       not args.no_fit, not args.no_steps)),
+              flush=True)
         return 0
     tables = []
     for backend in args.backend or BACKENDS:
         cmd = [sys.executable, __file__, "--worker", "--repeats",
                str(repeats)] + (["--quick"] if args.quick else []) + [
             f"--case={case}" for case in args.case or []] + (
-            ["--no-fit"] if args.no_fit else [])
+            ["--no-fit"] if args.no_fit else []) + (
+            ["--no-steps"] if args.no_steps else [])
+        # On a GPU, JAX takes its memory as it goes, as torch does (the
+        # floor is probed through torch on the same GPU).
         env = dict(os.environ, KERAS_BACKEND=backend,
-                   TF_CPP_MIN_LOG_LEVEL="3")
+                   TF_CPP_MIN_LOG_LEVEL="3",
+                   XLA_PYTHON_CLIENT_PREALLOCATE="false")
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                 text=True)
         for line in proc.stdout:
