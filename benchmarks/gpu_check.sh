@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# One lease of a GPU machine: the step benchmark (torch, JAX) and the tests
+# On a machine with a GPU: the step benchmark (torch, JAX) and the tests
 # that exercise the update on a device (conformance matrix, fast paths,
 # skip_nonfinite, update rule, anchors), on torch and JAX. Logs and JSON
 # tables go to $OUT (default /tmp/gpu_check); a summary is printed last.
 #
 #   bash benchmarks/gpu_check.sh        # from the repository root
 #
-# Where keras is not installed (the workplace's GPU image has torch, JAX and
-# optax only), wheels of keras, namex and optree in .whl/ are installed into
-# /tmp/site first. Each part has its own time limit (seconds, overridable),
-# so that a slow part leaves the others their results.
+# Where keras is not installed, wheels of keras, namex and optree put in
+# .whl/ are installed into /tmp/site first. Each part has its own time
+# limit (seconds, overridable: T_TORCH, T_FIT, T_JAX, T_TESTS), so that a
+# slow part leaves the others their results.
 set -u
 out=${OUT:-/tmp/gpu_check}
 mkdir -p "$out"
@@ -49,6 +49,7 @@ done
 wait
 
 for f in "$out"/torch_*.log "$out"/jax_*.log; do
+  [ -f "$f" ] || continue
   grep -E "^\| [0-9]|^model.fit|^## " "$f" | grep -v "^| case"
 done
 for b in torch jax; do

@@ -23,6 +23,13 @@ is the dense one). Finally, `model.fit` step time with AdamPlus and
 keras.optimizers.Adam of the paper's MLP (784-1000-1000-10, batch 128,
 random MNIST-shaped data) and of a many-variable model (ResNet50 from
 keras.applications, weights=None, 32x32 inputs, 214 variables, batch 16).
+
+Where the backend computes on a GPU (torch on CUDA, JAX on a GPU), the
+cases are `GPU_CASES` (100M parameters in 1, 200 and 1000 variables, 10M in
+1000), the rows `GPU_VARIANTS` plus the frameworks' own Adam, the floor is
+probed on the GPU, and each timed sample is `GPU_BATCH` steps between two
+synchronisations. `--no-steps` times only `model.fit`.
+benchmarks/gpu_check.sh runs this and the device tests on a GPU machine.
 """
 
 import argparse
@@ -58,7 +65,10 @@ BYTES_PER_PARAM = 28
 
 
 def median_time(step, repeats, warmup=3, sync=lambda: None, batch=1):
-    """Median wall time of `step()` in seconds over `repeats` calls."""
+    """Median wall time of one `step()` in seconds, per call.
+
+    Over `repeats` samples of `batch` calls each (see `measure`).
+    """
     return measure({"": (step, sync)}, repeats, warmup, rounds=1,
                    batch=batch)[""]
 
@@ -89,14 +99,16 @@ def measure(steps, repeats, warmup=3, rounds=3, batch=1):
 
 
 def accelerator():
-    """"gpu" where the Keras backend computes on a GPU, else None."""
+    """`"gpu"` where the Keras backend computes on a GPU, else None.
+
+    torch: where Keras puts a new tensor (it honours KERAS_TORCH_DEVICE);
+    only CUDA counts (the GPU mode's sync and floor probe are CUDA's).
+    """
     import keras
 
     backend = keras.backend.backend()
     if backend == "torch":
-        import torch
-
-        return "gpu" if torch.cuda.is_available() else None
+        return "gpu" if keras.ops.zeros(()).device.type == "cuda" else None
     if backend == "jax":
         import jax
 
@@ -155,10 +167,18 @@ def _gpu_bandwidth(repeats, n):
 
     `a += b`, `a += b * c`, a device-to-device copy (read 1, write 1) and
     torch's fused Adam kernel itself (28 bytes), on the GPU, each timed in
-    batches of `GPU_BATCH` between synchronisations. Needs torch (the
-    floor of the JAX backend is probed through torch on the same GPU).
+    batches of `GPU_BATCH` between synchronisations (the JAX backend's
+    floor is probed through torch on the same GPU). Without torch on CUDA,
+    JAX's jitted `a + b` (buffers donated).
     """
-    import torch
+    try:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    except ImportError:
+        cuda = False
+    if not cuda:
+        return _jax_gpu_bandwidth(repeats, n)
 
     t = [torch.rand(n, device="cuda") for _ in range(4)]
     probes = [(12, lambda: t[0].add_(t[1])),
@@ -176,6 +196,20 @@ def _gpu_bandwidth(repeats, n):
     t.clear()
     torch.cuda.empty_cache()
     return max(rates)
+
+
+def _jax_gpu_bandwidth(repeats, n):
+    import jax
+
+    add = jax.jit(lambda a, b: a + b, donate_argnums=0)
+    state = [jax.random.normal(jax.random.PRNGKey(i), (n,)) for i in (0, 1)]
+
+    def probe():
+        state[0] = add(state[0], state[1])
+
+    seconds = median_time(probe, repeats, batch=GPU_BATCH,
+                          sync=lambda: jax.block_until_ready(state[0]))
+    return 12 * n / seconds
 
 
 # label -> (constructor, the keras.optimizers peer it is compared with).
@@ -249,8 +283,8 @@ def run_torch(sizes, repeats):
     import torch
 
     steps = {}
-    device = "cuda" if accelerator() else "cpu"
-    sync = _cuda_sync if device == "cuda" else _no_sync
+    device = keras.ops.zeros(()).device  # where Keras computes
+    sync = _cuda_sync if accelerator() else _no_sync
     grads = [torch.randn(n, device=device) for n in sizes]
     for label, (make, _) in _variants().items():
         variables = [keras.Variable(torch.zeros(n, device=device))
@@ -305,7 +339,7 @@ def run_tensorflow(sizes, repeats):
             step = tf.function(_applier(optimizer, grads, variables),
                                jit_compile=jit)
             steps[label + suffix] = (step, _tf_sync(optimizer))
-        results.update(measure(steps, repeats))
+        results.update(_measure(steps, repeats))
         del steps
         _release()
     return results
@@ -332,7 +366,7 @@ def run_tensorflow_sparse(rows, repeats, dim=64, touched=4096):
             tf.function(_applier(optimizer, grads, variables)),
             _tf_sync(optimizer),
         )
-    return measure(steps, repeats)
+    return _measure(steps, repeats)
 
 
 def run_jax(sizes, repeats):
@@ -511,6 +545,12 @@ def worker(quick, repeats, cases=None, fit=True, steps=True):
     table_cases = QUICK_CASES if quick else CASES
     if accelerator():
         table_cases = QUICK_CASES if quick else GPU_CASES
+    unknown = set(cases or ()) - set(table_cases)
+    if unknown:
+        raise SystemExit(
+            f"--case {sorted(unknown)} is not a case on this device "
+            f"({'GPU' if accelerator() else 'CPU'}); its cases: "
+            f"{', '.join(table_cases)}")
     if not steps:
         table_cases = {}
     for case, sizes in table_cases.items():
@@ -550,10 +590,12 @@ def worker(quick, repeats, cases=None, fit=True, steps=True):
 
 
 def print_table(table):
-    print(f"\n## {table['backend']}  (streaming bandwidth "
-          f"{table['bandwidth_gb_s']:.1f} GB/s)\n")
-    print("| case | optimizer | ms/step | x floor | x keras peer |")
-    print("| --- | --- | ---: | ---: | ---: |")
+    bandwidth = (f"  (streaming bandwidth {table['bandwidth_gb_s']:.1f} GB/s)"
+                 if table["rows"] else "")
+    print(f"\n## {table['backend']}{bandwidth}\n")
+    if table["rows"]:
+        print("| case | optimizer | ms/step | x floor | x keras peer |")
+        print("| --- | --- | ---: | ---: | ---: |")
     for row in table["rows"]:
         floor, times = row["floor_s"], row["times"]
         print(f"| {row['case']} | floor (28 B/param) | "
@@ -605,8 +647,8 @@ def main(argv=None):
         # On a GPU, JAX takes its memory as it goes, as torch does (the
         # floor is probed through torch on the same GPU).
         env = dict(os.environ, KERAS_BACKEND=backend,
-                   TF_CPP_MIN_LOG_LEVEL="3",
-                   XLA_PYTHON_CLIENT_PREALLOCATE="false")
+                   TF_CPP_MIN_LOG_LEVEL="3")
+        env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                 text=True)
         for line in proc.stdout:

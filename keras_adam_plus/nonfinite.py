@@ -241,7 +241,8 @@ def _unguarded(optimizer):
     rest = [v for v in candidates
             if v is not skipped and (id(v) not in guarded_ids or getattr(
                 v, "constraint", None) is not None)]
-    optimizer.__dict__["_unguarded_cache"] = (key, rest)
+    # The variables are kept with the key so that their ids stay theirs.
+    optimizer.__dict__["_unguarded_cache"] = (key, rest, candidates)
     return rest
 
 

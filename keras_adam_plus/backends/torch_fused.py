@@ -63,6 +63,7 @@ def fallback_reason(optimizer):
 
 
 def _on_accelerator(variable):
+    """Whether `variable` lives on a GPU (any device but the CPU)."""
     return variable.value.device.type != "cpu"
 
 
@@ -95,13 +96,19 @@ def _layout_reason(optimizer):
                   "learning rate is float32 there")
     elif not optimizer.bias_correction and any(
             _on_accelerator(v) for v in variables):
-        # Measured on an H200 (torch 2.11, CUDA 13): with its step count
-        # infinite (corrections 1) the CUDA kernel ended 1e-5 away from
-        # the float64 reference after 6 steps, the generic path 3e-7 (and
-        # the CPU kernel 3e-7); the "hat" mode, same step count, was exact.
+        # Measured on an H200 (torch 2.11, CUDA 13): the CUDA kernel forms
+        # 1 - beta_2 from beta_2 rounded to float32 (1.3e-5 relative for
+        # 0.999; the CPU kernel keeps it in float64). Bias correction
+        # divides by 1 - beta_2**t built from the same rounded beta_2, so
+        # the error cancels; without it, it does not: 6 steps ended 1e-5
+        # off the float64 reference (a NumPy Adam with float32 betas
+        # reproduces that), the generic path 3e-7.
         reason = ("bias_correction=False on an accelerator: torch's CUDA "
-                  "kernel measured 1e-5 off the reference there")
-    optimizer.__dict__["_torch_fused_layout"] = (key, reason)
+                  "kernel rounds beta_2 to float32 (1.3e-5 relative in "
+                  "1 - beta_2 for 0.999), which only bias correction "
+                  "cancels")
+    # The variables are kept with the key so that their ids stay theirs.
+    optimizer.__dict__["_torch_fused_layout"] = (key, reason, variables)
     return reason
 
 
