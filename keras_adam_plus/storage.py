@@ -5,6 +5,8 @@
   sharding under `keras.distribution`).
 - `Target`: where a step writes theta (the variable itself, or a copy in
   the compute dtype that is rounded back once per step).
+- Facts derived from the variable lists (fast-path groups and layouts,
+  the variables a guarded step copies), cached per list (`per_variables`).
 - Saved state: the values by index, as Keras saves them, plus the kind of
   each value ("momentum", "velocity", ...). A state loads only into an
   optimizer that has the same kinds in the same order with the same
@@ -20,6 +22,24 @@ from keras import ops
 
 LOW_PRECISION = ("float16", "bfloat16")
 KINDS_KEY = "slot_kinds"
+
+
+def per_variables(optimizer, name, variables, compute, extra=()):
+    """`compute()`, cached on `optimizer` under `name` per variable list.
+
+    Recomputed when `variables` (the same objects, in order) or `extra`
+    change. For facts Python would otherwise derive again every step from
+    lists of variables (milliseconds a step with 1000 of them). The
+    variables are kept with the key, so that their ids stay theirs.
+    """
+    variables = list(variables)
+    key = (tuple(map(id, variables)), *extra)
+    cached = optimizer.__dict__.get(name)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    value = compute()
+    optimizer.__dict__[name] = (key, value, variables)
+    return value
 
 
 def state_dtype(variable, moment_dtype):

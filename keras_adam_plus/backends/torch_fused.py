@@ -25,7 +25,7 @@ run the generic path; `AdamPlus.fast_path` says which one runs.
 
 import torch
 
-from keras_adam_plus import rule
+from keras_adam_plus import rule, storage
 
 
 def _stateless():
@@ -75,26 +75,27 @@ def _layout_reason(optimizer):
     what a whole step takes on a GPU.
     """
     variables = list(getattr(optimizer, "_trainable_variables", []))
-    key = (tuple(map(id, variables)), optimizer.moment_dtype,
-           optimizer.bias_correction)
-    cached = optimizer.__dict__.get("_torch_fused_layout")
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    reason = None
+    return storage.per_variables(
+        optimizer, "_torch_fused_layout", variables,
+        lambda: _check_layout(optimizer, variables),
+        extra=(optimizer.moment_dtype, optimizer.bias_correction))
+
+
+def _check_layout(optimizer, variables):
     if optimizer.moment_dtype is not None and any(
         str(slot.dtype) != str(var.dtype)
         for slot, var in zip(getattr(optimizer, "_momentums", []), variables)
         if slot is not None
     ):
-        reason = ("moment_dtype: the fused kernel keeps state in the "
-                  "parameters' dtype")
-    elif any(str(v.dtype) == "float64" and _on_accelerator(v)
-             for v in variables):
+        return ("moment_dtype: the fused kernel keeps state in the "
+                "parameters' dtype")
+    if any(str(v.dtype) == "float64" and _on_accelerator(v)
+           for v in variables):
         # CUDA's kernel reads a float32 learning-rate tensor; float64
         # weights keep a float64 learning rate on the generic path.
-        reason = ("float64 weights on an accelerator: the fused kernel's "
-                  "learning rate is float32 there")
-    elif not optimizer.bias_correction and any(
+        return ("float64 weights on an accelerator: the fused kernel's "
+                "learning rate is float32 there")
+    if not optimizer.bias_correction and any(
             _on_accelerator(v) for v in variables):
         # Measured on an H200 (torch 2.11, CUDA 13): the CUDA kernel forms
         # 1 - beta_2 from beta_2 rounded to float32 (1.3e-5 relative for
@@ -103,13 +104,11 @@ def _layout_reason(optimizer):
         # the error cancels; without it, it does not: 6 steps ended 1e-5
         # off the float64 reference (a NumPy Adam with float32 betas
         # reproduces that), the generic path 3e-7.
-        reason = ("bias_correction=False on an accelerator: torch's CUDA "
-                  "kernel rounds beta_2 to float32 (1.3e-5 relative in "
-                  "1 - beta_2 for 0.999), which only bias correction "
-                  "cancels")
-    # The variables are kept with the key so that their ids stay theirs.
-    optimizer.__dict__["_torch_fused_layout"] = (key, reason, variables)
-    return reason
+        return ("bias_correction=False on an accelerator: torch's CUDA "
+                "kernel rounds beta_2 to float32 (1.3e-5 relative in "
+                "1 - beta_2 for 0.999), which only bias correction "
+                "cancels")
+    return None
 
 
 def _groups(optimizer, variables, stateless):
@@ -121,11 +120,14 @@ def _groups(optimizer, variables, stateless):
     tensor across `assign`), except in a StatelessScope, where the tensors
     are copies of the scope's values, written back with `assign`.
     """
-    key = tuple(id(v) for v in variables)
-    cached = optimizer.__dict__.get("_torch_fused_groups")
-    if not stateless and cached is not None and cached[0] == key:
-        return cached[1]
+    if stateless:
+        return _build_groups(optimizer, variables, stateless)
+    return storage.per_variables(
+        optimizer, "_torch_fused_groups", variables,
+        lambda: _build_groups(optimizer, variables, stateless))
 
+
+def _build_groups(optimizer, variables, stateless):
     def tensor(variable):
         value = variable.value
         return value.clone() if stateless else value
@@ -146,8 +148,6 @@ def _groups(optimizer, variables, stateless):
         for column, slot in zip(group[1:5], slots):
             column.append(tensor(slot) if slot is not variable else param)
         group[5].append(slots)
-    if not stateless:
-        optimizer.__dict__["_torch_fused_groups"] = (key, groups)
     return groups
 
 
