@@ -283,10 +283,12 @@ class AdamPlus(keras.optimizers.Optimizer):
         names = ["momentum", "velocity"] + (
             ["velocity_max"] if self.amsgrad else []
         )
-        slots = storage.add_slots(self, var_list, names, self.moment_dtype)
+        self._decays = [self._decays_variable(var) for var in var_list]
+        self._slot_groups = backends.slot_groups(self, var_list)
+        slots = storage.add_slots(self, var_list, names, self.moment_dtype,
+                                  groups=self._slot_groups)
         self._momentums, self._velocities = slots[0], slots[1]
         self._velocity_maxes = slots[2] if self.amsgrad else None
-        self._decays = [self._decays_variable(var) for var in var_list]
         self._averages = None
         if self.average_decay is not None:
             self._averages = storage.add_slots(
@@ -385,15 +387,30 @@ class AdamPlus(keras.optimizers.Optimizer):
                 tf_lazy.update_step(self, gradient, variable, learning_rate)
                 return
         index = self._get_variable_index(variable)
+        slots = [self._momentums[index], self._velocities[index],
+                 self._velocity_maxes[index] if self.amsgrad else None]
+        self._rule_step([gradient], [variable], slots, index, learning_rate)
+
+    def _rule_step(self, grads, variables, slots, index, learning_rate):
+        """The rule (`keras_adam_plus.rule`) applied to `variables`.
+
+        One variable with its own slots (`update_step`), or a group of
+        variables of one dtype and decay with flat slots (m, v, v_max):
+        their gradients and theta are then concatenated, and the decrements
+        cut back into each variable's shape. `index` is the first
+        variable's (for its weight decay).
+        """
         dtype = rule.compute_dtype(
-            keras.backend.standardize_dtype(variable.dtype))
+            keras.backend.standardize_dtype(variables[0].dtype))
         hyper, s = self._hyper(), self._step_scalars(dtype, learning_rate)
-        target = storage.Target(self, variable, dtype)
-        gradient = ops.cast(gradient, dtype)
+        targets = [storage.Target(self, v, dtype) for v in variables]
+        gradient = storage.flat([ops.cast(g, dtype) for g in grads])
         if self._decays[index]:
-            gradient, decrement = rule.decay(hyper, s, target.value, gradient)
-            target.sub(decrement)
-        m_slot, v_slot = self._momentums[index], self._velocities[index]
+            gradient, decrement = rule.decay(
+                hyper, s, storage.flat([t.value for t in targets]),
+                gradient)
+            storage.sub_pieces(targets, decrement)
+        m_slot, v_slot, v_max_slot = slots
         m = storage.read(m_slot, dtype)
         m = storage.write(self, m_slot, m,
                           rule.first_moment_increment(s, gradient, m), dtype)
@@ -406,11 +423,11 @@ class AdamPlus(keras.optimizers.Optimizer):
                               rule.second_moment_increment(s, gradient, v),
                               dtype)
         if self.amsgrad:
-            v_max_slot = self._velocity_maxes[index]
             v = storage.put(self, v_max_slot, rule.maximum(
                 storage.read(v_max_slot, dtype), v), dtype)
-        target.sub(rule.direction(hyper, s, gradient, m, v))
-        target.finish()
+        storage.sub_pieces(targets, rule.direction(hyper, s, gradient, m, v))
+        for target in targets:
+            target.finish()
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         self._scalars_cache = {}
@@ -488,8 +505,9 @@ class AdamPlus(keras.optimizers.Optimizer):
         """
         slots = [self._momentums, self._velocities, self._velocity_maxes,
                  self._averages, self._beta_powers]
-        result = [s for group in slots if group for s in group
-                  if s is not None]
+        result = list({id(s): s for group in slots if group for s in (
+            x.flat if isinstance(x, storage.GroupSlice) else x
+            for x in group) if s is not None}.values())
         if not (self.use_ema and self.ema_overwrite_frequency):
             # Keras assigns a variable with `overwrite_with_gradient` (float8
             # scales) its gradient itself.
@@ -545,7 +563,9 @@ class AdamPlus(keras.optimizers.Optimizer):
         """Which update this optimizer runs on the current backend.
 
         `"torch_fused"` on the PyTorch backend (torch's fused multi-tensor
-        Adam kernel, see `keras_adam_plus.backends.torch_fused`), else
+        Adam kernel, see `keras_adam_plus.backends.torch_fused`); on JAX
+        `"jax_grouped (...)"` once built with groups of small variables
+        sharing flat slots (`keras_adam_plus.backends.jax_grouped`); else
         `"generic"` (`update_step` per variable, compiled by XLA under
         `jit_compile` on TensorFlow and always on JAX), followed by the
         reason where a fast path exists but this configuration falls back.

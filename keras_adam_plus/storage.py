@@ -62,25 +62,124 @@ def check_floating(var_list):
             )
 
 
-def add_slots(optimizer, var_list, names, moment_dtype=None):
-    """One list of zero slots per name, `None` where Keras wants none.
+def add_slots(optimizer, var_list, names, moment_dtype=None, groups=()):
+    """One list of slots per name, `None` where Keras wants none.
 
     Each slot has its variable's shape and layout (sharding), and its dtype
-    (or `moment_dtype` for float16/bfloat16 variables).
+    (or `moment_dtype` for float16/bfloat16 variables). `groups` (lists of
+    positions in `var_list`) share one flat slot per name: their entries
+    are `GroupSlice`s of it, in the place of their own variables.
     """
-    return [
-        [
-            None if getattr(var, "overwrite_with_gradient", False)
-            else optimizer.add_variable(
-                tuple(var.shape), initializer="zeros",
-                dtype=state_dtype(var, moment_dtype),
-                layout=getattr(var, "_layout", None),
-                name=f"{var.path.replace('/', '_')}_{name}",
-            )
-            for var in var_list
-        ]
-        for name in names
-    ]
+    group_of = {i: g for g, members in enumerate(groups) for i in members}
+    offsets = {}
+    for members in groups:
+        offset = 0
+        for i in members:
+            offsets[i] = offset
+            offset += _size(var_list[i])
+    result = []
+    for name in names:
+        flats, column, block = {}, [], set()
+        for i, var in enumerate(var_list):
+            if getattr(var, "overwrite_with_gradient", False):
+                column.append(None)
+                continue
+            slot_name = f"{var.path.replace('/', '_')}_{name}"
+            if i not in group_of:
+                slot = optimizer.add_variable(
+                    tuple(var.shape), initializer="zeros",
+                    dtype=state_dtype(var, moment_dtype),
+                    layout=getattr(var, "_layout", None), name=slot_name,
+                )
+                block.add(id(slot))
+                column.append(slot)
+                continue
+            g = group_of[i]
+            if g not in flats:
+                members = groups[g]
+                flats[g] = optimizer.add_variable(
+                    (sum(_size(var_list[j]) for j in members),),
+                    initializer="zeros",
+                    dtype=state_dtype(var, moment_dtype),
+                    name=f"group_{g}_{name}",
+                )
+                block.add(id(flats[g]))
+            column.append(GroupSlice(flats[g], offsets[i], tuple(var.shape),
+                                     slot_name, optimizer.name))
+        if groups:
+            blocks = optimizer.__dict__.setdefault("_slot_blocks", [])
+            blocks.append((block, column))
+        result.append(column)
+    return result
+
+
+def _size(variable):
+    return int(np.prod(variable.shape, dtype=np.int64))
+
+
+class GroupSlice:
+    """One variable's slot inside a group's flat slot (see `add_slots`).
+
+    Where a group of small variables keeps one flat slot per kind (one
+    kernel for the group instead of one per variable; see
+    `keras_adam_plus.backends.jax_grouped`), this is the part of it that
+    is the variable's own slot: its shape and the name the slot would
+    have had, so that saved files hold the same values as without groups.
+    """
+
+    def __init__(self, flat, offset, shape, name, optimizer_name):
+        self.flat, self.offset, self.shape = flat, offset, shape
+        self.size = int(np.prod(shape, dtype=np.int64))
+        self.name, self.path = name, f"{optimizer_name}/{name}"
+        self.dtype = flat.dtype
+
+    def value_of(self, flat_value):
+        """This slot's part of `flat_value` (a tensor or an array)."""
+        piece = flat_value[self.offset:self.offset + self.size]
+        if isinstance(piece, np.ndarray):
+            return piece.reshape(self.shape)
+        return ops.reshape(piece, self.shape)
+
+    def numpy(self):
+        return self.value_of(np.asarray(self.flat.numpy()))
+
+
+def entries(optimizer):
+    """The state as Keras's per-variable layout: variables and slices.
+
+    `optimizer.variables`, with each block of slots of one kind (where
+    some are `GroupSlice`s of flat slots) in its variables' order: the
+    values and order an optimizer without groups has, so that saved files
+    do not depend on grouping.
+    """
+    blocks = optimizer.__dict__.get("_slot_blocks")
+    if not blocks:
+        return list(optimizer.variables)
+    block_of = {i: b for b, (ids, _) in enumerate(blocks) for i in ids}
+    result, done = [], set()
+    for variable in optimizer.variables:
+        b = block_of.get(id(variable))
+        if b is None:
+            result.append(variable)
+        elif b not in done:
+            done.add(b)
+            result.extend(s for s in blocks[b][1] if s is not None)
+    return result
+
+
+def numpy_values(state):
+    """NumPy values of `entries`, each flat slot read once."""
+    flats = {}
+    result = []
+    for entry in state:
+        if isinstance(entry, GroupSlice):
+            key = id(entry.flat)
+            if key not in flats:
+                flats[key] = np.asarray(entry.flat.numpy())
+            result.append(entry.value_of(flats[key]))
+        else:
+            result.append(entry.numpy())
+    return result
 
 
 def write(optimizer, slot, old, increment, dtype):
@@ -89,28 +188,54 @@ def write(optimizer, slot, old, increment, dtype):
     In the slot's own dtype this is Keras's `assign_add`; otherwise the sum
     is rounded to the slot's dtype once.
     """
-    if keras.backend.standardize_dtype(slot.dtype) == dtype:
+    if (not isinstance(slot, GroupSlice)
+            and keras.backend.standardize_dtype(slot.dtype) == dtype):
         optimizer.assign_add(slot, increment)
         return slot
-    new = ops.add(old, increment)
-    optimizer.assign(slot, ops.cast(new, slot.dtype))
-    return new
+    return put(optimizer, slot, ops.add(old, increment), dtype)
 
 
 def put(optimizer, slot, new, dtype):
     """Writes `new` (compute dtype) to `slot`, rounded once; returns it."""
-    if keras.backend.standardize_dtype(slot.dtype) == dtype:
-        optimizer.assign(slot, new)
+    value = new
+    if keras.backend.standardize_dtype(slot.dtype) != dtype:
+        value = ops.cast(new, slot.dtype)
+    if isinstance(slot, GroupSlice):
+        optimizer.assign(slot.flat, ops.slice_update(
+            slot.flat.value, (slot.offset,), ops.reshape(value, (-1,))))
     else:
-        optimizer.assign(slot, ops.cast(new, slot.dtype))
+        optimizer.assign(slot, value)
     return new
 
 
 def read(slot, dtype):
     """The slot's value in the compute dtype."""
+    value = slot.value_of(slot.flat.value) if isinstance(
+        slot, GroupSlice) else slot
     if keras.backend.standardize_dtype(slot.dtype) == dtype:
-        return slot
-    return ops.cast(slot, dtype)
+        return value
+    return ops.cast(value, dtype)
+
+
+def flat(tensors):
+    """One tensor: itself, or the tensors flattened and concatenated."""
+    if len(tensors) == 1:
+        return tensors[0]
+    return ops.concatenate([ops.reshape(t, (-1,)) for t in tensors])
+
+
+def sub_pieces(targets, delta):
+    """`target.sub` of each target's part of `delta` (see `flat`)."""
+    if delta is None:
+        return
+    if len(targets) == 1:
+        targets[0].sub(delta)
+        return
+    shapes = [tuple(t.variable.shape) for t in targets]
+    cuts = list(np.cumsum([int(np.prod(x, dtype=np.int64))
+                           for x in shapes])[:-1])
+    for target, part, shape in zip(targets, ops.split(delta, cuts), shapes):
+        target.sub(ops.reshape(part, shape))
 
 
 class Target:
@@ -145,7 +270,7 @@ class Target:
 # ---------------------------------------------------------------- state --
 
 def kinds(optimizer):
-    """The kind of each of `optimizer.variables`, in order.
+    """The kind of each value of the state (`entries`), in order.
 
     A slot's kind is its name less its model variable's prefix
     ("momentum", "velocity", "average", "gradient_accumulator", ...); a
@@ -157,7 +282,7 @@ def kinds(optimizer):
         key=len, reverse=True,
     )
     result = []
-    for variable in optimizer.variables:
+    for variable in entries(optimizer):
         name = variable.name
         prefix = next((p for p in prefixes if name.startswith(p)), "")
         result.append(name[len(prefix):])
@@ -181,7 +306,7 @@ def snapshot(optimizer, pending=None):
     """
     pending = pending or optimizer._pending_state
     if pending is None:
-        return [v.numpy() for v in optimizer.variables], kinds(optimizer)
+        return numpy_values(entries(optimizer)), kinds(optimizer)
     # Plain lists: Keras tracks an optimizer's list attributes (the pending
     # state) as TrackedList, which does not pickle.
     values, saved_kinds = pending
@@ -212,7 +337,7 @@ def save(optimizer, store):
     """
     values, saved_kinds = snapshot(optimizer) if (
         optimizer.built or optimizer._pending_state is not None) else (
-        [v.numpy() for v in optimizer.variables], kinds(optimizer))
+        numpy_values(entries(optimizer)), kinds(optimizer))
     for i, value in enumerate(values):
         store[str(i)] = value
     if saved_kinds is not None:
@@ -248,7 +373,7 @@ def assign(optimizer, values, saved_kinds, skip_scalars=False):
     `skip_scalars`: leave the step count and learning rate (assigned when
     a pending state was loaded, and perhaps changed since) as they are.
     """
-    variables = optimizer.variables
+    variables = entries(optimizer)
     if saved_kinds is not None:
         mine = kinds(optimizer)
         if saved_kinds != mine:
@@ -282,9 +407,17 @@ def assign(optimizer, values, saved_kinds, skip_scalars=False):
     keep = set()
     if skip_scalars and saved_kinds is not None:
         keep = {id(v) for v in _scalars(optimizer).values()}
+    flats = {}
     for variable, value in zip(variables, values):
-        if id(variable) not in keep:
+        if isinstance(variable, GroupSlice):
+            flat = flats.setdefault(id(variable.flat), (
+                variable.flat, np.array(variable.flat.numpy())))[1]
+            flat[variable.offset:variable.offset + variable.size] = (
+                np.reshape(value, -1))
+        elif id(variable) not in keep:
             variable.assign(value)
+    for variable, value in flats.values():
+        variable.assign(value)
 
 
 def assign_pending(optimizer, values, saved_kinds):

@@ -71,7 +71,11 @@ EXECUTIONS = ["apply", "fit", "jit", "stateless", "loop"]
 if BACKEND == "tensorflow":
     EXECUTIONS.remove("stateless")  # TF's optimizer refuses it
 
-CELLS = all_pairs([list(MODES), DTYPES, EXECUTIONS])
+# "one": the (2, 3) weight is one variable; "split": its rows are two
+# variables of shape (3,), which the JAX backend updates as one group with
+# flat slots (backends/jax_grouped.py) and torch's fused kernel in one call.
+LAYOUTS = ["one", "split"]
+CELLS = all_pairs([list(MODES), DTYPES, EXECUTIONS, LAYOUTS])
 
 
 def _params(cells):
@@ -135,44 +139,59 @@ def _numpy(value):
 
 # ------------------------------------------------------------ executions --
 
-def _apply(optimizer, dtype, theta, grads):
-    variable = keras.Variable(theta, dtype=dtype, name="w")
+def _parts(value, layout):
+    """`value` (a (2, 3) array) as the layout's variables' values."""
+    return [value] if layout == "one" else [value[0], value[1]]
+
+
+def _variables(theta, dtype, layout):
+    return [keras.Variable(part, dtype=dtype, name=f"w{i}")
+            for i, part in enumerate(_parts(theta, layout))]
+
+
+def _apply(optimizer, dtype, theta, grads, layout):
+    variables = _variables(theta, dtype, layout)
     for g in grads:
-        optimizer.apply([ops.convert_to_tensor(g, dtype)], [variable])
-    return variable
+        optimizer.apply([ops.convert_to_tensor(x, dtype)
+                         for x in _parts(g, layout)], variables)
+    return variables
 
 
 class _Linear(keras.layers.Layer):
     """y = sum(w * x): the gradient of the loss y is x."""
 
-    def __init__(self, theta, **kwargs):
+    def __init__(self, theta, layout, **kwargs):
         super().__init__(**kwargs)
-        self.theta = theta
+        self.theta, self.layout = theta, layout
 
     def build(self, input_shape):
-        self.w = self.add_weight(
-            shape=SHAPE, name="w",
-            initializer=keras.initializers.Constant(self.theta))
+        self.ws = [
+            self.add_weight(shape=part.shape, name=f"w{i}",
+                            initializer=keras.initializers.Constant(part))
+            for i, part in enumerate(_parts(self.theta, self.layout))]
 
     def call(self, x):
-        return ops.sum(ops.multiply(self.w, x), axis=(1, 2))[:, None]
+        if self.layout == "one":
+            return ops.sum(ops.multiply(self.ws[0], x), axis=(1, 2))[:, None]
+        return sum(ops.sum(ops.multiply(w, x[:, i]), axis=1)[:, None]
+                   for i, w in enumerate(self.ws))
 
 
-def _fit(optimizer, dtype, theta, grads, jit_compile=False):
-    layer = _Linear(theta, dtype=dtype)
+def _fit(optimizer, dtype, theta, grads, layout, jit_compile=False):
+    layer = _Linear(theta, layout, dtype=dtype)
     model = keras.Sequential([keras.Input(SHAPE, dtype=dtype), layer])
     model.compile(optimizer=optimizer, loss=lambda y_true, y_pred: y_pred,
                   jit_compile=jit_compile)
     x = np.stack(grads).astype(NUMPY_DTYPES[dtype])
     model.fit(x, np.zeros((len(grads), 1), "float32"), batch_size=1,
               epochs=1, shuffle=False, verbose=0)
-    return layer.w
+    return layer.ws
 
 
-def _stateless(optimizer, dtype, theta, grads):
-    variable = keras.Variable(theta, dtype=dtype, name="w")
-    optimizer.build([variable])
-    trainable = [variable.value]
+def _stateless(optimizer, dtype, theta, grads, layout):
+    variables = _variables(theta, dtype, layout)
+    optimizer.build(variables)
+    trainable = [v.value for v in variables]
     state = [v.value for v in optimizer.variables]
     step = optimizer.stateless_apply
     if BACKEND == "jax":
@@ -182,13 +201,14 @@ def _stateless(optimizer, dtype, theta, grads):
     for g in grads:
         inputs = [_numpy(x) for x in trainable + state]
         new_trainable, new_state = step(
-            state, [ops.convert_to_tensor(g, dtype)], trainable)
+            state, [ops.convert_to_tensor(x, dtype)
+                    for x in _parts(g, layout)], trainable)
         # Pure: the caller's tensors are unchanged.
         for before, x in zip(inputs, trainable + state):
             np.testing.assert_array_equal(_numpy(x), before)
         trainable, state = new_trainable, new_state
     assert int(ops.convert_to_numpy(optimizer.iterations)) == 0
-    return trainable[0]
+    return trainable
 
 
 def _gradient(variable, x):
@@ -209,12 +229,13 @@ def _gradient(variable, x):
     return torch.autograd.grad((w * x).sum(), w)[0]
 
 
-def _loop(optimizer, dtype, theta, grads):
-    variable = keras.Variable(theta, dtype=dtype, name="w")
+def _loop(optimizer, dtype, theta, grads, layout):
+    variables = _variables(theta, dtype, layout)
     for g in grads:
-        x = ops.convert_to_tensor(g, dtype)
-        optimizer.apply([_gradient(variable, x)], [variable])
-    return variable
+        optimizer.apply([_gradient(v, ops.convert_to_tensor(x, dtype))
+                         for v, x in zip(variables, _parts(g, layout))],
+                        variables)
+    return variables
 
 
 RUNNERS = {
@@ -244,8 +265,13 @@ def _reference_config(mode):
     return dict(config, learning_rate=LR)
 
 
-@pytest.mark.parametrize("mode, dtype, execution", _params(CELLS))
-def test_cell_follows_the_float64_reference(mode, dtype, execution):
+def _joined(values):
+    """The layout's variables' values as the (2, 3) weight."""
+    return np.reshape(np.stack([_numpy(v) for v in values]), SHAPE)
+
+
+@pytest.mark.parametrize("mode, dtype, execution, layout", _params(CELLS))
+def test_cell_follows_the_float64_reference(mode, dtype, execution, layout):
     theta, grads = _problem(dtype)
     reference_grads = grads
     if mode == "skip_nonfinite":
@@ -254,7 +280,11 @@ def test_cell_follows_the_float64_reference(mode, dtype, execution):
         reference_grads = grads[:2] + grads[3:]
     with _x64(dtype):
         optimizer = AdamPlus(learning_rate=LR, **MODES[mode])
-        got = _numpy(RUNNERS[execution](optimizer, dtype, theta, grads))
+        got = _joined(RUNNERS[execution](optimizer, dtype, theta, grads,
+                                         layout))
+        if BACKEND == "jax" and layout == "split":
+            assert optimizer.fast_path.startswith("jax_grouped (2 "), (
+                optimizer.fast_path)
     round_theta = round_state = None
     if dtype not in RTOL:
         round_theta = lambda p: _round(p, dtype)  # noqa: E731
@@ -280,14 +310,14 @@ def test_cell_follows_the_float64_reference(mode, dtype, execution):
         _, (average,) = run_reference_average(
             _reference_config(mode), [theta], [[g] for g in grads], 0.9)
         with _x64(dtype):
-            got_average = _numpy(optimizer.average_weights()[0])
+            got_average = _joined(optimizer.average_weights())
         np.testing.assert_allclose(got_average, average,
                                    **_tolerance(dtype, average))
 
 
 def test_matrix_covers_every_pair():
-    for a, b in ((0, 1), (0, 2), (1, 2)):
-        columns = (list(MODES), DTYPES, EXECUTIONS)
+    for a, b in ((0, 1), (0, 2), (1, 2), (0, 3), (1, 3), (2, 3)):
+        columns = (list(MODES), DTYPES, EXECUTIONS, LAYOUTS)
         want = {(x, y) for x in columns[a] for y in columns[b]}
         assert {(cell[a], cell[b]) for cell in CELLS} == want
     assert len(CELLS) < len(MODES) * len(DTYPES) * len(EXECUTIONS) / 3

@@ -90,6 +90,30 @@ def test_layouts_an_accelerator_kernel_cannot_take_fall_back(monkeypatch):
     assert on_cpu.fast_path.startswith("generic (bias_correction=False")
 
 
+@pytest.mark.parametrize("config", [
+    dict(weight_decay=0.01, weight_decay_mode="decoupled_unscaled"),
+    dict(weight_decay=0.1, epsilon_mode="hat"),
+    dict(weight_decay=0.1, bias_correction=False),
+])
+def test_decay_before_the_kernel_falls_back_for_half_weights(config):
+    # The decay these modes apply before the kernel would round float16
+    # or bfloat16 theta twice a step (the conformance matrix's
+    # decoupled_unscaled-float16-fit cell ended 2-3 spacings off); the
+    # paper-mode AdamW and l2 decays are the kernel's own.
+    def fast_path(dtype, **kwargs):
+        optimizer = AdamPlus(**kwargs)
+        optimizer.build([keras.Variable(np.ones(3), dtype=dtype)])
+        return optimizer.fast_path
+
+    for dtype in ("float16", "bfloat16"):
+        assert fast_path(dtype, **config).startswith(
+            "generic (decoupled weight decay with float16/bfloat16")
+        assert fast_path(dtype, weight_decay=0.1) == "torch_fused"
+        assert fast_path(dtype, weight_decay=0.1,
+                         weight_decay_mode="l2") == "torch_fused"
+    assert fast_path("float32", **config) == "torch_fused"
+
+
 def test_float32_beta_2_errs_only_without_bias_correction():
     # Why the fallback above: Adam with beta_2 rounded to float32 (as
     # torch's CUDA kernel has it), against the exact one, in float64, on

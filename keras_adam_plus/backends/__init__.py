@@ -16,7 +16,19 @@ def _module():
         from keras_adam_plus.backends import torch_fused
 
         return torch_fused
+    if keras.backend.backend() == "jax":
+        from keras_adam_plus.backends import jax_grouped
+
+        return jax_grouped
     return None
+
+
+def slot_groups(optimizer, var_list):
+    """Positions of `var_list` that share flat slots (JAX), at build."""
+    module = _module()
+    if module is None or not hasattr(module, "plan"):
+        return []
+    return module.plan(optimizer, var_list)
 
 
 def _reason(module, optimizer):
@@ -39,6 +51,8 @@ def describe(optimizer):
     module = _module()
     if module is None:
         return "generic"
+    if hasattr(module, "describe"):
+        return module.describe(optimizer)
     reason = _reason(module, optimizer)
     if reason is None:
         return module.__name__.rsplit(".", 1)[-1]
