@@ -272,6 +272,9 @@ class AdamPlus(keras.optimizers.Optimizer):
     def build(self, var_list):
         """Creates `m`, `v` (and `v_max` with amsgrad) for each variable.
 
+        On JAX, small variables of one dtype and weight decay share flat
+        slots (`keras_adam_plus.backends.jax_grouped`).
+
         Also the temporal average (`average_decay`), the beta products
         (scheduled betas) and `skipped_steps` (`skip_nonfinite`); a state
         loaded before the optimizer was built is assigned here.

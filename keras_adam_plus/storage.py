@@ -2,7 +2,9 @@
 
 - Slots: one per (model variable, kind), in the variable's dtype or in
   `moment_dtype`, with the variable's layout (so that they follow its
-  sharding under `keras.distribution`).
+  sharding under `keras.distribution`); or, for a group of small
+  variables (JAX, see `backends/jax_grouped.py`), one flat slot per kind
+  of which each variable's slot is a `GroupSlice`.
 - `Target`: where a step writes theta (the variable itself, or a copy in
   the compute dtype that is rounded back once per step).
 - Facts derived from the variable lists (fast-path groups and layouts,

@@ -112,6 +112,9 @@ def test_decay_before_the_kernel_falls_back_for_half_weights(config):
         assert fast_path(dtype, weight_decay=0.1,
                          weight_decay_mode="l2") == "torch_fused"
     assert fast_path("float32", **config) == "torch_fused"
+    # Half weights excluded from the decay keep the kernel.
+    assert fast_path("float16", weight_decay_exclude=["."],
+                     **config) == "torch_fused"
 
 
 def test_float32_beta_2_errs_only_without_bias_correction():

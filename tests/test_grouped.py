@@ -131,6 +131,9 @@ def test_groups_give_the_per_variable_numbers(mode, execution):
     assert opt.fast_path == (f"jax_grouped ({count} variables in 2 "
                              "groups, the rest per variable)")
     assert plain_opt.fast_path == "generic"
+    opt._force_generic = "forced by the test"
+    assert opt.fast_path == "generic (forced by the test)"
+    del opt._force_generic
     assert len(opt.variables) < len(plain_opt.variables)
     _close(grouped, plain)
     values, kinds = storage.snapshot(opt)

@@ -51,7 +51,8 @@ def describe(optimizer):
     module = _module()
     if module is None:
         return "generic"
-    if hasattr(module, "describe"):
+    forced = getattr(optimizer, "_force_generic", None)
+    if hasattr(module, "describe") and not forced:
         return module.describe(optimizer)
     reason = _reason(module, optimizer)
     if reason is None:

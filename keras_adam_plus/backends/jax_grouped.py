@@ -11,14 +11,17 @@ array per group instead of one per variable and kind.
 
 Larger variables keep their own slots: on a CPU, concatenating their
 gradients costs more than the kernels it saves (measured crossover about
-8k-16k elements; see the README). Saved files do not change: the state is
-saved and loaded in the per-variable layout (`storage.entries`).
+8k-16k elements; see the README). `.keras` and `.weights.h5` files do not
+change: the state is saved and loaded in the per-variable layout
+(`storage.entries`); what reads `optimizer.variables` directly (the legacy
+`.h5` format, `set_weights`, `get_state_tree`) sees the flat slots.
 
 No groups are made under a `keras.distribution` (slots follow their
 variable's sharding), for subclasses that override `update_step`, or for
 variables Keras overwrites with their gradient. A step that updates only
 part of a group (gradients filtered out) updates those variables through
-`update_step`, on their parts of the flat slots.
+`update_step`, on their parts of the flat slots (in place under `jit`;
+run eagerly, each such write copies the flat slot).
 """
 
 import keras

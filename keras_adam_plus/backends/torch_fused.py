@@ -91,6 +91,14 @@ def _decay_outside_kernel(optimizer):
     return mode == "decoupled_unscaled" or (mode == "decoupled" and hat)
 
 
+def _decays(optimizer, variable):
+    """Whether weight decay applies to `variable` (decided at build)."""
+    decays = getattr(optimizer, "_decays", None)
+    if decays is None:
+        return optimizer._decays_variable(variable)
+    return decays[optimizer._get_variable_index(variable)]
+
+
 def _check_layout(optimizer, variables):
     if optimizer.moment_dtype is not None and any(
         str(slot.dtype) != str(var.dtype)
@@ -101,7 +109,7 @@ def _check_layout(optimizer, variables):
                 "parameters' dtype")
     if _decay_outside_kernel(optimizer) and any(
             keras.backend.standardize_dtype(v.dtype) in storage.LOW_PRECISION
-            for v in variables):
+            and _decays(optimizer, v) for v in variables):
         # Found by the conformance matrix (decoupled_unscaled, float16,
         # fit): theta rounded after the decay and again after the kernel
         # ended 2-3 float16 spacings off the reference, which rounds once.
