@@ -9,7 +9,10 @@ For every case (10M parameters in 1 variable, 10M in 200, 1M in 1000) it
 prints the median time of one step of AdamPlus (default, amsgrad, weight
 decay), its keras.optimizers peers, and the framework's own Adam
 (torch.optim.Adam foreach and fused; optax.adam under jit; on JAX also a
-bare jitted per-variable Adam loop, the room XLA leaves), each as a ratio
+bare jitted per-variable Adam loop, the room XLA leaves, the same loop with
+every variable's m and v in one flat buffer, what grouping all variables
+would give, and AdamPlus without its groups of small variables), each as a
+ratio
 to the memory bandwidth floor and to its keras.optimizers peer (Adam,
 Adam(amsgrad=True), AdamW; torch and optax rows against Adam) measured in
 the same run.
@@ -443,33 +446,55 @@ def run_jax(sizes, repeats):
         optax_step, lambda: jax.block_until_ready(state["p"])
     )
     steps["plain JAX loop (jit)"] = _plain_jax_loop(sizes, grads)
+    steps["plain JAX flat m, v (jit)"] = _plain_jax_loop(sizes, grads,
+                                                         flat=True)
     return _measure(steps, repeats)
 
 
-def _plain_jax_loop(sizes, grads):
-    """The room left: a bare jitted per-variable Adam, buffers donated.
+def _plain_jax_loop(sizes, grads, flat=False):
+    """The room left: a bare jitted Adam, buffers donated.
 
     m, v and theta per variable with the step's scalars computed once; no
-    Keras around it. Not an optimizer users can call: the row shows what
-    XLA makes of the arithmetic alone.
+    Keras around it. With `flat`, every variable's m and v are one flat
+    buffer each (the gradients concatenated every step, theta cut back
+    per variable): what grouping all variables would give. Not optimizers
+    users can call: the rows show what XLA makes of the arithmetic alone.
     """
     import jax
     import jax.numpy as jnp
+
+    offsets = [0]
+    for n in sizes:
+        offsets.append(offsets[-1] + n)
+
+    def moments(m, v, x):
+        return 0.9 * m + 0.1 * x, 0.999 * v + 0.001 * x * x
+
+    def decrement(m, v, c1, c2):
+        return 1e-3 * (m / c1) / (jnp.sqrt(v / c2) + 1e-8)
 
     def update(params, ms, vs, count, g):
         count = count + 1
         t = count.astype(jnp.float32)
         c1, c2 = 1 - 0.9 ** t, 1 - 0.999 ** t
+        if flat:
+            m, v = moments(ms, vs, jnp.concatenate(g))
+            d = decrement(m, v, c1, c2)
+            return ([p - d[a:b] for p, a, b in
+                     zip(params, offsets, offsets[1:])], m, v, count)
         out = [], [], []
         for p, m, v, x in zip(params, ms, vs, g):
-            m = 0.9 * m + 0.1 * x
-            v = 0.999 * v + 0.001 * x * x
-            p = p - 1e-3 * (m / c1) / (jnp.sqrt(v / c2) + 1e-8)
+            m, v = moments(m, v, x)
+            p = p - decrement(m, v, c1, c2)
             for column, value in zip(out, (p, m, v)):
                 column.append(value)
         return (*out, count)
 
-    state = [[jnp.zeros((n,)) for n in sizes] for _ in range(3)]
+    state = [[jnp.zeros((n,)) for n in sizes]]
+    if flat:
+        state += [jnp.zeros((offsets[-1],)) for _ in range(2)]
+    else:
+        state += [[jnp.zeros((n,)) for n in sizes] for _ in range(2)]
     state.append(jnp.zeros((), jnp.int32))
     update = jax.jit(update, donate_argnums=(0, 1, 2, 3))
 

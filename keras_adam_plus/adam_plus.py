@@ -538,6 +538,26 @@ class AdamPlus(keras.optimizers.Optimizer):
                 variable, ops.cast(value, variable.dtype)))
         super().assign_sub(variable, value)
 
+    # Keras's checks of each step's variable list, run once per list: each
+    # is a Python loop over the variables (~0.2 ms a step at 1000 of them
+    # on this CPU, 3% of torch's step there; more of a GPU step, which is
+    # shorter). Both facts are fixed at build (`build` already gives
+    # overwritten variables no slots).
+
+    def _check_variables_are_known(self, variables):
+        storage.per_variables(
+            self, "_known_cache", variables,
+            lambda: super(AdamPlus, self)._check_variables_are_known(
+                variables) or True)
+
+    def _overwrite_variables_directly_with_gradients(self, grads, vars):
+        if not storage.per_variables(
+                self, "_overwrite_cache", vars, lambda: any(
+                    self._overwrite_variable_with_gradient(v) for v in vars)):
+            return grads, vars
+        return super()._overwrite_variables_directly_with_gradients(
+            grads, vars)
+
     def _decays_variable(self, variable):
         """Whether weight decay applies to `variable` (decided at build)."""
         if not self.weight_decay:

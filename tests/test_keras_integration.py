@@ -81,3 +81,28 @@ def test_jit_compile_equals_eager_to_round_off(config):
     assert moved > 0.01
     for a, b in zip(weights[False], weights[True]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_cached_step_checks_still_refuse_and_overwrite():
+    # AdamPlus runs Keras's per-step checks of the variable list once per
+    # list; a new list is checked again.
+    ones = keras.ops.ones
+    known = [keras.Variable(np.ones(3), name="a"),
+             keras.Variable(np.ones(2), name="b")]
+    optimizer = AdamPlus()
+    optimizer.build(known)
+    for _ in range(2):
+        optimizer.apply([ones(3), ones(2)], known)
+    stranger = keras.Variable(np.ones(2), name="stranger")
+    with pytest.raises(ValueError, match="Unknown variable"):
+        optimizer.apply([ones(3), ones(2)], [known[0], stranger])
+    # A variable Keras overwrites with its gradient (float8 scales).
+    scale = keras.Variable(np.zeros(2), name="scale")
+    scale.overwrite_with_gradient = True
+    optimizer = AdamPlus()
+    optimizer.build([known[0], scale])
+    for value in (5.0, 7.0):
+        optimizer.apply([ones(3), keras.ops.full((2,), value)],
+                        [known[0], scale])
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(scale),
+                                      [value, value])
