@@ -78,7 +78,7 @@ def add_slots(optimizer, var_list, names, moment_dtype=None, groups=()):
         offset = 0
         for i in members:
             offsets[i] = offset
-            offset += _size(var_list[i])
+            offset += size(var_list[i].shape)
     result = []
     for name in names:
         flats, column, block = {}, [], set()
@@ -100,7 +100,7 @@ def add_slots(optimizer, var_list, names, moment_dtype=None, groups=()):
             if g not in flats:
                 members = groups[g]
                 flats[g] = optimizer.add_variable(
-                    (sum(_size(var_list[j]) for j in members),),
+                    (sum(size(var_list[j].shape) for j in members),),
                     initializer="zeros",
                     dtype=state_dtype(var, moment_dtype),
                     name=f"group_{g}_{name}",
@@ -115,8 +115,9 @@ def add_slots(optimizer, var_list, names, moment_dtype=None, groups=()):
     return result
 
 
-def _size(variable):
-    return int(np.prod(variable.shape, dtype=np.int64))
+def size(shape):
+    """The number of elements of a tensor of `shape`."""
+    return int(np.prod(shape, dtype=np.int64))
 
 
 class GroupSlice:
@@ -131,7 +132,7 @@ class GroupSlice:
 
     def __init__(self, flat, offset, shape, name, optimizer_name):
         self.flat, self.offset, self.shape = flat, offset, shape
-        self.size = int(np.prod(shape, dtype=np.int64))
+        self.size = size(shape)
         self.name, self.path = name, f"{optimizer_name}/{name}"
         self.dtype = flat.dtype
 
@@ -234,8 +235,7 @@ def sub_pieces(targets, delta):
         targets[0].sub(delta)
         return
     shapes = [tuple(t.variable.shape) for t in targets]
-    cuts = list(np.cumsum([int(np.prod(x, dtype=np.int64))
-                           for x in shapes])[:-1])
+    cuts = list(np.cumsum([size(x) for x in shapes])[:-1])
     for target, part, shape in zip(targets, ops.split(delta, cuts), shapes):
         target.sub(ops.reshape(part, shape))
 

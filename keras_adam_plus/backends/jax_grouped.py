@@ -25,7 +25,6 @@ run eagerly, each such write copies the flat slot).
 """
 
 import keras
-import numpy as np
 
 from keras_adam_plus import storage
 
@@ -52,7 +51,7 @@ def plan(optimizer, var_list):
     max_size = getattr(optimizer, "_group_max_size", MAX_SIZE)
     groups = {}
     for i, var in enumerate(var_list):
-        size = int(np.prod(var.shape, dtype=np.int64))
+        size = storage.size(var.shape)
         if (getattr(var, "overwrite_with_gradient", False)
                 or getattr(var, "_layout", None) is not None
                 or not 0 < size <= max_size):
