@@ -8,6 +8,7 @@ from keras import ops
 from keras_adam_plus import (
     averaging,
     backends,
+    gradients,
     nonfinite,
     rule,
     storage,
@@ -433,6 +434,7 @@ class AdamPlus(keras.optimizers.Optimizer):
             target.finish()
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        grads = gradients.conform(grads, trainable_variables)
         self._scalars_cache = {}
         try:
             fast = backends.fast_path(self)
@@ -694,6 +696,25 @@ class AdamPlus(keras.optimizers.Optimizer):
             self._pending_state = (values, saved_kinds)
             return
         storage.assign(self, values, saved_kinds)
+
+    def get_weights(self):
+        """The state as NumPy arrays, one per variable and kind.
+
+        The per-variable layout whatever the backend keeps (JAX's groups
+        share flat slots): the step count, then the slots in Keras's
+        order, as an optimizer without groups holds them.
+        """
+        return storage.numpy_values(storage.entries(self))
+
+    def set_weights(self, weights):
+        """Assigns `get_weights()`'s arrays, all of them or none (raises).
+
+        Also takes this optimizer's own `variables` layout (what the legacy
+        `.h5` format saves). Shapes are checked before anything is written.
+        """
+        if not self.built:
+            return super().set_weights(weights)  # Keras's error
+        storage.set_weights(self, weights)
 
     def __reduce__(self):
         # Pickle keeps the config and, once built, the state; the state is

@@ -113,6 +113,13 @@ def step_scalars(hyper, dtype, step, learning_rate, betas=None,
         step_size = lr * sqrt_c2
         if hyper.epsilon_mode == "paper":
             epsilon = ops.multiply(epsilon, sqrt_c2)
+    # A subnormal epsilon (1e-37 * sqrt(c2) in "paper" mode) is flushed to
+    # zero by XLA and TensorFlow's CPU kernels, and then 0 / (0 + 0) is NaN
+    # where a coordinate's gradient was always zero. Adding the smallest
+    # normal number of the compute dtype keeps it normal, and leaves any
+    # epsilon above 2**24 times that (1e-31 in float32) exactly as it is.
+    # (Not `ops.maximum`: on torch it returns float32 for float64 scalars.)
+    epsilon = ops.add(epsilon, constant(np.finfo(dtype).tiny, dtype))
     alpha = step_size / c1
     if weight_decay is not None:
         weight_decay = as_dtype(weight_decay, dtype)

@@ -189,8 +189,11 @@ def update(optimizer, grads, variables, learning_rate):
     for (_, dtype, decays), group in groups.items():
         positions, params, ms, vs, v_maxes, slots = group
         grad_list = [grads[i] for i in positions]
-        grad_list = [g if g.dtype == dtype else g.to(dtype)
-                     for g in grad_list]
+        # The kernel reads each gradient in memory order: a transposed,
+        # sliced or broadcast (stride-0) view is copied first (the shapes
+        # are the parameters' already: `gradients.conform`).
+        grad_list = [g if g.dtype == dtype and g.is_contiguous()
+                     else g.to(dtype).contiguous() for g in grad_list]
         compute = rule.compute_dtype(str(dtype).replace("torch.", ""))
         if compute not in scalars:
             scalars[compute] = _kernel_scalars(optimizer, compute,

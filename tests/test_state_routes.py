@@ -1,0 +1,152 @@
+"""Every route that moves a trained state x layout x mode: no state lost.
+
+A model trains 1 step, its optimizer state moves to a fresh model by one
+route, and that model trains the next: its weights must equal those of a
+model that trained the 2 steps straight (keras Adam restores to round-off; a
+lost m or v shows as ~1e-2). Layouts: on JAX an optimizer groups small
+variables into flat slots (`backends/jax_grouped.py`) or not
+(`_group_max_size = 0`), and the state moves between the two both ways;
+other backends have one layout.
+
+Cells Keras's own code cannot carry across JAX layouts (it matches the
+optimizer's variables by path or by index, and grouped slots are flat)
+are marked `xfail(strict=True)`: they document the loss and fail the day
+it is fixed, so that the mark is removed.
+"""
+
+import pickle
+
+import keras
+import numpy as np
+import pytest
+
+from keras_adam_plus import AdamPlus
+
+BACKEND = keras.backend.backend()
+LAYOUTS = ([("grouped", "grouped"), ("grouped", "ungrouped"),
+            ("ungrouped", "grouped")] if BACKEND == "jax"
+           else [("one", "one")])
+MODES = {
+    "adam": {},
+    "amsgrad_skip_decay": dict(amsgrad=True, skip_nonfinite=True,
+                               weight_decay=0.01),
+    "loss_scale": {},  # wrapped in keras's LossScaleOptimizer
+}
+ROUTES = ("keras_file", "weights_h5", "pickle", "set_weights", "state_tree")
+# What Keras's code does with grouped slots across layouts (see above).
+LOST = {
+    ("state_tree", "adam"), ("state_tree", "amsgrad_skip_decay"),
+    ("state_tree", "loss_scale"),
+    # LossScaleOptimizer saves its own variables and its copy of the inner
+    # state by index, and loads nothing when the count differs.
+    ("keras_file", "loss_scale"), ("weights_h5", "loss_scale"),
+}
+
+X = np.random.default_rng(0).normal(size=(8, 4)).astype("float32")
+Y = np.random.default_rng(1).normal(size=(8, 2)).astype("float32")
+
+
+def _model(mode, layout, optimizer=None):
+    """A two-layer model compiled with AdamPlus of `mode` in `layout`."""
+    keras.utils.set_random_seed(3)
+    # Fixed names: a state tree matches variables by path.
+    model = keras.Sequential([keras.Input((4,)),
+                              keras.layers.Dense(3, name="hidden"),
+                              keras.layers.Dense(2, name="out")], name="net")
+    optimizer = optimizer or AdamPlus(learning_rate=0.05, **MODES[mode])
+    if layout == "ungrouped":
+        optimizer._group_max_size = 0
+    if mode == "loss_scale":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer,
+                                                        name="lso")
+    model.compile(optimizer=optimizer, loss="mse")
+    return model
+
+
+def _fit(model, first, last):
+    """Steps `first` to `last` - 1: batches of 4 rows in order."""
+    rows = slice(4 * first, 4 * last)
+    model.fit(X[rows], Y[rows], batch_size=4, shuffle=False, verbose=0)
+
+
+def _move(route, mode, source, target, tmp_path):
+    optimizer = target.optimizer
+    # LossScaleOptimizer, like Keras's optimizers, loads its own variables
+    # only once built (AdamPlus alone keeps a state loaded before build).
+    if route in ("set_weights", "state_tree") or mode == "loss_scale":
+        optimizer.build(target.trainable_variables)
+    if route == "keras_file":
+        source.save(tmp_path / "m.keras")
+        target.load_weights(tmp_path / "m.keras")
+    elif route == "weights_h5":
+        source.save_weights(tmp_path / "m.weights.h5")
+        target.load_weights(tmp_path / "m.weights.h5")
+    elif route == "set_weights":
+        target.set_weights(source.get_weights())
+        optimizer.set_weights(source.optimizer.get_weights())
+    elif route == "state_tree":
+        target.set_state_tree(source.get_state_tree())
+
+
+def _cells():
+    for route in ROUTES:
+        for mode in MODES:
+            for layout in LAYOUTS:
+                if route in ("set_weights", "pickle") and mode == "loss_scale":
+                    continue  # LossScaleOptimizer has neither
+                marks = []
+                if layout[0] != layout[1] and (route, mode) in LOST:
+                    marks = [pytest.mark.xfail(
+                        strict=True, reason="Keras matches grouped flat "
+                        "slots by path or index (see the module docstring)")]
+                yield pytest.param(route, mode, layout, marks=marks,
+                                   id=f"{route}-{mode}-{'_to_'.join(layout)}")
+
+
+@pytest.mark.parametrize("route, mode, layout", list(_cells()))
+def test_a_moved_state_continues_as_the_uninterrupted_run(
+        route, mode, layout, tmp_path):
+    straight = _model(mode, layout[0])
+    _fit(straight, 0, 2)
+    source = _model(mode, layout[0])
+    if route == "state_tree":
+        # Built as the target is: on TensorFlow the inner optimizer's slot
+        # paths depend on whether it was built inside LossScaleOptimizer's
+        # step (keras Adam's too), and a state tree matches paths.
+        source.optimizer.build(source.trainable_variables)
+    _fit(source, 0, 1)
+    if route == "pickle":
+        moved = pickle.loads(pickle.dumps(source.optimizer))
+        target = _model(mode, layout[1], optimizer=moved)
+        target.set_weights(source.get_weights())
+    else:
+        target = _model(mode, layout[1])
+        _move(route, mode, source, target, tmp_path)
+    _fit(target, 1, 2)
+    for got, want in zip(target.get_weights(), straight.get_weights()):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    inner = getattr(target.optimizer, "inner_optimizer", target.optimizer)
+    assert int(keras.ops.convert_to_numpy(inner.iterations)) == 2
+    if mode == "loss_scale":  # its own state: the scale and its counter
+        for name in ("dynamic_scale", "step_counter"):
+            assert float(getattr(target.optimizer, name)) == float(
+                getattr(straight.optimizer, name)), name
+
+
+@pytest.mark.parametrize("layout", [x[1] for x in LAYOUTS])
+def test_set_weights_refuses_a_wrong_state_before_writing(layout):
+    model = _model("adam", layout)
+    _fit(model, 0, 1)
+    optimizer = model.optimizer
+    before = optimizer.get_weights()
+    wrong = [np.full_like(w, 7.0) for w in before]
+    wrong[-1] = np.zeros((5, 5), "float32")
+    with pytest.raises(ValueError, match=(
+            r"^Cannot set the weights of optimizer 'adam_plus': it has "
+            rf"{len(before)} values in the per-variable layout, received "
+            rf"{len(before)}; value {len(before) - 1} has shape \(5, 5\)")):
+        optimizer.set_weights(wrong)
+    for a, b in zip(optimizer.get_weights(), before):
+        np.testing.assert_array_equal(a, b)  # the step count too
+    with pytest.raises(ValueError, match="received 2. Nothing was "):
+        optimizer.set_weights(before[:2])
