@@ -13,6 +13,10 @@ import numpy as np
 from keras import ops
 
 
+# The backend's tensor classes seen so far (eager and traced).
+_TENSOR_TYPES = set()
+
+
 def conform(grads, variables):
     """`grads`, each a backend tensor of its variable's shape.
 
@@ -21,6 +25,14 @@ def conform(grads, variables):
     other shape raises ValueError naming the variable and both shapes.
     Dimensions unknown at trace time are left to the ops.
     """
+    for grad, variable in zip(grads, variables):
+        # The common case in one cheap pass (a Python loop over every
+        # variable is part of each eager step): tensors of the right shape.
+        if (grad.__class__ not in _TENSOR_TYPES
+                or grad.shape != variable.shape):
+            break
+    else:
+        return grads
     result = None
     for i, (grad, variable) in enumerate(zip(grads, variables)):
         fixed = _conform(grad, variable)
@@ -35,6 +47,7 @@ def _conform(grad, variable):
         return grad
     if not ops.is_tensor(grad):
         grad = ops.convert_to_tensor(grad)
+    _TENSOR_TYPES.add(grad.__class__)
     shape, wanted = tuple(grad.shape), tuple(variable.shape)
     if shape == wanted or None in shape or None in wanted:
         return grad
