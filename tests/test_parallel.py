@@ -422,3 +422,29 @@ def test_a_dead_joiner_loses_only_its_trial_and_a_late_one_takes_over(
     assert [t["status"] for t in trials.values()] == ["COMPLETED"] * 2
     assert {t["worker"] for t in trials.values()} == {
         f"{os.uname().nodename}-{late.pid}"}
+
+
+def test_a_kill_between_trial_and_oracle_files_runs_the_trial_again(
+        tmp_path):
+    import keras_tuner
+
+    from tuning import tuners
+
+    def oracle():
+        hps = keras_tuner.HyperParameters()
+        hps.Float("x", 0.0, 1.0, default=0.5)
+        made = tuners.oracle_class("random")(
+            objective=keras_tuner.Objective("loss", "min"), max_trials=2,
+            seed=1, hyperparameters=hps)
+        made._set_project_dir(str(tmp_path), "p")
+        return made
+
+    first = oracle()
+    first.create_trial("tuner0")
+    before = (tmp_path / "p" / "oracle.json").read_text()
+    first.create_trial("tuner1")  # writes trial_1/trial.json, oracle.json
+    (tmp_path / "p" / "oracle.json").write_text(before)  # killed between
+    again = oracle()
+    again.reload()
+    assert {again.create_trial(t).trial_id for t in ("a", "b")} == {"0", "1"}
+    assert again.create_trial("c").status == "STOPPED"

@@ -81,6 +81,14 @@ class _AtomicState:
                 self.end_order.remove(trial_id)
             if trial_id not in self._retry_queue:
                 self._retry_queue.append(trial_id)
+        # A kill between a new trial's trial.json and oracle.json leaves a
+        # RUNNING trial the oracle does not list: it would never run.
+        for trial_id, trial in self.trials.items():
+            if trial.status == TrialStatus.RUNNING and (
+                trial_id not in self.end_order
+                and trial_id not in self._retry_queue
+            ):
+                self._retry_queue.append(trial_id)
 
     def _recover(self, path):
         """Rewrites an unreadable trial.json as a trial to run again.
