@@ -11,16 +11,18 @@ Ctrl-C stops with one line and status 130, and the same command resumes.
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
 from tuning import benchmarks
+from tuning import workers as machine
 from tuning.confirm import MINIMUMS as CONFIRM_MINIMUMS
 from tuning.confirm import confirm
 from tuning.datasets import SUBSET_RULE, check_subset
-from tuning.errors import Parser, TuningError, catch_interrupts
+from tuning.errors import Parser, Stopped, TuningError, catch_interrupts
 from tuning.search_space import TUNABLE, SearchSpace
-from tuning.sweep import LAUNCHED, MINIMUMS, TUNERS, search_settings
+from tuning.sweep import MINIMUMS, TUNERS, search_settings
 
 PROG = "python -m tuning"
 INTERRUPTED = "interrupted; rerun the same command to resume"
@@ -54,6 +56,29 @@ def _count(name):
         return value
 
     return count
+
+
+def _workers(text):
+    """An argparse type: "auto" or an integer >= 0."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(
+            f"must be an integer >= 0 or auto, got {text!r}")
+    return value
+
+
+def _address(text):
+    """An argparse type: HOST:PORT (kept as text)."""
+    try:
+        machine.parse_address(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{err}, got {text!r}") from None
+    return text
 
 
 def _subset(text):
@@ -128,9 +153,20 @@ def sweep_parser():
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh: remove the previous search's files "
                    "from --directory")
-    p.add_argument("--workers", type=_count("workers"), default=0,
+    p.add_argument("--workers", type=_workers, default=0, metavar="N",
                    help="run distributed: a chief and N worker processes on "
-                   "this machine")
+                   "this machine, at most one per GPU (per CPU core without "
+                   "GPUs) and what memory covers; auto: that many")
+    p.add_argument("--chief", type=_address, default=None,
+                   metavar="HOST:PORT",
+                   help="serve the search on HOST:PORT (unauthenticated: "
+                   "trusted networks only) for --workers N local workers "
+                   "and any that --join; ends when every trial has ended "
+                   "(default: loopback, local workers only)")
+    p.add_argument("--join", type=_address, default=None,
+                   metavar="HOST:PORT",
+                   help="run one worker of the chief at HOST:PORT (same "
+                   "options, --directory shared with the chief)")
     p.add_argument("--no-plots", action="store_true",
                    help="skip the PNG plots")
     p.add_argument("--confirm", type=_count("confirm"), nargs="?",
@@ -162,6 +198,7 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     # TensorFlow's startup lines (oneDNN, cpu_feature_guard) are noise here.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    machine.watch_launcher()  # in our launcher's chief and workers
     catch_interrupts()
     try:
         if argv[:1] == ["replicate"]:
@@ -174,8 +211,13 @@ def main(argv=None):
     except TuningError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
         return 1
+    except Stopped as stop:
+        name = signal.Signals(stop.signum).name
+        print(f"stopped by {name}; rerun the same command to resume",
+              file=sys.stderr, flush=True)
+        return 128 + stop.signum
     except KeyboardInterrupt:
-        if not os.environ.get(LAUNCHED):  # our launcher speaks for its own
+        if not os.environ.get(machine.LAUNCHER_PID):  # the launcher speaks
             print(INTERRUPTED, file=sys.stderr, flush=True)
         return 130
 
@@ -201,7 +243,8 @@ def _sweep(parser, argv):
         space=_space(args), dataset=args.dataset, idx_dir=args.mnist_idx,
         batch_size=args.batch_size, objective=args.objective,
         direction=args.direction, scale=args.scale, workers=args.workers,
-        plots=not args.no_plots, child_argv=argv,
+        plots=not args.no_plots, child_argv=argv, chief=args.chief,
+        join=args.join,
     )
     if result is None:
         return 0  # a chief or worker: the launcher reports
@@ -225,6 +268,18 @@ def _check(parser, args):
         parser.error("argument --grid-steps: only with --tuner grid")
     if args.seeds is not None and not args.confirm:
         parser.error("argument --seeds: only with --confirm")
+    if args.join is not None:
+        for given, option in ((args.workers, "--workers"),
+                              (args.chief, "--chief"),
+                              (args.overwrite, "--overwrite"),
+                              (args.confirm, "--confirm")):
+            if given:
+                parser.error(f"argument --join: a joining worker takes no "
+                             f"{option} (the chief's command does)")
+    try:
+        args.workers = machine.check_workers(args.workers)
+    except ValueError as err:
+        parser.error(str(err))
     if args.mnist_idx is not None and not Path(args.mnist_idx).is_dir():
         parser.error(f"argument --mnist-idx: no such folder: "
                      f"{args.mnist_idx}")

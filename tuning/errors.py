@@ -39,6 +39,15 @@ class _DefaultsHelp(argparse.RawDescriptionHelpFormatter):
         return text
 
 
+class Stopped(KeyboardInterrupt):
+    """A stop signal (SIGTERM, SIGHUP) taken like Ctrl-C; `signum` says
+    which."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
 _interrupts = []
 
 

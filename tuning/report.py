@@ -79,7 +79,8 @@ def collect(directory):
     Inf loss or metric, FAILED: an error, RUNNING or INTERRUPTED: to be run
     again by a resume), score, epochs (trained in all), optimizer (AdamPlus
     kwargs), hyperparameters (keras-tuner's values), seed, duration_s,
-    history (per-epoch metrics), error_type, error, rss_mb, is_default.
+    history (per-epoch metrics), error_type, error, rss_mb, worker and
+    device (which process and GPU trained it: `tuning.workers`), is_default.
     Raises `tuning.rundir.NoRun` if `directory` holds no search.
     """
     directory = Path(directory)
@@ -133,6 +134,8 @@ def _trial(trial_dir, space, settings):
         "error_type": side.get("error_type"),
         "error": side.get("error"),
         "rss_mb": side.get("rss_mb"),
+        "worker": side.get("worker"),
+        "device": side.get("device"),
     }
 
 
@@ -206,11 +209,12 @@ def _write_csv(path, trials, objective):
     rows = [[t["trial_id"], t["status"], t["epochs"], t["score"],
              *[t["optimizer"].get(k) for k in keys], t["seed"],
              t["duration_s"], t["is_default"], t["error_type"] or "",
-             one_line(t["error"])] for t in trials]
+             one_line(t["error"]), t["worker"] or "", t["device"] or ""]
+            for t in trials]
     rundir.write_csv(path, ["trial_id", "status", "epochs",
                             score_column(objective), *keys, "seed",
                             "duration_s", "is_default", "error_type",
-                            "error"], rows)
+                            "error", "worker", "device"], rows)
 
 
 def diverged_region(trials):

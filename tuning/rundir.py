@@ -238,17 +238,10 @@ def check_settings(directory, settings, pending=()):
                                    "rerun with --overwrite to start afresh, "
                                    "or choose another --directory")
         return
-    new = json.loads(json.dumps(settings))  # tuples as lists, as saved
-    flat_new, flat_saved = _flatten(new), _flatten(saved)
-    differences = [
-        f"{key} {flat_saved[key]!r} there, {value!r} now"
-        for key, value in flat_new.items()
-        if key not in _MAY_CHANGE and key not in pending
-        and key in flat_saved and flat_saved[key] != value
-    ]
-    if new.get("max_trials", 0) < saved.get("max_trials", 0):
+    differences = settings_differences(saved, settings, pending)
+    if settings.get("max_trials", 0) < saved.get("max_trials", 0):
         differences.append(f"max_trials {saved['max_trials']} there, "
-                           f"{new['max_trials']} now (it may only grow)")
+                           f"{settings['max_trials']} now (it may only grow)")
     if differences:
         raise SettingsMismatch(
             f"{directory} holds a search with other settings: "
@@ -256,6 +249,20 @@ def check_settings(directory, settings, pending=()):
             + ". Rerun with --overwrite to start afresh, or choose another "
             "--directory"
         )
+
+
+def settings_differences(saved, settings, pending=(), may_change=_MAY_CHANGE,
+                         now="now"):
+    """"KEY <saved> there, <new> now" for each setting that differs (keys
+    in `pending` or `may_change`, or missing from `saved`, are skipped)."""
+    new = json.loads(json.dumps(settings))  # tuples as lists, as saved
+    flat_new, flat_saved = _flatten(new), _flatten(saved)
+    return [
+        f"{key} {flat_saved[key]!r} there, {value!r} {now}"
+        for key, value in flat_new.items()
+        if key not in may_change and key not in pending
+        and key in flat_saved and flat_saved[key] != value
+    ]
 
 
 def _flatten(settings):

@@ -15,33 +15,27 @@ second and writes nothing.
 import contextlib
 import dataclasses
 import os
-import signal
 import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from tuning import benchmarks, report, rundir
+from tuning import benchmarks, launcher, report, rundir
+from tuning import workers as machine
 from tuning.datasets import check_subset
-from tuning.errors import TuningError
+from tuning.launcher import SweepFailed
 from tuning.search_space import SearchSpace
 
 TUNERS = ("random", "bayesian", "hyperband", "grid")
 DIRECTIONS = ("min", "max")
 # The smallest value of each integer argument.
-MINIMUMS = {"max_trials": 1, "epochs": 1, "batch_size": 1, "workers": 0,
-            "grid_steps": 1, "seed": 0}
+MINIMUMS = {"max_trials": 1, "epochs": 1, "batch_size": 1, "grid_steps": 1,
+            "seed": 0}
 # What a search writes besides keras-tuner's project (`--overwrite` clears).
 OUTPUTS = (rundir.SETTINGS, "trials.csv", "trials.json", "best.json",
            "summary.txt", "*.png", "confirm.csv", "confirm.json",
            "confirm_runs")
-# Set in the environment of the chief and workers our launcher starts.
-LAUNCHED = "TUNING_LAUNCHED"
 
-
-class SweepFailed(TuningError):
-    """Every trial of a search failed, or its chief or a worker died."""
+__all__ = ["SweepFailed", "check_int", "load", "search_settings", "sweep"]
 
 
 def check_int(name, value, minimum=None):
@@ -109,7 +103,8 @@ def sweep(benchmark="digits", tuner="random", max_trials=10, epochs=None,
           subset=None, directory="tuning_runs", seed=0, overwrite=False,
           space=None, dataset=None, idx_dir=None, batch_size=None,
           objective="val_loss", direction=None, scale="quick", workers=0,
-          arrays=None, plots=True, child_argv=None, verbose=1):
+          arrays=None, plots=True, child_argv=None, verbose=1, chief=None,
+          join=None):
     """Searches AdamPlus's hyperparameters on one benchmark.
 
     Args:
@@ -139,16 +134,29 @@ def sweep(benchmark="digits", tuner="random", max_trials=10, epochs=None,
         direction: `"min"` or `"max"`; defaults to keras-tuner's inference
             from the objective's name (`accuracy` is maximised).
         scale: `"quick"` (CPU-sized) or `"paper"` (the paper's setting).
-        workers: If > 0, runs keras-tuner's distributed mode on this
-            machine: one chief and this many worker processes, each running
+        workers: If > 0 (or `"auto"`: as many as the machine holds),
+            runs keras-tuner's distributed mode: one chief and this many
+            worker processes on this machine, each running
             `python -m tuning` with `child_argv` (the CLI passes its own).
-            A chief or worker that dies stops the others.
+            At most one per visible GPU, or per usable CPU core without
+            GPUs, and no more than the available memory covers
+            (`tuning.workers.bound`). Worker i sees only GPU i; the chief
+            sees none. A chief or worker that dies stops the others; the
+            children stop when this process does, however it is stopped.
         arrays: Injected `((x, y), (x_test, y_test))` in place of the real
             dataset (for stand-ins).
         plots: Whether to draw the PNG plots.
         child_argv: The command line the chief and workers run.
         verbose: 0: one line per trial; 1: also Keras's progress per epoch
             and a progress bar over the search with its ETA.
+        chief: `"HOST:PORT"`: serve the oracle there (with `workers` local
+            workers, possibly none) and take workers that `join` it; ends
+            when every trial has ended. Defaults to loopback at a free
+            port, open to the local workers only.
+        join: `"HOST:PORT"` of a chief: run one worker of its search, with
+            an id of its own. `directory` must be the chief's (a shared
+            folder): the worker is refused if its settings or package
+            versions differ from the chief's.
 
     Returns:
         A `tuning.report.SweepResult` (`None` in a distributed chief or
@@ -166,35 +174,60 @@ def sweep(benchmark="digits", tuner="random", max_trials=10, epochs=None,
     settings = search_settings(
         benchmark, tuner, max_trials, epochs, subset, seed, space, dataset,
         batch_size, objective, direction, scale)
-    check_int("workers", workers)
-    if workers and child_argv is None:
+    workers = machine.check_workers(workers)
+    address = _address("chief", chief)
+    joined = _address("join", join)
+    if joined and (workers or address or overwrite):
+        raise ValueError("Argument `join` runs one worker of another "
+                         "process's search: it takes no `workers`, `chief` "
+                         f"or `overwrite`. Received: join={join!r}")
+    if (workers or address) and child_argv is None:
         raise ValueError("Distributed sweeps run `python -m tuning`: pass "
                          "its arguments as `child_argv`.")
+    if joined:
+        os.environ.update(  # keras-tuner reads these when the tuner is made
+            KERASTUNER_ORACLE_IP=joined[0], KERASTUNER_ORACLE_PORT=str(
+                joined[1]),
+            KERASTUNER_TUNER_ID=f"{socket.gethostname()}-{os.getpid()}")
     directory = Path(directory)
     child = rundir.is_distributed_child()
-    if child or not overwrite:
+    if not joined and (child or not overwrite):  # a joiner checks the chief
         rundir.check_settings(directory, settings,
                               pending=() if direction else ("direction",))
     with contextlib.nullcontext() if child else rundir.lock(directory):
-        if workers:
+        if workers or address:
             if overwrite:
                 rundir.clear(directory, OUTPUTS)
-            _run_distributed(workers, child_argv)
+            launcher.run(workers, child_argv, address)
             return report.write(directory, plots=plots)
         return _search(settings, directory, overwrite and not child,
                        space or SearchSpace(), idx_dir, arrays, plots,
                        verbose)
 
 
+def _address(name, text):
+    """(host, port) of an address argument, or None."""
+    if text is None:
+        return None
+    try:
+        return machine.parse_address(text)
+    except ValueError as err:
+        raise ValueError(f"Argument `{name}` {err}. Received: "
+                         f"{name}={text!r}") from None
+
+
 def _search(settings, directory, overwrite, space, idx_dir, arrays, plots,
             verbose):
     """The search itself, in this process (Keras is imported here)."""
-    from tuning import tuners
+    from tuning import distributed, tuners
 
+    role = distributed.role()
     if settings["direction"] is None:
         settings["direction"] = tuners.infer_direction(settings["objective"])
-        if not overwrite:
+        if not overwrite and role != "worker":
             rundir.check_settings(directory, settings)
+    if role == "worker":
+        distributed.check_chief(directory, settings)
     data, hypermodel = load(settings, space, idx_dir, arrays)
     if overwrite:
         rundir.clear(directory, OUTPUTS)
@@ -205,11 +238,15 @@ def _search(settings, directory, overwrite, space, idx_dir, arrays, plots,
         direction=settings["direction"], directory=directory,
         seed=settings["seed"], overwrite=overwrite,
         max_epochs=settings["epochs"])
-    worker = os.environ.get("KERASTUNER_TUNER_ID", "chief") != "chief"
-    if not worker:
+    if role != "worker":
         rundir.write_json(directory / rundir.SETTINGS, dict(
             settings, data=data.source, project=search.project_name))
-    if verbose and not rundir.is_distributed_child():
+    if role == "chief":
+        distributed.serve(search, directory, settings)
+        return None
+    if role == "worker":
+        distributed.keep_alive(search)
+    elif verbose:
         search.progress = _progress(search.oracle)
     try:
         search.search(data.x_train, data.y_train,
@@ -258,108 +295,3 @@ def _progress(oracle):
     if done:
         print(f"resuming: {done} trials done, {left} to run", flush=True)
     return keras.utils.Progbar(left, unit_name="trial")
-
-
-# ------------------------------------------------------------ distributed
-
-
-def _run_distributed(workers, child_argv, poll_s=0.5, timeout_s=300,
-                     grace_s=10):
-    """Runs a chief and `workers` workers of this command on loopback.
-
-    The children re-run the same command line with `--workers 0`. A chief
-    or worker that dies (a signal, a non-zero exit) is noticed within
-    `poll_s` seconds: the others are stopped and `SweepFailed` says which
-    died. The chief exits by itself once every trial has ended; workers
-    still running `grace_s` seconds later are stopped (they may be waiting
-    on the chief that left).
-    """
-    argv = _child_argv(child_argv)
-    port = _free_port()
-    env = dict(os.environ, KERASTUNER_ORACLE_IP="127.0.0.1",
-               KERASTUNER_ORACLE_PORT=str(port), **{LAUNCHED: "1"})
-    procs = {}
-    try:
-        chief = procs["the chief"] = subprocess.Popen(
-            argv, env=dict(env, KERASTUNER_TUNER_ID="chief"))
-        _wait_for_port(port, procs, poll_s, timeout_s)
-        for i in range(workers):
-            procs[f"worker {i}"] = subprocess.Popen(
-                argv, env=dict(env, KERASTUNER_TUNER_ID=f"tuner{i}"))
-        workers = list(procs.values())[1:]
-        print(f"distributed: chief pid {chief.pid} on 127.0.0.1:{port}, "
-              f"worker pids {' '.join(str(p.pid) for p in workers)}",
-              flush=True)
-        chief_done = None
-        while any(p.poll() is None for p in workers):
-            _check_exits(procs)
-            if chief.poll() is not None:
-                chief_done = chief_done or time.time()
-                if time.time() - chief_done > grace_s:
-                    break
-            time.sleep(poll_s)
-        _check_exits(procs)
-    finally:
-        _stop(procs.values())
-
-
-def _check_exits(procs):
-    """Raises `SweepFailed` if a child was killed or exited non-zero."""
-    for name, proc in procs.items():
-        code = proc.poll()
-        if code:
-            how = (f"was killed by {signal.Signals(-code).name}" if code < 0
-                   else f"exited with code {code}")
-            others = len(procs) - 1
-            raise SweepFailed(
-                f"{name} (pid {proc.pid}) {how}; stopped the other "
-                f"{others} process{'es' if others != 1 else ''}; rerun the "
-                "same command to resume")
-
-
-def _stop(procs, grace_s=5):
-    """Terminates the processes still running; kills them after `grace_s`."""
-    alive = [p for p in procs if p.poll() is None]
-    for proc in alive:
-        proc.terminate()
-    deadline = time.time() + grace_s
-    for proc in alive:
-        try:
-            proc.wait(timeout=max(0.1, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _child_argv(cli_args):
-    """The command line of the children: `--workers`, `--overwrite` dropped."""
-    args, skip = [], False
-    for arg in cli_args:
-        if skip:
-            skip = False
-        elif arg == "--workers":
-            skip = True
-        elif arg != "--overwrite" and not arg.startswith("--workers="):
-            args.append(arg)
-    return [sys.executable, "-m", "tuning", *args]
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_port(port, procs, poll_s, timeout_s):
-    deadline = time.time() + timeout_s
-    chief = procs["the chief"]
-    while time.time() < deadline:
-        _check_exits(procs)
-        if chief.poll() is not None:
-            raise SweepFailed(f"the chief (pid {chief.pid}) exited before "
-                              "serving the oracle")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(poll_s)
-    raise SweepFailed(f"the chief did not open port {port} in {timeout_s} s")

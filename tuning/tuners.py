@@ -6,7 +6,8 @@
   state, the build config) is written atomically; on a resume, a trial whose
   `trial.json` is unreadable is run again, with a warning naming the file.
 - Each trial gets an `adam_plus.json` sidecar (values, seed, epochs,
-  duration, history, error class, memory, versions), a progress line, and a
+  duration, history, error class, memory, versions, the worker and device
+  that trained it), a progress line, and a
   step of Keras's `Progbar` over the whole search (elapsed time and ETA).
 """
 
@@ -23,7 +24,8 @@ from keras_tuner.engine.metrics_tracking import infer_metric_direction
 from keras_tuner.engine.trial import Trial, TrialStatus
 from keras_tuner.src.engine import tuner_utils
 
-from tuning import report, rundir
+from tuning import report, rundir, workers
+from tuning.distributed import Leases
 from tuning.errors import check_interrupt
 from tuning.hypermodel import Diverged
 from tuning.report import epochs_text
@@ -79,6 +81,14 @@ class _AtomicState:
                 self.end_order.remove(trial_id)
             if trial_id not in self._retry_queue:
                 self._retry_queue.append(trial_id)
+        # A kill between a new trial's trial.json and oracle.json leaves a
+        # RUNNING trial the oracle does not list: it would never run.
+        for trial_id, trial in self.trials.items():
+            if trial.status == TrialStatus.RUNNING and (
+                trial_id not in self.end_order
+                and trial_id not in self._retry_queue
+            ):
+                self._retry_queue.append(trial_id)
 
     def _recover(self, path):
         """Rewrites an unreadable trial.json as a trial to run again.
@@ -105,8 +115,8 @@ def oracle_class(name):
             f"Argument `tuner` must be one of {', '.join(ORACLES)}. "
             f"Received: tuner={name!r}"
         )
-    mixins = (_AtomicState,) if name == "grid" else (_AtomicState,
-                                                     _DefaultsFirst)
+    mixins = (_AtomicState, Leases) if name == "grid" else (
+        _AtomicState, Leases, _DefaultsFirst)
     base = ORACLES[name]
     return type(f"AdamPlus{base.__name__}", (*mixins, base), {})
 
@@ -115,6 +125,7 @@ class _Bookkeeping:
     """Tuner mixin: sidecar, progress, atomic state and failure records."""
 
     progress = None  # a keras.utils.Progbar over the search, or None
+    running = None  # the id of the trial this process trains, or None
 
     def run_trial(self, trial, *args, **kwargs):
         start = time.time()
@@ -123,10 +134,13 @@ class _Bookkeeping:
         record = {"trial_id": trial.trial_id,
                   "values": dict(trial.hyperparameters.values),
                   "seed": hypermodel.seed, "backend": keras.backend.backend(),
-                  "versions": report.versions(), "status": "RUNNING"}
+                  "versions": report.versions(), "status": "RUNNING",
+                  "worker": workers.worker_label(),
+                  "device": workers.device_label()}
         path = Path(self.get_trial_dir(trial.trial_id)) / SIDECAR
         rundir.write_json(path, record)
         status, error = "INTERRUPTED", None
+        self.running = trial.trial_id
         try:
             result = super().run_trial(trial, *args, **kwargs)
             status = "COMPLETED"
@@ -136,6 +150,7 @@ class _Bookkeeping:
                              else "FAILED"), err
             raise
         finally:
+            self.running = None
             record.update(
                 status=status,
                 epochs=hypermodel.last_epochs,
