@@ -13,8 +13,9 @@ Larger variables keep their own slots: on a CPU, concatenating their
 gradients costs more than the kernels it saves (measured crossover about
 8k-16k elements; see the README). `.keras` and `.weights.h5` files do not
 change: the state is saved and loaded in the per-variable layout
-(`storage.entries`); what reads `optimizer.variables` directly (the legacy
-`.h5` format, `set_weights`, `get_state_tree`) sees the flat slots.
+(`storage.entries`), and so are `get_weights`/`set_weights`; what Keras
+reads from `optimizer.variables` itself (`get_state_tree`, the variables
+`LossScaleOptimizer` counts) sees the flat slots.
 
 No groups are made under a `keras.distribution` (slots follow their
 variable's sharding), for subclasses that override `update_step`, or for
