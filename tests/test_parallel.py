@@ -214,7 +214,7 @@ def test_the_children_drop_the_launchers_options():
 
 
 ADDRESSES = [("127.0.0.1:8000", ("127.0.0.1", 8000)),
-             ("[::1]:65535", ("::1", 65535)), ("node-3:1", ("node-3", 1))]
+             ("node-3:65535", ("node-3", 65535)), ("node-3:1", ("node-3", 1))]
 
 
 @pytest.mark.parametrize("text,address", ADDRESSES)
@@ -224,11 +224,48 @@ def test_addresses(text, address):
 
 @pytest.mark.parametrize("option", ["--chief", "--join"])
 @pytest.mark.parametrize("text", ["localhost", ":8000", "host:0",
-                                  "host:65536", "host:80x"])
+                                  "host:65536", "host:80x", "[::1]:80",
+                                  "::1:80"])
 def test_a_bad_address_is_one_line(option, text):
     with pytest.raises(SystemExit) as exit_:
         cli.sweep_parser().parse_args([option, text])
     assert exit_.value.code == 2
+
+
+@pytest.mark.parametrize("argv", [["--work", "2"], ["--chie", "h:1"],
+                                  ["--workers=1", "--jo", "h:1"]])
+def test_abbreviated_options_are_refused(argv):
+    # An abbreviation reached the children (the launcher drops its own
+    # options by full name), and each child launched again (review).
+    with pytest.raises(SystemExit) as exit_:
+        cli.sweep_parser().parse_args(argv)
+    assert exit_.value.code == 2
+
+
+def test_a_chief_or_worker_launches_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERASTUNER_TUNER_ID", "chief")
+    with pytest.raises(ValueError, match="launches nothing itself"):
+        sweep(directory=tmp_path / "run", workers=1, child_argv=[])
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("host", ["chief-01", "mischief", "node"])
+def test_a_joiners_id_is_never_taken_for_the_chief(host):
+    # keras-tuner takes any id containing "chief" for the chief.
+    tuner_id = workers.joiner_id(host, 42)
+    assert "chief" not in tuner_id and tuner_id.endswith("-42")
+
+
+def test_an_unresolvable_chief_host_is_one_line():
+    chief = subprocess.Popen(["sleep", "30"])
+    try:
+        with pytest.raises(launcher.SweepFailed, match=(
+                "^cannot resolve the chief's host 'no-such-host.invalid'")):
+            launcher._wait_for_port("no-such-host.invalid", 5000,
+                                    {"the chief": chief}, 0.1, 5)
+    finally:
+        chief.kill()
+        chief.wait()
 
 
 # ------------------------------------------------------------- processes

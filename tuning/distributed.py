@@ -41,7 +41,15 @@ CHIEF = "chief.json"
 # one before it gives the worker's trial to another (a worker stalls for
 # a few seconds at most: Keras releases the GIL while it computes).
 HEARTBEAT_S = 2.0
-LEASE_S = float(os.environ.get("TUNING_LEASE_S", 60))
+def _lease_s():
+    try:
+        value = float(os.environ.get("TUNING_LEASE_S", 60))
+    except ValueError:
+        value = 0.0
+    return value if value > 0 else 60.0  # a bad override: the default
+
+
+LEASE_S = _lease_s()
 # How long a worker waits for the chief's `chief.json` to appear.
 JOIN_WAIT_S = 600
 POLL_S = 0.5
@@ -52,6 +60,7 @@ def role():
     tuner_id = os.environ.get("KERASTUNER_TUNER_ID")
     if not tuner_id:
         return None
+    # keras-tuner's own test (`is_chief_oracle`): "chief" in the id.
     return "chief" if "chief" in tuner_id else "worker"
 
 

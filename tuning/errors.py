@@ -20,6 +20,10 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _DefaultsHelp)
+        # No abbreviations: the launcher passes its command line on to the
+        # chief and workers less its own options, found by their full
+        # names (`--work 2` reaching a child would launch again).
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
     def error(self, message):

@@ -176,8 +176,13 @@ def _wait_for_port(host, port, procs, poll_s, timeout_s):
         if chief.poll() is not None:
             raise SweepFailed(f"the chief (pid {chief.pid}) exited before "
                               "serving the oracle")
-        with socket.socket() as s:
-            if s.connect_ex((host, port)) == 0:
+        try:
+            with socket.create_connection((host, port), timeout=poll_s):
                 return
+        except socket.gaierror as err:
+            raise SweepFailed(f"cannot resolve the chief's host {host!r}: "
+                              f"{err.strerror}") from None
+        except OSError:
+            pass  # not serving yet
         time.sleep(poll_s)
     raise SweepFailed(f"the chief did not open port {port} in {timeout_s} s")

@@ -15,7 +15,6 @@ second and writes nothing.
 import contextlib
 import dataclasses
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -181,6 +180,10 @@ def sweep(benchmark="digits", tuner="random", max_trials=10, epochs=None,
         raise ValueError("Argument `join` runs one worker of another "
                          "process's search: it takes no `workers`, `chief` "
                          f"or `overwrite`. Received: join={join!r}")
+    if (workers or address) and rundir.is_distributed_child():
+        raise ValueError("A chief or worker of a distributed search "
+                         "launches nothing itself. Received: "
+                         f"workers={workers!r}, chief={chief!r}")
     if (workers or address) and child_argv is None:
         raise ValueError("Distributed sweeps run `python -m tuning`: pass "
                          "its arguments as `child_argv`.")
@@ -188,7 +191,7 @@ def sweep(benchmark="digits", tuner="random", max_trials=10, epochs=None,
         os.environ.update(  # keras-tuner reads these when the tuner is made
             KERASTUNER_ORACLE_IP=joined[0], KERASTUNER_ORACLE_PORT=str(
                 joined[1]),
-            KERASTUNER_TUNER_ID=f"{socket.gethostname()}-{os.getpid()}")
+            KERASTUNER_TUNER_ID=machine.joiner_id())
     directory = Path(directory)
     child = rundir.is_distributed_child()
     if not joined and (child or not overwrite):  # a joiner checks the chief

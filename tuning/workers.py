@@ -159,12 +159,28 @@ ADDRESS_RULE = "HOST:PORT with a port in 1-65535"
 def parse_address(text):
     """(host, port) of "HOST:PORT" (IPv6 in brackets); ValueError if not."""
     host, colon, port = str(text).rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if ":" in host:
+        # keras-tuner builds "host:port" strings that gRPC misreads for
+        # IPv6 hosts.
+        raise ValueError(f"must be {ADDRESS_RULE}: IPv6 addresses are not "
+                         "supported, use a host name or an IPv4 address")
     if not colon or not host or not re.fullmatch(r"[0-9]{1,5}", port) or (
         not 1 <= int(port) <= 65535
     ):
         raise ValueError(f"must be {ADDRESS_RULE}")
     return host, int(port)
+
+
+def joiner_id(hostname=None, pid=None):
+    """A joining worker's keras-tuner id: `tuner-<host>-<pid>`.
+
+    keras-tuner takes any id containing "chief" for the chief, so that
+    word is spelled "chf" in a host name (a node `chief-01` joins as a
+    worker).
+    """
+    hostname = socket.gethostname() if hostname is None else hostname
+    pid = os.getpid() if pid is None else pid
+    return f"tuner-{hostname.replace('chief', 'chf')}-{pid}"
 
 
 def connect_host(host):
