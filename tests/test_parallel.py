@@ -383,7 +383,8 @@ def test_a_chief_and_two_joiners_give_the_trials_of_one_process(
     joined = _trials(tmp_path / "joined")
     _same_trials(joined, alone)
     ids = {t["worker"] for t in joined.values()}
-    assert ids <= {f"{os.uname().nodename}-{j.pid}" for j in joiners}
+    assert ids <= {workers.joiner_id(os.uname().nodename, j.pid)
+                   for j in joiners}
     for name in ("best.json", "summary.txt", "trials.csv"):
         assert (tmp_path / "joined" / name).is_file()
     assert not (tmp_path / "joined" / "chief.json").exists()
@@ -452,13 +453,13 @@ def test_a_dead_joiner_loses_only_its_trial_and_a_late_one_takes_over(
     doomed.kill()
     late = launch(*options, "--join", address)
     out = _finish(chief)
-    assert f"worker {os.uname().nodename}-{doomed.pid} silent for 3 s: " \
-        "trial 0 runs again" in out
+    doomed_id = workers.joiner_id(os.uname().nodename, doomed.pid)
+    assert f"worker {doomed_id} silent for 3 s: trial 0 runs again" in out
     _finish(late, timeout=30)
     trials = _trials(tmp_path)
     assert [t["status"] for t in trials.values()] == ["COMPLETED"] * 2
     assert {t["worker"] for t in trials.values()} == {
-        f"{os.uname().nodename}-{late.pid}"}
+        workers.joiner_id(os.uname().nodename, late.pid)}
 
 
 def test_a_kill_between_trial_and_oracle_files_runs_the_trial_again(
