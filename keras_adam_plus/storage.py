@@ -230,7 +230,18 @@ def flat(tensors):
     """One tensor: itself, or the tensors flattened and concatenated."""
     if len(tensors) == 1:
         return tensors[0]
-    return ops.concatenate([ops.reshape(t, (-1,)) for t in tensors])
+    pieces = [ops.reshape(t, (-1,)) for t in tensors]
+    if not _eager_jax(pieces[0]):
+        return ops.concatenate(pieces)
+    # Run eagerly, a concatenation of hundreds of pieces is one program
+    # compiled for that many inputs (about a second at 400); writes into a
+    # flat buffer compile once per piece size and dispatch in O(N).
+    result = ops.zeros((sum(size(p.shape) for p in pieces),), pieces[0].dtype)
+    offset = 0
+    for piece in pieces:
+        result = ops.slice_update(result, (offset,), piece)
+        offset += size(piece.shape)
+    return result
 
 
 def sub_pieces(targets, delta):
@@ -240,15 +251,28 @@ def sub_pieces(targets, delta):
     if len(targets) == 1:
         targets[0].sub(delta)
         return
-    # One static slice per piece, not one `ops.split`: run eagerly, a split
-    # into hundreds of pieces compiles superlinearly (seconds at 400), the
-    # slices linearly; under jit both compile to the same slices.
+    # One slice per piece, not one `ops.split`: run eagerly, a split into
+    # hundreds of pieces compiles superlinearly (seconds at 400), slices
+    # at given offsets once per piece size; under jit all are static
+    # slices of one program.
+    eager = _eager_jax(delta)
     offset = 0
     for target in targets:
         shape = tuple(target.variable.shape)
         end = offset + size(shape)
-        target.sub(ops.reshape(delta[offset:end], shape))
+        piece = (ops.slice(delta, (offset,), (end - offset,)) if eager
+                 else delta[offset:end])
+        target.sub(ops.reshape(piece, shape))
         offset = end
+
+
+def _eager_jax(tensor):
+    """Whether `tensor` is a concrete JAX array (an eager step on JAX)."""
+    if keras.backend.backend() != "jax":
+        return False
+    import jax
+
+    return not isinstance(tensor, jax.core.Tracer)
 
 
 class Target:
