@@ -406,32 +406,12 @@ class AdamPlus(keras.optimizers.Optimizer):
         """
         dtype = rule.compute_dtype(
             keras.backend.standardize_dtype(variables[0].dtype))
-        hyper, s = self._hyper(), self._step_scalars(dtype, learning_rate)
-        targets = [storage.Target(self, v, dtype) for v in variables]
-        gradient = storage.flat([ops.cast(g, dtype) for g in grads])
-        if self._decays[index]:
-            gradient, decrement = rule.decay(
-                hyper, s, storage.flat([t.value for t in targets]),
-                gradient)
-            storage.sub_pieces(targets, decrement)
-        m_slot, v_slot, v_max_slot = slots
-        m = storage.read(m_slot, dtype)
-        m = storage.write(self, m_slot, m,
-                          rule.first_moment_increment(s, gradient, m), dtype)
-        v = storage.read(v_slot, dtype)
-        if self.adamax:
-            v = storage.put(self, v_slot, rule.infinity_norm(s, gradient, v),
-                            dtype)
-        else:
-            v = storage.write(self, v_slot, v,
-                              rule.second_moment_increment(s, gradient, v),
-                              dtype)
-        if self.amsgrad:
-            v = storage.put(self, v_max_slot, rule.maximum(
-                storage.read(v_max_slot, dtype), v), dtype)
-        storage.sub_pieces(targets, rule.direction(hyper, s, gradient, m, v))
-        for target in targets:
-            target.finish()
+        s = self._step_scalars(dtype, learning_rate)
+        state = storage.SlotState(self, variables, slots, dtype)
+        rule.step(self._hyper(), s,
+                  storage.flat([ops.cast(g, dtype) for g in grads]), state,
+                  self._decays[index])
+        state.finish()
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         grads = gradients.conform(grads, trainable_variables)

@@ -142,6 +142,33 @@ def decay(hyper, s, theta, gradient):
     return gradient, ops.multiply(theta, s.weight_decay)
 
 
+def step(hyper, s, gradient, state, decays):
+    """One step of the rule, in its order, through `state`.
+
+    The sequence every path takes (the generic step, a JAX group, the TF
+    sparse rows): weight decay, then m, then v (AdaMax: u), then v_max
+    (AMSGrad), then theta's decrement. `state` owns where the values live;
+    it provides `theta()` (theta in the compute dtype), `sub_theta(delta)`
+    (`delta` may be None), `read(kind)`, `add(kind, old, increment)` and
+    `put(kind, new)` for the kinds "m", "v", "v_max" (both writes return
+    the new value in the compute dtype). `gradient` is in the compute
+    dtype.
+    """
+    if decays:
+        gradient, decrement = decay(hyper, s, state.theta(), gradient)
+        state.sub_theta(decrement)
+    m = state.read("m")
+    m = state.add("m", m, first_moment_increment(s, gradient, m))
+    v = state.read("v")
+    if hyper.adamax:
+        v = state.put("v", infinity_norm(s, gradient, v))
+    else:
+        v = state.add("v", v, second_moment_increment(s, gradient, v))
+    if hyper.amsgrad:
+        v = state.put("v_max", maximum(state.read("v_max"), v))
+    state.sub_theta(direction(hyper, s, gradient, m, v))
+
+
 def first_moment_increment(s, gradient, m):
     """`m_t - m_{t-1} = (1 - beta_1) * (g - m_{t-1})` (Algorithm 1)."""
     return ops.multiply(ops.subtract(gradient, m), s.one_minus_beta_1)

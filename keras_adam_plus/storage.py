@@ -275,6 +275,41 @@ def _eager_jax(tensor):
     return not isinstance(tensor, jax.core.Tracer)
 
 
+class SlotState:
+    """`rule.step`'s state for one variable or a group (flat slots).
+
+    `slots` are the m, v and v_max slots (v_max None without AMSGrad):
+    a variable's own, or a group's flat ones, whose gradients and theta are
+    flattened and concatenated (`flat`) and whose decrements are cut back
+    per variable (`sub_pieces`). `finish()` rounds theta copies back.
+    """
+
+    def __init__(self, optimizer, variables, slots, dtype):
+        self.optimizer, self.dtype = optimizer, dtype
+        self.slots = dict(zip(("m", "v", "v_max"), slots))
+        self.targets = [Target(optimizer, v, dtype) for v in variables]
+
+    def theta(self):
+        return flat([t.value for t in self.targets])
+
+    def sub_theta(self, delta):
+        sub_pieces(self.targets, delta)
+
+    def read(self, kind):
+        return read(self.slots[kind], self.dtype)
+
+    def add(self, kind, old, increment):
+        return write(self.optimizer, self.slots[kind], old, increment,
+                     self.dtype)
+
+    def put(self, kind, new):
+        return put(self.optimizer, self.slots[kind], new, self.dtype)
+
+    def finish(self):
+        for target in self.targets:
+            target.finish()
+
+
 class Target:
     """Where an update step writes theta.
 

@@ -37,31 +37,52 @@ def update_step(optimizer, gradient, variable, learning_rate):
     unique, position = tf.unique(gradient.indices)
     g = tf.math.unsorted_segment_sum(tf.cast(gradient.values, dtype),
                                      position, tf.shape(unique)[0])
-    var = _tf_variable(variable)
-    m_var = _tf_variable(optimizer._momentums[index])
-    v_var = _tf_variable(optimizer._velocities[index])
+    rows = _Rows(optimizer, index, unique, _tf_variable(variable), dtype)
+    rule.step(hyper, s, g, rows, optimizer._decays[index])
+    rows.finish()
 
-    def gather(slot):
-        return tf.cast(tf.gather(slot, unique), dtype)
 
-    def scatter(slot, rows):
-        rows = tf.cast(rows, slot.dtype)
-        if optimizer._finite is not None:  # skip_nonfinite, traced step
-            rows = tf.where(optimizer._finite, rows, tf.gather(slot, unique))
-        slot.scatter_update(tf.IndexedSlices(rows, unique))
+class _Rows:
+    """`rule.step`'s state over the touched rows (gather, scatter back)."""
 
-    theta = gather(var)
-    if optimizer._decays[index]:
-        g, decrement = rule.decay(hyper, s, theta, g)
-        if decrement is not None:
-            theta = theta - decrement
-    m, v = gather(m_var), gather(v_var)
-    m = m + rule.first_moment_increment(s, g, m)
-    v = v + rule.second_moment_increment(s, g, v)
-    scatter(m_var, m)
-    scatter(v_var, v)
-    if optimizer.amsgrad:
-        v_max_var = _tf_variable(optimizer._velocity_maxes[index])
-        v = rule.maximum(gather(v_max_var), v)
-        scatter(v_max_var, v)
-    scatter(var, theta - rule.direction(hyper, s, g, m, v))
+    def __init__(self, optimizer, index, rows, var, dtype):
+        self.finite, self.rows, self.dtype = optimizer._finite, rows, dtype
+        self.var = var
+        self.slots = {"m": optimizer._momentums[index],
+                      "v": optimizer._velocities[index]}
+        if optimizer.amsgrad:
+            self.slots["v_max"] = optimizer._velocity_maxes[index]
+        self.slots = {k: _tf_variable(v) for k, v in self.slots.items()}
+        self.value = self._gather(var)
+
+    def _gather(self, slot):
+        return tf.cast(tf.gather(slot, self.rows), self.dtype)
+
+    def _scatter(self, slot, values):
+        values = tf.cast(values, slot.dtype)
+        if self.finite is not None:  # skip_nonfinite, traced step
+            values = tf.where(self.finite, values,
+                              tf.gather(slot, self.rows))
+        slot.scatter_update(tf.IndexedSlices(values, self.rows))
+
+    def theta(self):
+        return self.value
+
+    def sub_theta(self, delta):
+        # Decay and direction both change theta; written once, at the end
+        # (`rule.step` ends with the direction).
+        if delta is not None:
+            self.value = self.value - delta
+
+    def read(self, kind):
+        return self._gather(self.slots[kind])
+
+    def add(self, kind, old, increment):
+        return self.put(kind, old + increment)
+
+    def put(self, kind, new):
+        self._scatter(self.slots[kind], new)
+        return new
+
+    def finish(self):
+        self._scatter(self.var, self.value)
