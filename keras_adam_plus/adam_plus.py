@@ -263,6 +263,9 @@ class AdamPlus(keras.optimizers.Optimizer):
         self.weight_decay_exclude = v.check_patterns(
             "weight_decay_exclude", weight_decay_exclude
         )
+        # How m, v and v_max are stored (`storage.Format`); set before
+        # build. The low-bit formats will be chosen by an argument.
+        self._state_format = storage.NATIVE
         self._pending_state = None
         self._scalars_cache = None
         self._skip_bypass = False
@@ -290,7 +293,8 @@ class AdamPlus(keras.optimizers.Optimizer):
         self._decays = [self._decays_variable(var) for var in var_list]
         self._slot_groups = backends.slot_groups(self, var_list)
         slots = storage.add_slots(self, var_list, names, self.moment_dtype,
-                                  groups=self._slot_groups)
+                                  groups=self._slot_groups,
+                                  fmt=self._state_format)
         self._momentums, self._velocities = slots[0], slots[1]
         self._velocity_maxes = slots[2] if self.amsgrad else None
         self._averages = None
@@ -407,7 +411,8 @@ class AdamPlus(keras.optimizers.Optimizer):
         dtype = rule.compute_dtype(
             keras.backend.standardize_dtype(variables[0].dtype))
         s = self._step_scalars(dtype, learning_rate)
-        state = storage.SlotState(self, variables, slots, dtype)
+        state = storage.SlotState(self, variables, slots, dtype,
+                                  self._state_format)
         rule.step(self._hyper(), s,
                   storage.flat([ops.cast(g, dtype) for g in grads]), state,
                   self._decays[index])

@@ -64,7 +64,8 @@ def check_floating(var_list):
             )
 
 
-def add_slots(optimizer, var_list, names, moment_dtype=None, groups=()):
+def add_slots(optimizer, var_list, names, moment_dtype=None, groups=(),
+              fmt=None):
     """One list of slots per name, `None` where Keras wants none.
 
     Each slot has its variable's shape and layout (sharding), and its dtype
@@ -72,6 +73,7 @@ def add_slots(optimizer, var_list, names, moment_dtype=None, groups=()):
     positions in `var_list`) share one flat slot per name: their entries
     are `GroupSlice`s of it, in the place of their own variables.
     """
+    fmt = fmt or NATIVE
     group_of = {i: g for g, members in enumerate(groups) for i in members}
     offsets = {}
     for members in groups:
@@ -90,7 +92,7 @@ def add_slots(optimizer, var_list, names, moment_dtype=None, groups=()):
             if i not in group_of:
                 slot = optimizer.add_variable(
                     tuple(var.shape), initializer="zeros",
-                    dtype=state_dtype(var, moment_dtype),
+                    dtype=fmt.slot_dtype(var, moment_dtype),
                     layout=getattr(var, "_layout", None), name=slot_name,
                 )
                 block.add(id(slot))
@@ -102,7 +104,7 @@ def add_slots(optimizer, var_list, names, moment_dtype=None, groups=()):
                 flats[g] = optimizer.add_variable(
                     (sum(size(var_list[j].shape) for j in members),),
                     initializer="zeros",
-                    dtype=state_dtype(var, moment_dtype),
+                    dtype=fmt.slot_dtype(var, moment_dtype),
                     name=f"group_{g}_{name}",
                 )
                 block.add(id(flats[g]))
@@ -191,24 +193,59 @@ def numpy_values(state):
     return result
 
 
-def write(optimizer, slot, old, increment, dtype):
+class Format:
+    """How a slot stores its values: the format of AdamPlus's state.
+
+    The default keeps each value in the slot's dtype (the weight's, or
+    `moment_dtype` for half-precision weights) and reads it into the
+    compute dtype by a cast. A format is one subclass: `slot_dtype` (the
+    dtype of the slot it needs), `decode` (stored to compute dtype) and
+    `encode` (compute dtype to stored), elementwise, so that flat groups,
+    sparse rows and the non-finite select work on any format. Only the
+    default (`native`) one is what torch's fused kernel reads. Slots start
+    at zeros, so a format must encode 0 as 0.
+    """
+
+    name = "native"
+    native = True
+
+    def slot_dtype(self, variable, moment_dtype):
+        """The dtype of `variable`'s slots in this format."""
+        return state_dtype(variable, moment_dtype)
+
+    def decode(self, stored, dtype):
+        """`stored` (a slot's value) as a tensor of the compute `dtype`."""
+        if keras.backend.standardize_dtype(stored.dtype) == dtype:
+            return stored
+        return ops.cast(stored, dtype)
+
+    def encode(self, value, slot_dtype):
+        """`value` (compute dtype) as the slot stores it, rounded once."""
+        if keras.backend.standardize_dtype(value.dtype) == slot_dtype:
+            return value
+        return ops.cast(value, slot_dtype)
+
+
+NATIVE = Format()
+
+
+def write(optimizer, slot, old, increment, dtype, fmt=NATIVE):
     """Writes `old + increment` (compute dtype) to `slot`; returns it.
 
     In the slot's own dtype this is Keras's `assign_add`; otherwise the sum
-    is rounded to the slot's dtype once.
+    is rounded to the slot's dtype (encoded) once.
     """
-    if (not isinstance(slot, GroupSlice)
+    if (fmt.native and not isinstance(slot, GroupSlice)
             and keras.backend.standardize_dtype(slot.dtype) == dtype):
         optimizer.assign_add(slot, increment)
         return slot
-    return put(optimizer, slot, ops.add(old, increment), dtype)
+    return put(optimizer, slot, ops.add(old, increment), dtype, fmt)
 
 
-def put(optimizer, slot, new, dtype):
-    """Writes `new` (compute dtype) to `slot`, rounded once; returns it."""
-    value = new
-    if keras.backend.standardize_dtype(slot.dtype) != dtype:
-        value = ops.cast(new, slot.dtype)
+def put(optimizer, slot, new, dtype, fmt=NATIVE):
+    """Writes `new` (compute dtype) to `slot`, encoded once; returns it."""
+    value = fmt.encode(ops.convert_to_tensor(new),
+                       keras.backend.standardize_dtype(slot.dtype))
     if isinstance(slot, GroupSlice):
         optimizer.assign(slot.flat, ops.slice_update(
             slot.flat.value, (slot.offset,), ops.reshape(value, (-1,))))
@@ -217,13 +254,13 @@ def put(optimizer, slot, new, dtype):
     return new
 
 
-def read(slot, dtype):
-    """The slot's value in the compute dtype."""
+def read(slot, dtype, fmt=NATIVE):
+    """The slot's value in the compute dtype (decoded)."""
     value = slot.value_of(slot.flat.value) if isinstance(
         slot, GroupSlice) else slot
-    if keras.backend.standardize_dtype(slot.dtype) == dtype:
+    if fmt.native and keras.backend.standardize_dtype(slot.dtype) == dtype:
         return value
-    return ops.cast(value, dtype)
+    return fmt.decode(ops.convert_to_tensor(value), dtype)
 
 
 def flat(tensors):
@@ -284,8 +321,8 @@ class SlotState:
     per variable (`sub_pieces`). `finish()` rounds theta copies back.
     """
 
-    def __init__(self, optimizer, variables, slots, dtype):
-        self.optimizer, self.dtype = optimizer, dtype
+    def __init__(self, optimizer, variables, slots, dtype, fmt=NATIVE):
+        self.optimizer, self.dtype, self.format = optimizer, dtype, fmt
         self.slots = dict(zip(("m", "v", "v_max"), slots))
         self.targets = [Target(optimizer, v, dtype) for v in variables]
 
@@ -296,14 +333,15 @@ class SlotState:
         sub_pieces(self.targets, delta)
 
     def read(self, kind):
-        return read(self.slots[kind], self.dtype)
+        return read(self.slots[kind], self.dtype, self.format)
 
     def add(self, kind, old, increment):
         return write(self.optimizer, self.slots[kind], old, increment,
-                     self.dtype)
+                     self.dtype, self.format)
 
     def put(self, kind, new):
-        return put(self.optimizer, self.slots[kind], new, self.dtype)
+        return put(self.optimizer, self.slots[kind], new, self.dtype,
+                   self.format)
 
     def finish(self):
         for target in self.targets:

@@ -47,6 +47,7 @@ class _Rows:
 
     def __init__(self, optimizer, index, rows, var, dtype):
         self.finite, self.rows, self.dtype = optimizer._finite, rows, dtype
+        self.format = optimizer._state_format
         self.var = var
         self.slots = {"m": optimizer._momentums[index],
                       "v": optimizer._velocities[index]}
@@ -55,11 +56,14 @@ class _Rows:
         self.slots = {k: _tf_variable(v) for k, v in self.slots.items()}
         self.value = self._gather(var)
 
-    def _gather(self, slot):
-        return tf.cast(tf.gather(slot, self.rows), self.dtype)
+    def _gather(self, slot, fmt=None):
+        rows = tf.gather(slot, self.rows)
+        return (fmt.decode(rows, self.dtype) if fmt
+                else tf.cast(rows, self.dtype))
 
-    def _scatter(self, slot, values):
-        values = tf.cast(values, slot.dtype)
+    def _scatter(self, slot, values, fmt=None):
+        values = (fmt.encode(values, slot.dtype.name) if fmt
+                  else tf.cast(values, slot.dtype))
         if self.finite is not None:  # skip_nonfinite, traced step
             values = tf.where(self.finite, values,
                               tf.gather(slot, self.rows))
@@ -75,13 +79,13 @@ class _Rows:
             self.value = self.value - delta
 
     def read(self, kind):
-        return self._gather(self.slots[kind])
+        return self._gather(self.slots[kind], self.format)
 
     def add(self, kind, old, increment):
         return self.put(kind, old + increment)
 
     def put(self, kind, new):
-        self._scatter(self.slots[kind], new)
+        self._scatter(self.slots[kind], new, self.format)
         return new
 
     def finish(self):

@@ -44,6 +44,9 @@ def fallback_reason(optimizer):
         return f"torch {torch.__version__} has no torch._fused_adam_"
     if type(optimizer).update_step is not AdamPlus.update_step:
         return f"{type(optimizer).__name__} overrides update_step"
+    if not optimizer._state_format.native:
+        return (f"state format {optimizer._state_format.name!r}: the fused "
+                "kernel reads and writes m, v as they are stored")
     if optimizer.adamax:
         return "adamax has no fused torch kernel"
     if optimizer.nesterov:
