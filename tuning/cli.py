@@ -11,6 +11,7 @@ Ctrl-C stops with one line and status 130, and the same command resumes.
 
 import argparse
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from tuning.confirm import confirm
 from tuning.datasets import SUBSET_RULE, check_subset
 from tuning.errors import Parser, Stopped, TuningError, catch_interrupts
 from tuning.search_space import TUNABLE, SearchSpace
-from tuning.sweep import MINIMUMS, TUNERS, search_settings
+from tuning.sweep import MAXIMUMS, MINIMUMS, TUNERS, search_settings
 
 PROG = "python -m tuning"
 INTERRUPTED = "interrupted; rerun the same command to resume"
@@ -32,6 +33,8 @@ CONFIRM_TOP, CONFIRM_SEEDS = 3, 5
 # The smallest value of each integer option.
 _MINIMUMS = {**MINIMUMS, "confirm": CONFIRM_MINIMUMS["top"],
              "seeds": CONFIRM_MINIMUMS["seeds"]}
+# ... and the largest.
+_MAXIMUMS = {**MAXIMUMS, "confirm": 1000, "seeds": 1000}
 
 
 def _folder(text):
@@ -42,17 +45,19 @@ def _folder(text):
 
 
 def _count(name):
-    """An argparse type: an integer >= `_MINIMUMS[name]`."""
-    minimum = _MINIMUMS[name]
+    """An argparse type: an integer in [`_MINIMUMS[name]`,
+    `_MAXIMUMS[name]`], written in ASCII digits."""
+    minimum, maximum = _MINIMUMS[name], _MAXIMUMS[name]
 
     def count(text):
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
+        # int() also takes "1_000", " 3 " and other scripts' digits.
+        value = int(text) if re.fullmatch(r"-?[0-9]{1,30}", text) else None
         if value is None or value < minimum:
             raise argparse.ArgumentTypeError(
                 f"must be an integer >= {minimum}, got {text!r}")
+        if value > maximum:
+            raise argparse.ArgumentTypeError(
+                f"must be an integer <= {maximum}, got {text!r}")
         return value
 
     return count
@@ -82,9 +87,12 @@ def _address(text):
 
 
 def _subset(text):
+    """An argparse type: `check_subset` of a decimal number."""
     try:
+        if not re.fullmatch(r"[0-9.eE+-]{1,40}", text):
+            raise ValueError(text)
         return check_subset(float(text))
-    except ValueError:
+    except (ValueError, OverflowError):
         raise argparse.ArgumentTypeError(
             f"must be {SUBSET_RULE}, got {text!r}") from None
 

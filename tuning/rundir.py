@@ -28,14 +28,16 @@ import time
 from pathlib import Path
 
 from tuning.errors import TuningError
+from tuning.search_space import TUNABLE
 
 SETTINGS = "settings.json"
 LOCK = ".lock"
 # Our record of one trial, beside keras-tuner's trial.json.
 SIDECAR = "adam_plus.json"
 # Settings that may change on a resume: max_trials may grow; the others
-# describe rather than decide the trials.
-_MAY_CHANGE = ("max_trials", "data", "project")
+# describe rather than decide the trials (each trial's sidecar records the
+# package versions that trained it).
+_MAY_CHANGE = ("max_trials", "data", "project", "versions")
 
 
 class DirectoryBusy(TuningError):
@@ -48,6 +50,10 @@ class DirectoryUnusable(TuningError):
 
 class SettingsMismatch(TuningError, ValueError):
     """The directory holds a search with other settings."""
+
+
+class DamagedFile(TuningError):
+    """A file of the run folder cannot be read; the message says what to do."""
 
 
 class NoRun(TuningError):
@@ -106,6 +112,19 @@ def read_json(path, what="its contents are ignored"):
         print(f"warning: {path} is truncated or corrupt ({err}); {what}",
               file=sys.stderr, flush=True)
         return None
+
+
+def read_json_strict(path, remedy):
+    """The JSON in `path`, or None if it is missing; a file that cannot be
+    read or parsed raises `DamagedFile`: one line naming it and `remedy`."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        why = getattr(err, "strerror", None) or "truncated or corrupt"
+        raise DamagedFile(f"{path} is unreadable ({why}); {remedy}") from None
 
 
 # ------------------------------------------------------------------ lock
@@ -211,7 +230,18 @@ def _remove_empty(folders):
 def read_settings(directory):
     """The settings of the search in `directory`; `NoRun` if there is none."""
     directory = Path(directory)
-    settings = read_json(directory / SETTINGS, "the directory cannot be read")
+    settings = read_json_strict(
+        directory / SETTINGS, "rerun the search's command with --overwrite "
+        "to start afresh, or choose another --directory")
+    if settings is not None and not (
+        isinstance(settings, dict) and isinstance(settings.get("project"),
+                                                  str)
+        and isinstance(settings.get("objective"), str)
+    ):
+        raise DamagedFile(
+            f"{directory / SETTINGS} is not a search's settings (from "
+            "another program or version); rerun the search's command with "
+            "--overwrite to start afresh, or choose another --directory")
     if settings is None:
         raise NoRun(
             f"{directory} holds no tuning run (no readable {SETTINGS}); run "
@@ -230,14 +260,21 @@ def check_settings(directory, settings, pending=()):
     out.
     """
     directory = Path(directory)
-    saved = read_json(directory / SETTINGS,
-                      "delete it or rerun with --overwrite")
+    saved = read_json_strict(directory / SETTINGS,
+                             "rerun with --overwrite to start afresh, or "
+                             "choose another --directory")
     if saved is None:
-        if (directory / SETTINGS).exists():
-            raise SettingsMismatch(f"{directory / SETTINGS} is unreadable; "
-                                   "rerun with --overwrite to start afresh, "
-                                   "or choose another --directory")
         return
+    if not isinstance(saved, dict):
+        raise SettingsMismatch(f"{directory / SETTINGS} is not a search's "
+                               "settings; rerun with --overwrite to start "
+                               "afresh, or choose another --directory")
+    there, now = saved.get("backend"), settings.get("backend")
+    if there and now and there != now and "backend" not in pending:
+        raise SettingsMismatch(
+            f"{directory} holds a search trained with KERAS_BACKEND={there}"
+            f", not {now}: rerun with KERAS_BACKEND={there} to resume it, "
+            "--overwrite to start afresh, or choose another --directory")
     differences = settings_differences(saved, settings, pending)
     if settings.get("max_trials", 0) < saved.get("max_trials", 0):
         differences.append(f"max_trials {saved['max_trials']} there, "
@@ -266,9 +303,13 @@ def settings_differences(saved, settings, pending=(), may_change=_MAY_CHANGE,
 
 
 def _flatten(settings):
-    """The search space's fields as top-level keys (`tune`, `modes`, ...)."""
+    """The search space's fields as top-level keys (`tune`, `modes`, ...),
+    `tune` in its one order (older versions kept the order given)."""
     flat = {k: v for k, v in settings.items() if k != "space"}
     flat.update(settings.get("space", {}))
+    if isinstance(flat.get("tune"), list):
+        flat["tune"] = [n for n in TUNABLE if n in flat["tune"]] + [
+            n for n in flat["tune"] if n not in TUNABLE]
     return flat
 
 

@@ -24,7 +24,7 @@ from keras_tuner.engine.metrics_tracking import infer_metric_direction
 from keras_tuner.engine.trial import Trial, TrialStatus
 from keras_tuner.src.engine import tuner_utils
 
-from tuning import report, rundir, workers
+from tuning import report, rundir, seeds, workers
 from tuning.distributed import Leases
 from tuning.errors import check_interrupt
 from tuning.hypermodel import Diverged
@@ -230,11 +230,14 @@ def make_tuner(hypermodel, tuner="random", max_trials=10, objective="val_loss",
     """Builds an `AdamPlusTuner` (or Hyperband) around `hypermodel`.
 
     `direction` ("min" or "max") defaults to keras-tuner's inference from
-    the objective's name (`keras_tuner.Objective`).
+    the objective's name (`keras_tuner.Objective`). The oracle's seed is
+    `tuning.seeds.derive(seed, "oracle")`: seed 0 seeds it too, and
+    neighbouring seeds give unrelated searches.
     """
     objective = keras_tuner.Objective(
         objective, direction or infer_direction(objective))
-    common = dict(objective=objective, seed=seed,
+    common = dict(objective=objective,
+                  seed=seeds.derive(seed, "oracle"),
                   max_consecutive_failed_trials=max(3, max_trials))
     if tuner == "hyperband":
         oracle = oracle_class(tuner)(
