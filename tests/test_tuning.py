@@ -387,8 +387,11 @@ def test_files_are_replaced_atomically(tmp_path, monkeypatch):
         raise OSError("killed before the rename")
 
     monkeypatch.setattr(rundir.os, "replace", crash)
-    with pytest.raises(OSError, match="killed"):
+    with pytest.raises(rundir.DirectoryUnusable) as err:
         rundir.write_json(path, {"learning_rate": 0.1})
+    assert str(err.value) == (
+        f"cannot write {path}: killed before the rename; free space or fix "
+        "permissions, then rerun the same command to resume")
     assert json.loads(path.read_text()) == {"learning_rate": 0.001}
     assert [p.name for p in tmp_path.iterdir()] == ["best.json"]
 

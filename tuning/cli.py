@@ -21,7 +21,8 @@ from tuning import workers as machine
 from tuning.confirm import MINIMUMS as CONFIRM_MINIMUMS
 from tuning.confirm import confirm
 from tuning.datasets import SUBSET_RULE, check_subset
-from tuning.errors import Parser, Stopped, TuningError, catch_interrupts
+from tuning.errors import (Parser, Stopped, TuningError, catch_interrupts,
+                           folder_path)
 from tuning.search_space import TUNABLE, SearchSpace
 from tuning.sweep import MAXIMUMS, MINIMUMS, TUNERS, search_settings
 
@@ -35,13 +36,6 @@ _MINIMUMS = {**MINIMUMS, "confirm": CONFIRM_MINIMUMS["top"],
              "seeds": CONFIRM_MINIMUMS["seeds"]}
 # ... and the largest.
 _MAXIMUMS = {**MAXIMUMS, "confirm": 1000, "seeds": 1000}
-
-
-def _folder(text):
-    """An argparse type: a non-empty folder path."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("must be a folder path, got ''")
-    return text
 
 
 def _count(name):
@@ -116,7 +110,7 @@ def sweep_parser():
     p.add_argument("--dataset", default=None,
                    choices=list(benchmarks.MNIST_DATASETS),
                    help="for MNIST-shaped benchmarks (default: mnist)")
-    p.add_argument("--mnist-idx", default=None, metavar="DIR",
+    p.add_argument("--mnist-idx", default=None, metavar="DIR", type=folder_path,
                    help="folder with the four LeCun MNIST IDX files "
                    "(default: $MNIST_IDX_DIR, then "
                    "$KERAS_HOME/datasets/mnist-idx)")
@@ -152,7 +146,7 @@ def sweep_parser():
                    help="minimise or maximise the objective (default: "
                    "keras-tuner's rule from its name: losses min, accuracy "
                    "max)")
-    p.add_argument("--directory", default=None, type=_folder,
+    p.add_argument("--directory", default=None, type=folder_path,
                    help="output folder; rerunning on it resumes (default: "
                    "tuning_runs/<benchmark>)")
     p.add_argument("--seed", type=_count("seed"), default=0,
@@ -195,7 +189,7 @@ def report_parser():
     p = Parser(prog=f"{PROG} report",
                description="Rebuild trials.csv, trials.json, best.json, "
                "summary.txt and the plots of a search's directory.")
-    p.add_argument("directory", metavar="DIR", type=_folder)
+    p.add_argument("directory", metavar="DIR", type=folder_path)
     p.add_argument("--no-plots", action="store_true",
                    help="skip the PNG plots")
     return p
@@ -218,6 +212,11 @@ def main(argv=None):
         return _sweep(sweep_parser(), argv)
     except TuningError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
+        return 1
+    except OSError as err:  # what no layer below could name better
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"{PROG}: error: {where}{err.strerror or err}", file=sys.stderr,
+              flush=True)
         return 1
     except Stopped as stop:
         name = signal.Signals(stop.signum).name

@@ -36,7 +36,7 @@ from keras import layers, ops
 from keras_adam_plus import AdamPlus
 from tuning import benchmarks, claims, paper_report, report, rundir
 from tuning.datasets import DatasetUnavailable
-from tuning.errors import Parser
+from tuning.errors import Parser, folder_path
 from tuning.hypermodel import AdamPlusHyperModel
 from tuning.seeds import MAX_SEED
 from tuning.tuners import make_tuner
@@ -707,14 +707,17 @@ def main(argv=None):
     p.add_argument("--scale", default="quick", choices=SCALES,
                    help="tiny: smoke test; quick: < 30 min on 2 CPU cores; "
                    "full: the paper's settings")
-    p.add_argument("--directory", default=None,
+    p.add_argument("--directory", default=None, type=folder_path,
                    help="output folder (default replicate_runs/<scale>)")
     p.add_argument("--seed", type=_seed, default=0,
                    help="seed of initial weights, batches, subsets and "
                    "searches; runs are kept per seed and scale")
     p.add_argument("--mnist-idx", default=None, metavar="DIR",
+                   type=folder_path,
                    help="folder with the four LeCun MNIST IDX files")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.mnist_idx is not None and not Path(args.mnist_idx).is_dir():
+        p.error(f"argument --mnist-idx: no such folder: {args.mnist_idx}")
     path = replicate(args.figure, args.scale, args.directory, args.seed,
                      idx_dir=args.mnist_idx)
     print(f"report: {path}")

@@ -34,6 +34,7 @@ SETTINGS = "settings.json"
 LOCK = ".lock"
 # Our record of one trial, beside keras-tuner's trial.json.
 SIDECAR = "adam_plus.json"
+TEMP_SUFFIX = ".tmp"
 # Settings that may change on a resume: max_trials may grow; the others
 # describe rather than decide the trials (each trial's sidecar records the
 # package versions that trained it).
@@ -64,18 +65,39 @@ class NoRun(TuningError):
 
 
 def write_text(path, text):
-    """Writes `text` to `path` atomically (temporary file, then rename)."""
+    """Writes `text` to `path` atomically (temporary file, then rename).
+
+    An OS error (a full disk, a read-only folder) raises
+    `DirectoryUnusable`: one line naming `path`.
+    """
     path = Path(path)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temp = path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
     try:
         with open(temp, "w", newline="") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temp, path)
+    except OSError as err:
+        raise unusable(path, err) from None
     finally:
-        if temp.exists():
+        with contextlib.suppress(OSError):
             temp.unlink()
+
+
+def unusable(path, err):
+    """The `DirectoryUnusable` of an OS error `err` on `path`."""
+    return DirectoryUnusable(
+        f"cannot write {path}: {err.strerror or err}; free space or fix "
+        "permissions, then rerun the same command to resume")
+
+
+def remove_temporary(directory):
+    """Removes the temporary files a killed writer left under `directory`
+    (only ours: `.<name>.<pid>.tmp`)."""
+    for path in Path(directory).rglob(f".*{TEMP_SUFFIX}"):
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def write_json(path, obj, indent=1):
@@ -101,14 +123,12 @@ def read_json(path, what="its contents are ignored"):
     """
     path = Path(path)
     try:
-        text = path.read_text()
+        return json.loads(path.read_text())
     except (FileNotFoundError, NotADirectoryError):
         return None  # also a path under a file: nothing there
     except OSError as err:
         raise TuningError(f"cannot read {path}: {err.strerror}") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
         print(f"warning: {path} is truncated or corrupt ({err}); {what}",
               file=sys.stderr, flush=True)
         return None
@@ -233,15 +253,7 @@ def read_settings(directory):
     settings = read_json_strict(
         directory / SETTINGS, "rerun the search's command with --overwrite "
         "to start afresh, or choose another --directory")
-    if settings is not None and not (
-        isinstance(settings, dict) and isinstance(settings.get("project"),
-                                                  str)
-        and isinstance(settings.get("objective"), str)
-    ):
-        raise DamagedFile(
-            f"{directory / SETTINGS} is not a search's settings (from "
-            "another program or version); rerun the search's command with "
-            "--overwrite to start afresh, or choose another --directory")
+    _check_shape(directory, settings)
     if settings is None:
         raise NoRun(
             f"{directory} holds no tuning run (no readable {SETTINGS}); run "
@@ -265,10 +277,7 @@ def check_settings(directory, settings, pending=()):
                              "choose another --directory")
     if saved is None:
         return
-    if not isinstance(saved, dict):
-        raise SettingsMismatch(f"{directory / SETTINGS} is not a search's "
-                               "settings; rerun with --overwrite to start "
-                               "afresh, or choose another --directory")
+    _check_shape(directory, saved)
     there, now = saved.get("backend"), settings.get("backend")
     if there and now and there != now and "backend" not in pending:
         raise SettingsMismatch(
@@ -286,6 +295,20 @@ def check_settings(directory, settings, pending=()):
             + ". Rerun with --overwrite to start afresh, or choose another "
             "--directory"
         )
+
+
+def _check_shape(directory, settings):
+    """Raises `DamagedFile` if `settings` (read from `directory`) is not
+    None and lacks what every version's settings hold."""
+    if settings is not None and not (
+        isinstance(settings, dict)
+        and isinstance(settings.get("project"), str)
+        and isinstance(settings.get("objective"), str)
+    ):
+        raise DamagedFile(
+            f"{Path(directory) / SETTINGS} is not a search's settings "
+            "(damaged, or from another program); rerun with --overwrite to "
+            "start afresh, or choose another --directory")
 
 
 def settings_differences(saved, settings, pending=(), may_change=_MAY_CHANGE,

@@ -214,6 +214,8 @@ def sweep(benchmark="digits", tuner="random", max_trials=10, epochs=None,
         rundir.check_settings(directory, settings,
                               pending=() if direction else ("direction",))
     with contextlib.nullcontext() if child else rundir.lock(directory):
+        if not child:  # what a killed run left; no writer of ours is left
+            rundir.remove_temporary(directory)
         if workers or address:
             if overwrite:
                 rundir.clear(directory, OUTPUTS)
