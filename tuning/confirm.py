@@ -7,8 +7,9 @@ defaults with `seeds` new seeds each (the search's seed + 1, + 2, ...,
 wrapped below 2**32) at the search's full budget, reports each one's
 mean ± sample standard deviation of the score, and decides with Welch's
 t-test (one-sided, in the objective's direction;
-`scipy.stats.ttest_ind(equal_var=False)`) whether a tuned configuration beats the defaults beyond seed noise: p below 0.05,
-Bonferroni-divided by the number of tuned configurations compared.
+`scipy.stats.ttest_ind(equal_var=False)`) whether a tuned configuration
+beats the defaults beyond seed noise: p below 0.05, Bonferroni-divided by
+the number of tuned configurations compared.
 
 Writes `confirm.json`, `confirm.csv` and `confirm.png`, and the summary's
 confirmation lines; `best.json` is left as the search wrote it. Each
