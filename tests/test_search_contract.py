@@ -90,6 +90,7 @@ def test_a_resume_under_another_backend_is_refused(tmp_path):
                                        if k != "plots"}),
                     direction="min", backend=other, project="digits")
     rundir.write_json(tmp_path / rundir.SETTINGS, settings)
+    before = (tmp_path / rundir.SETTINGS).read_bytes()
     with pytest.raises(rundir.SettingsMismatch) as err:
         sweep(directory=tmp_path, verbose=0, **QUICK)
     assert str(err.value) == (
@@ -97,7 +98,9 @@ def test_a_resume_under_another_backend_is_refused(tmp_path):
         f"not {keras.backend.backend()}: rerun with KERAS_BACKEND={other} "
         "to resume it, --overwrite to start afresh, or choose another "
         "--directory")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [rundir.SETTINGS]
+    assert (tmp_path / rundir.SETTINGS).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        rundir.LOCK, rundir.SETTINGS]
 
 
 def test_tune_order_and_subset_one_are_the_same_settings():
