@@ -258,6 +258,16 @@ def test_stand_in_data_is_marked_not_evidence(tmp_path):
     # alpha/sqrt(t) on the logistic regression: Adam's grid a decade up.
     assert [t["hp"]["learning_rate"] for t in
             result["curves"]["adam"]["trials"]] == [1e-3, 1.0]
+    # Another seed into the same folder trains afresh (was: seed 0's runs
+    # reported as seed 1's); seed 0 again retrains nothing.
+    other = replicate.run_panel(
+        panel, replicate.Scale(64, 2, 2), tmp_path, seed=1, arrays=(
+            (seqs, labels), (seqs[:16], labels[:16])))
+    assert other["curves"]["adam"]["loss"] != result["curves"]["adam"]["loss"]
+    again = replicate.run_panel(
+        panel, replicate.Scale(64, 2, 2), tmp_path, arrays=(
+            (seqs, labels), (seqs[:16], labels[:16])))
+    assert again["curves"] == result["curves"]
 
 
 def test_unavailable_dataset_is_reported_not_run(tmp_path, monkeypatch,

@@ -387,8 +387,11 @@ def test_files_are_replaced_atomically(tmp_path, monkeypatch):
         raise OSError("killed before the rename")
 
     monkeypatch.setattr(rundir.os, "replace", crash)
-    with pytest.raises(OSError, match="killed"):
+    with pytest.raises(rundir.DirectoryUnusable) as err:
         rundir.write_json(path, {"learning_rate": 0.1})
+    assert str(err.value) == (
+        f"cannot write {path}: killed before the rename; free space or fix "
+        "permissions, then rerun the same command to resume")
     assert json.loads(path.read_text()) == {"learning_rate": 0.001}
     assert [p.name for p in tmp_path.iterdir()] == ["best.json"]
 
@@ -484,10 +487,14 @@ def test_welch_comparison_in_the_objectives_direction():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(max_trials=0), "Argument `max_trials` must be an integer >= 1. "
-     "Received: max_trials=0"),
-    (dict(epochs=2.5), "Argument `epochs` must be an integer >= 1. "
-     "Received: epochs=2.5"),
+    (dict(max_trials=0), "Argument `max_trials` must be an integer in "
+     "[1, 2147483647]. Received: max_trials=0"),
+    (dict(epochs=2.5), "Argument `epochs` must be an integer in "
+     "[1, 2147483647]. Received: epochs=2.5"),
+    (dict(seed=2**32), "Argument `seed` must be an integer in "
+     "[0, 4294967295]. Received: seed=4294967296"),
+    (dict(subset=float("inf")), "Argument `subset` must be a fraction in "
+     "(0, 1] or a whole count >= 1. Received: subset=inf"),
     (dict(subset=2.5), "Argument `subset` must be a fraction in (0, 1] or a "
      "whole count >= 1. Received: subset=2.5"),
     (dict(objective="nope"), "Argument `objective` must be one of loss, "

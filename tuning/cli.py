@@ -11,6 +11,7 @@ Ctrl-C stops with one line and status 130, and the same command resumes.
 
 import argparse
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -20,9 +21,10 @@ from tuning import workers as machine
 from tuning.confirm import MINIMUMS as CONFIRM_MINIMUMS
 from tuning.confirm import confirm
 from tuning.datasets import SUBSET_RULE, check_subset
-from tuning.errors import Parser, Stopped, TuningError, catch_interrupts
+from tuning.errors import (Parser, Stopped, TuningError, catch_interrupts,
+                           folder_path)
 from tuning.search_space import TUNABLE, SearchSpace
-from tuning.sweep import MINIMUMS, TUNERS, search_settings
+from tuning.sweep import MAXIMUMS, MINIMUMS, TUNERS, search_settings
 
 PROG = "python -m tuning"
 INTERRUPTED = "interrupted; rerun the same command to resume"
@@ -32,27 +34,24 @@ CONFIRM_TOP, CONFIRM_SEEDS = 3, 5
 # The smallest value of each integer option.
 _MINIMUMS = {**MINIMUMS, "confirm": CONFIRM_MINIMUMS["top"],
              "seeds": CONFIRM_MINIMUMS["seeds"]}
-
-
-def _folder(text):
-    """An argparse type: a non-empty folder path."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("must be a folder path, got ''")
-    return text
+# ... and the largest.
+_MAXIMUMS = {**MAXIMUMS, "confirm": 1000, "seeds": 1000}
 
 
 def _count(name):
-    """An argparse type: an integer >= `_MINIMUMS[name]`."""
-    minimum = _MINIMUMS[name]
+    """An argparse type: an integer in [`_MINIMUMS[name]`,
+    `_MAXIMUMS[name]`], written in ASCII digits."""
+    minimum, maximum = _MINIMUMS[name], _MAXIMUMS[name]
 
     def count(text):
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
+        # int() also takes "1_000", " 3 " and other scripts' digits.
+        value = int(text) if re.fullmatch(r"-?[0-9]{1,30}", text) else None
         if value is None or value < minimum:
             raise argparse.ArgumentTypeError(
                 f"must be an integer >= {minimum}, got {text!r}")
+        if value > maximum:
+            raise argparse.ArgumentTypeError(
+                f"must be an integer <= {maximum}, got {text!r}")
         return value
 
     return count
@@ -82,9 +81,12 @@ def _address(text):
 
 
 def _subset(text):
+    """An argparse type: `check_subset` of a decimal number."""
     try:
+        if not re.fullmatch(r"[0-9.eE+-]{1,40}", text):
+            raise ValueError(text)
         return check_subset(float(text))
-    except ValueError:
+    except (ValueError, OverflowError):
         raise argparse.ArgumentTypeError(
             f"must be {SUBSET_RULE}, got {text!r}") from None
 
@@ -108,7 +110,7 @@ def sweep_parser():
     p.add_argument("--dataset", default=None,
                    choices=list(benchmarks.MNIST_DATASETS),
                    help="for MNIST-shaped benchmarks (default: mnist)")
-    p.add_argument("--mnist-idx", default=None, metavar="DIR",
+    p.add_argument("--mnist-idx", default=None, metavar="DIR", type=folder_path,
                    help="folder with the four LeCun MNIST IDX files "
                    "(default: $MNIST_IDX_DIR, then "
                    "$KERAS_HOME/datasets/mnist-idx)")
@@ -144,7 +146,7 @@ def sweep_parser():
                    help="minimise or maximise the objective (default: "
                    "keras-tuner's rule from its name: losses min, accuracy "
                    "max)")
-    p.add_argument("--directory", default=None, type=_folder,
+    p.add_argument("--directory", default=None, type=folder_path,
                    help="output folder; rerunning on it resumes (default: "
                    "tuning_runs/<benchmark>)")
     p.add_argument("--seed", type=_count("seed"), default=0,
@@ -187,7 +189,7 @@ def report_parser():
     p = Parser(prog=f"{PROG} report",
                description="Rebuild trials.csv, trials.json, best.json, "
                "summary.txt and the plots of a search's directory.")
-    p.add_argument("directory", metavar="DIR", type=_folder)
+    p.add_argument("directory", metavar="DIR", type=folder_path)
     p.add_argument("--no-plots", action="store_true",
                    help="skip the PNG plots")
     return p
@@ -210,6 +212,11 @@ def main(argv=None):
         return _sweep(sweep_parser(), argv)
     except TuningError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
+        return 1
+    except OSError as err:  # what no layer below could name better
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"{PROG}: error: {where}{err.strerror or err}", file=sys.stderr,
+              flush=True)
         return 1
     except Stopped as stop:
         name = signal.Signals(stop.signum).name

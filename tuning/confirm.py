@@ -3,12 +3,13 @@
 A search scores every trial with one seed (initial weights, batch order,
 dropout), so its best trial is partly the luckiest. `confirm` retrains the
 `top` best distinct configurations of a finished search and the paper's
-defaults with `seeds` new seeds each (the search's seed + 1, + 2, ...) at
-the search's full budget, reports each one's mean ± sample standard
-deviation of the score, and decides with Welch's t-test (one-sided, in the
-objective's direction; `scipy.stats.ttest_ind(equal_var=False)`) whether a
-tuned configuration beats the defaults beyond seed noise: p below 0.05,
-Bonferroni-divided by the number of tuned configurations compared.
+defaults with `seeds` new seeds each (the search's seed + 1, + 2, ...,
+wrapped below 2**32) at the search's full budget, reports each one's
+mean ± sample standard deviation of the score, and decides with Welch's
+t-test (one-sided, in the objective's direction;
+`scipy.stats.ttest_ind(equal_var=False)`) whether a tuned configuration
+beats the defaults beyond seed noise: p below 0.05, Bonferroni-divided by
+the number of tuned configurations compared.
 
 Writes `confirm.json`, `confirm.csv` and `confirm.png`, and the summary's
 confirmation lines; `best.json` is left as the search wrote it. Each
@@ -25,6 +26,7 @@ from pathlib import Path
 from tuning import report, rundir
 from tuning.errors import TuningError
 from tuning.search_space import SearchSpace
+from tuning.seeds import shifted
 from tuning.sweep import check_int, load
 
 ALPHA = 0.05
@@ -62,7 +64,7 @@ def confirm(directory, top=3, seeds=5, plots=True, idx_dir=None,
         trials, _ = report.collect(directory)
         direction = report.direction_of(settings)
         configs = _configs(trials, direction, top, settings)
-        seed_list = [settings["seed"] + 1 + i for i in range(seeds)]
+        seed_list = [shifted(settings["seed"], 1 + i) for i in range(seeds)]
         runs = _train_all(directory, settings, configs, seed_list, idx_dir,
                           arrays, verbose, direction)
         for config in configs:

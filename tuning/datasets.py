@@ -10,6 +10,8 @@ to place where.
 import contextlib
 import dataclasses
 import gzip
+import math
+import numbers
 import os
 import socket
 from pathlib import Path
@@ -71,12 +73,15 @@ def check_subset(subset):
     """`subset` as a float fraction in (0, 1] or an int count, or None.
 
     A whole number above 1 is a count (`2.0` -> `2`); anything else, such
-    as 0, -1 or 2.5, raises ValueError.
+    as 0, -1, 2.5, NaN or Inf, raises ValueError. NumPy numbers are
+    accepted.
     """
     if subset is None:
         return None
-    if not isinstance(subset, bool) and isinstance(subset, (int, float)):
-        if 0 < subset <= 1 and isinstance(subset, float):
+    if isinstance(subset, numbers.Real) and not isinstance(subset, bool) and (
+        math.isfinite(subset)
+    ):
+        if 0 < subset <= 1 and not isinstance(subset, numbers.Integral):
             return float(subset)
         if subset >= 1 and subset == int(subset):
             return int(subset)

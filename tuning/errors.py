@@ -31,6 +31,14 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def folder_path(text):
+    """An argparse type: a non-empty folder path without NUL."""
+    if not text.strip() or "\0" in text:
+        raise argparse.ArgumentTypeError(
+            f"must be a folder path, got {text!r}")
+    return text
+
+
 class _DefaultsHelp(argparse.RawDescriptionHelpFormatter):
     """Appends "(default: ...)" to options whose help does not state it."""
 

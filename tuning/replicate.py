@@ -18,9 +18,12 @@ Each figure's results are saved as `<dir>/figure<N>.json`, and the report is
 rebuilt from whatever results the directory holds.
 """
 
+import argparse
 import dataclasses
+import hashlib
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -33,8 +36,9 @@ from keras import layers, ops
 from keras_adam_plus import AdamPlus
 from tuning import benchmarks, claims, paper_report, report, rundir
 from tuning.datasets import DatasetUnavailable
-from tuning.errors import Parser
+from tuning.errors import Parser, folder_path
 from tuning.hypermodel import AdamPlusHyperModel
+from tuning.seeds import MAX_SEED
 from tuning.tuners import make_tuner
 
 FIGURES = ("1", "2", "3", "4", "amsgrad")
@@ -351,7 +355,8 @@ def run_panel(panel, scale, directory, seed=0, arrays=None, idx_dir=None):
             name = key + suffix.replace("+", "_")
             tuner = make_tuner(hypermodel, tuner="grid",
                                max_trials=scale.budget, objective="loss",
-                               directory=directory / panel.key,
+                               directory=_runs_dir(directory, panel.key,
+                                                   scale, seed),
                                project_name=name, seed=seed)
             tuner.search(data.x_train, data.y_train, verbose=0)
             curves[name] = _best_curve(tuner, competitor.label + (
@@ -360,6 +365,15 @@ def run_panel(panel, scale, directory, seed=0, arrays=None, idx_dir=None):
             "data": source, "examples": n, "scale": dataclasses.asdict(scale),
             "batch_size": bench.paper.batch_size, "curves": curves,
             "log_y": panel.log_y, "zoom_epochs": panel.zoom_epochs}
+
+
+def _runs_dir(directory, key, scale, seed):
+    """Where one panel's searches live, keyed by seed and scale: a run
+    with another seed or scale trains afresh beside the others, never
+    reads theirs as its own."""
+    digest = hashlib.sha256(json.dumps(dataclasses.asdict(scale),
+                                       sort_keys=True).encode()).hexdigest()
+    return directory / key / f"seed{seed}-scale{digest[:10]}"
 
 
 def _best_curve(tuner, label):
@@ -675,6 +689,14 @@ def _check(figures, scale):
     return tuple(figures)
 
 
+def _seed(text):
+    """An argparse type: a seed in [0, MAX_SEED], in ASCII digits."""
+    if re.fullmatch(r"[0-9]{1,12}", text) and int(text) <= MAX_SEED:
+        return int(text)
+    raise argparse.ArgumentTypeError(
+        f"must be an integer in [0, {MAX_SEED}], got {text!r}")
+
+
 def main(argv=None):
     """`python -m tuning replicate ...`."""
     p = Parser(
@@ -685,12 +707,17 @@ def main(argv=None):
     p.add_argument("--scale", default="quick", choices=SCALES,
                    help="tiny: smoke test; quick: < 30 min on 2 CPU cores; "
                    "full: the paper's settings")
-    p.add_argument("--directory", default=None,
+    p.add_argument("--directory", default=None, type=folder_path,
                    help="output folder (default replicate_runs/<scale>)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0,
+                   help="seed of initial weights, batches, subsets and "
+                   "searches; runs are kept per seed and scale")
     p.add_argument("--mnist-idx", default=None, metavar="DIR",
+                   type=folder_path,
                    help="folder with the four LeCun MNIST IDX files")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.mnist_idx is not None and not Path(args.mnist_idx).is_dir():
+        p.error(f"argument --mnist-idx: no such folder: {args.mnist_idx}")
     path = replicate(args.figure, args.scale, args.directory, args.seed,
                      idx_dir=args.mnist_idx)
     print(f"report: {path}")

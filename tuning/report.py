@@ -14,6 +14,7 @@ budget.
 
 import dataclasses
 import math
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -110,6 +111,21 @@ def _trial(trial_dir, space, settings):
         state_path, "its trial counts as interrupted: a resume runs it again")
     if state is None and not state_path.exists():
         return None
+    if not isinstance(side, dict):
+        print(f"warning: {trial_dir / rundir.SIDECAR} is not a trial's "
+              "record; its seed, history and error are not shown",
+              file=sys.stderr, flush=True)
+        side = {}
+    if state is not None and not (
+        isinstance(state, dict) and isinstance(state.get("hyperparameters"),
+                                               dict)
+        and isinstance(state["hyperparameters"].get("values"), dict)
+        and isinstance(state.get("status"), str)
+    ):
+        print(f"warning: {state_path} is not a trial's state; its trial "
+              "counts as interrupted: a resume runs it again",
+              file=sys.stderr, flush=True)
+        state = None
     if state is None:
         values, status, score = side.get("values", {}), "INTERRUPTED", None
     else:
@@ -123,8 +139,8 @@ def _trial(trial_dir, space, settings):
     return {
         "trial_id": trial_dir.name.split("_", 1)[1],
         "status": status,
-        "score": score if score is not None and math.isfinite(score)
-        else None,
+        "score": score if isinstance(score, (int, float))
+        and math.isfinite(score) else None,
         "epochs": epochs,
         "optimizer": space.optimizer_kwargs(values),
         "hyperparameters": values,

@@ -28,14 +28,17 @@ import time
 from pathlib import Path
 
 from tuning.errors import TuningError
+from tuning.search_space import TUNABLE
 
 SETTINGS = "settings.json"
 LOCK = ".lock"
 # Our record of one trial, beside keras-tuner's trial.json.
 SIDECAR = "adam_plus.json"
+TEMP_SUFFIX = ".tmp"
 # Settings that may change on a resume: max_trials may grow; the others
-# describe rather than decide the trials.
-_MAY_CHANGE = ("max_trials", "data", "project")
+# describe rather than decide the trials (each trial's sidecar records the
+# package versions that trained it).
+_MAY_CHANGE = ("max_trials", "data", "project", "versions")
 
 
 class DirectoryBusy(TuningError):
@@ -50,6 +53,10 @@ class SettingsMismatch(TuningError, ValueError):
     """The directory holds a search with other settings."""
 
 
+class DamagedFile(TuningError):
+    """A file of the run folder cannot be read; the message says what to do."""
+
+
 class NoRun(TuningError):
     """The directory holds no search to report on."""
 
@@ -58,18 +65,39 @@ class NoRun(TuningError):
 
 
 def write_text(path, text):
-    """Writes `text` to `path` atomically (temporary file, then rename)."""
+    """Writes `text` to `path` atomically (temporary file, then rename).
+
+    An OS error (a full disk, a read-only folder) raises
+    `DirectoryUnusable`: one line naming `path`.
+    """
     path = Path(path)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temp = path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
     try:
         with open(temp, "w", newline="") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temp, path)
+    except OSError as err:
+        raise unusable(path, err) from None
     finally:
-        if temp.exists():
+        with contextlib.suppress(OSError):
             temp.unlink()
+
+
+def unusable(path, err):
+    """The `DirectoryUnusable` of an OS error `err` on `path`."""
+    return DirectoryUnusable(
+        f"cannot write {path}: {err.strerror or err}; free space or fix "
+        "permissions, then rerun the same command to resume")
+
+
+def remove_temporary(directory):
+    """Removes the temporary files a killed writer left under `directory`
+    (only ours: `.<name>.<pid>.tmp`)."""
+    for path in Path(directory).rglob(f".*{TEMP_SUFFIX}"):
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def write_json(path, obj, indent=1):
@@ -95,17 +123,28 @@ def read_json(path, what="its contents are ignored"):
     """
     path = Path(path)
     try:
-        text = path.read_text()
+        return json.loads(path.read_text())
     except (FileNotFoundError, NotADirectoryError):
         return None  # also a path under a file: nothing there
     except OSError as err:
         raise TuningError(f"cannot read {path}: {err.strerror}") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
         print(f"warning: {path} is truncated or corrupt ({err}); {what}",
               file=sys.stderr, flush=True)
         return None
+
+
+def read_json_strict(path, remedy):
+    """The JSON in `path`, or None if it is missing; a file that cannot be
+    read or parsed raises `DamagedFile`: one line naming it and `remedy`."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        why = getattr(err, "strerror", None) or "truncated or corrupt"
+        raise DamagedFile(f"{path} is unreadable ({why}); {remedy}") from None
 
 
 # ------------------------------------------------------------------ lock
@@ -211,7 +250,10 @@ def _remove_empty(folders):
 def read_settings(directory):
     """The settings of the search in `directory`; `NoRun` if there is none."""
     directory = Path(directory)
-    settings = read_json(directory / SETTINGS, "the directory cannot be read")
+    settings = read_json_strict(
+        directory / SETTINGS, "rerun the search's command with --overwrite "
+        "to start afresh, or choose another --directory")
+    _check_shape(directory, settings)
     if settings is None:
         raise NoRun(
             f"{directory} holds no tuning run (no readable {SETTINGS}); run "
@@ -230,14 +272,18 @@ def check_settings(directory, settings, pending=()):
     out.
     """
     directory = Path(directory)
-    saved = read_json(directory / SETTINGS,
-                      "delete it or rerun with --overwrite")
+    saved = read_json_strict(directory / SETTINGS,
+                             "rerun with --overwrite to start afresh, or "
+                             "choose another --directory")
     if saved is None:
-        if (directory / SETTINGS).exists():
-            raise SettingsMismatch(f"{directory / SETTINGS} is unreadable; "
-                                   "rerun with --overwrite to start afresh, "
-                                   "or choose another --directory")
         return
+    _check_shape(directory, saved)
+    there, now = saved.get("backend"), settings.get("backend")
+    if there and now and there != now and "backend" not in pending:
+        raise SettingsMismatch(
+            f"{directory} holds a search trained with KERAS_BACKEND={there}"
+            f", not {now}: rerun with KERAS_BACKEND={there} to resume it, "
+            "--overwrite to start afresh, or choose another --directory")
     differences = settings_differences(saved, settings, pending)
     if settings.get("max_trials", 0) < saved.get("max_trials", 0):
         differences.append(f"max_trials {saved['max_trials']} there, "
@@ -249,6 +295,20 @@ def check_settings(directory, settings, pending=()):
             + ". Rerun with --overwrite to start afresh, or choose another "
             "--directory"
         )
+
+
+def _check_shape(directory, settings):
+    """Raises `DamagedFile` if `settings` (read from `directory`) is not
+    None and lacks what every version's settings hold."""
+    if settings is not None and not (
+        isinstance(settings, dict)
+        and isinstance(settings.get("project"), str)
+        and isinstance(settings.get("objective"), str)
+    ):
+        raise DamagedFile(
+            f"{Path(directory) / SETTINGS} is not a search's settings "
+            "(damaged, or from another program); rerun with --overwrite to "
+            "start afresh, or choose another --directory")
 
 
 def settings_differences(saved, settings, pending=(), may_change=_MAY_CHANGE,
@@ -266,9 +326,13 @@ def settings_differences(saved, settings, pending=(), may_change=_MAY_CHANGE,
 
 
 def _flatten(settings):
-    """The search space's fields as top-level keys (`tune`, `modes`, ...)."""
+    """The search space's fields as top-level keys (`tune`, `modes`, ...),
+    `tune` in its one order (older versions kept the order given)."""
     flat = {k: v for k, v in settings.items() if k != "space"}
     flat.update(settings.get("space", {}))
+    if isinstance(flat.get("tune"), list):
+        flat["tune"] = [n for n in TUNABLE if n in flat["tune"]] + [
+            n for n in flat["tune"] if n not in TUNABLE]
     return flat
 
 

@@ -54,7 +54,9 @@ class SearchSpace:
                 f"Argument `tune` must name only {', '.join(TUNABLE)}. "
                 f"Received: tune={list(self.tune)!r}"
             )
-        self.tune = tuple(self.tune)
+        # One order (TUNABLE's) whatever the order given: the same space
+        # declares, draws and compares the same way.
+        self.tune = tuple(name for name in TUNABLE if name in self.tune)
         for name, (low, high) in self.ranges.items():
             if name not in TUNABLE or not low < high:
                 raise ValueError(

@@ -14,6 +14,7 @@ second and writes nothing.
 
 import contextlib
 import dataclasses
+import numbers
 import os
 import sys
 from pathlib import Path
@@ -23,12 +24,17 @@ from tuning import workers as machine
 from tuning.datasets import check_subset
 from tuning.launcher import SweepFailed
 from tuning.search_space import SearchSpace
+from tuning.seeds import MAX_SEED
 
 TUNERS = ("random", "bayesian", "hyperband", "grid")
 DIRECTIONS = ("min", "max")
 # The smallest value of each integer argument.
 MINIMUMS = {"max_trials": 1, "epochs": 1, "batch_size": 1, "grid_steps": 1,
             "seed": 0}
+# The largest: what numpy's seeding takes, and counts that fit a C int
+# (TensorFlow's and keras-tuner's own counters).
+MAXIMUMS = {"seed": MAX_SEED, "max_trials": 2**31 - 1, "epochs": 2**31 - 1,
+            "batch_size": 2**31 - 1, "grid_steps": 2**31 - 1}
 # What a search writes besides keras-tuner's project (`--overwrite` clears).
 OUTPUTS = (rundir.SETTINGS, "trials.csv", "trials.json", "best.json",
            "summary.txt", "*.png", "confirm.csv", "confirm.json",
@@ -37,14 +43,20 @@ OUTPUTS = (rundir.SETTINGS, "trials.csv", "trials.json", "best.json",
 __all__ = ["SweepFailed", "check_int", "load", "search_settings", "sweep"]
 
 
-def check_int(name, value, minimum=None):
-    """`value` if it is an integer >= `minimum` (default `MINIMUMS[name]`),
-    else ValueError in Keras's message shape."""
+def check_int(name, value, minimum=None, maximum=None):
+    """`value` as an int if it is an integer in [`minimum`, `maximum`]
+    (defaults `MINIMUMS[name]`, `MAXIMUMS[name]`; NumPy integers are
+    accepted), else ValueError in Keras's message shape."""
     minimum = MINIMUMS[name] if minimum is None else minimum
-    if isinstance(value, bool) or not isinstance(value, int) or (
-        value < minimum
+    maximum = MAXIMUMS.get(name) if maximum is None else maximum
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not (
+        minimum <= value and (maximum is None or value <= maximum)
     ):
-        raise ValueError(f"Argument `{name}` must be an integer >= {minimum}."
+        rule = (f">= {minimum}" if maximum is None
+                else f"in [{minimum}, {maximum}]")
+        raise ValueError(f"Argument `{name}` must be an integer {rule}."
                          f" Received: {name}={value!r}")
     return value
 
@@ -78,12 +90,16 @@ def search_settings(benchmark="digits", tuner="random", max_trials=10,
         raise ValueError(
             f"Argument `dataset` must be {choices} for benchmark "
             f"{benchmark}. Received: dataset={dataset!r}")
-    for name, value in (("max_trials", max_trials), ("epochs", epochs),
-                        ("batch_size", batch_size)):
-        if value is not None:
-            check_int(name, value)
-    check_int("seed", seed)
+    max_trials = check_int("max_trials", max_trials)
+    epochs = None if epochs is None else check_int("epochs", epochs)
+    batch_size = None if batch_size is None else check_int("batch_size",
+                                                           batch_size)
+    seed = check_int("seed", seed)
     subset = check_subset(subset)
+    if subset is None:
+        subset = setting.subset
+    if subset == 1.0 and isinstance(subset, float):
+        subset = None  # the fraction 1.0 is all the data, as None is
     space = space or SearchSpace()
     return {
         "benchmark": benchmark,
@@ -91,7 +107,7 @@ def search_settings(benchmark="digits", tuner="random", max_trials=10,
         "tuner": tuner, "max_trials": max_trials,
         "epochs": epochs or setting.epochs,
         "batch_size": batch_size or setting.batch_size,
-        "subset": subset if subset is not None else setting.subset,
+        "subset": subset,
         "scale": scale, "seed": seed, "objective": objective,
         "direction": direction,
         "space": dataclasses.asdict(space),
@@ -198,6 +214,8 @@ def sweep(benchmark="digits", tuner="random", max_trials=10, epochs=None,
         rundir.check_settings(directory, settings,
                               pending=() if direction else ("direction",))
     with contextlib.nullcontext() if child else rundir.lock(directory):
+        if not child:  # what a killed run left; no writer of ours is left
+            rundir.remove_temporary(directory)
         if workers or address:
             if overwrite:
                 rundir.clear(directory, OUTPUTS)
@@ -227,8 +245,11 @@ def _search(settings, directory, overwrite, space, idx_dir, arrays, plots,
     role = distributed.role()
     if settings["direction"] is None:
         settings["direction"] = tuners.infer_direction(settings["objective"])
-        if not overwrite and role != "worker":
-            rundir.check_settings(directory, settings)
+    # What decides a trial's numbers besides the options (Keras is loaded
+    # now): a resume under another backend is refused.
+    settings.update(backend=keras_backend(), versions=report.versions())
+    if not overwrite and role != "worker":
+        rundir.check_settings(directory, settings)
     if role == "worker":
         distributed.check_chief(directory, settings)
     data, hypermodel = load(settings, space, idx_dir, arrays)
@@ -267,6 +288,13 @@ def _search(settings, directory, overwrite, space, idx_dir, arrays, plots,
     if rundir.is_distributed_child():
         return None  # a chief or worker of a distributed search
     return report.write(directory, plots=plots)
+
+
+def keras_backend():
+    """The Keras backend this process trains with (imports Keras)."""
+    import keras
+
+    return keras.backend.backend()
 
 
 def load(settings, space=None, idx_dir=None, arrays=None):

@@ -14,6 +14,7 @@
 import gc
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from keras_tuner.engine.metrics_tracking import infer_metric_direction
 from keras_tuner.engine.trial import Trial, TrialStatus
 from keras_tuner.src.engine import tuner_utils
 
-from tuning import report, rundir, workers
+from tuning import report, rundir, seeds, workers
 from tuning.distributed import Leases
 from tuning.errors import check_interrupt
 from tuning.hypermodel import Diverged
@@ -72,10 +73,28 @@ class _AtomicState:
         self.save()
 
     def reload(self):
-        rerun = [self._recover(path) for path in
-                 sorted(Path(self._project_dir).glob("trial_*/trial.json"))
-                 if rundir.read_json(path, "its trial is run again") is None]
-        super().reload()
+        path = Path(self._get_oracle_fname())
+        damaged = rundir.DamagedFile(
+            f"{path} is not a search's oracle state (damaged, or from another "
+            "program); rerun with --overwrite to start afresh, or choose "
+            "another --directory")
+        if not isinstance(rundir.read_json_strict(
+                path, "rerun with --overwrite to start afresh, or choose "
+                "another --directory"), dict):
+            raise damaged
+        rerun = []
+        for path in sorted(Path(self._project_dir).glob("trial_*/trial.json")):
+            state = rundir.read_json(path, "its trial is run again")
+            if state is not None and not _is_trial(state):
+                print(f"warning: {path} is not a trial's state; its trial "
+                      "is run again", file=sys.stderr, flush=True)
+            if not _is_trial(state):
+                rerun.append(self._recover(path))
+        try:
+            super().reload()
+        except (KeyError, TypeError, ValueError, AttributeError,
+                RuntimeError):  # keras-tuner wraps a KeyError in one
+            raise damaged from None
         for trial_id in rerun:
             if trial_id in self.end_order:
                 self.end_order.remove(trial_id)
@@ -108,6 +127,27 @@ class _AtomicState:
         return trial_id
 
 
+class WriteFailed(rundir.DirectoryUnusable, keras_tuner.errors.FatalError):
+    """A file of a trial cannot be written: the search stops (keras-tuner
+    would count it as a failed trial and go on)."""
+
+
+def _write_or_stop(path, obj, indent=1):
+    """`rundir.write_json`, whose failure inside a trial stops the search."""
+    try:
+        rundir.write_json(path, obj, indent=indent)
+    except rundir.DirectoryUnusable as err:
+        raise WriteFailed(str(err)) from None
+
+
+def _is_trial(state):
+    """Whether `state` (a trial.json's JSON) has what a trial needs."""
+    return isinstance(state, dict) and isinstance(
+        state.get("hyperparameters"), dict) and isinstance(
+        state["hyperparameters"].get("values"), dict) and isinstance(
+        state.get("trial_id"), str) and "status" in state
+
+
 def oracle_class(name):
     """keras-tuner's oracle `name` with our mixins."""
     if name not in ORACLES:
@@ -138,13 +178,17 @@ class _Bookkeeping:
                   "worker": workers.worker_label(),
                   "device": workers.device_label()}
         path = Path(self.get_trial_dir(trial.trial_id)) / SIDECAR
-        rundir.write_json(path, record)
+        _write_or_stop(path, record)
         status, error = "INTERRUPTED", None
         self.running = trial.trial_id
         try:
             result = super().run_trial(trial, *args, **kwargs)
             status = "COMPLETED"
             return result
+        except OSError as err:  # keras-tuner's checkpoint (h5py), ours
+            raise WriteFailed(str(rundir.unusable(
+                err.filename or self.get_trial_dir(trial.trial_id), err))
+            ) from None
         except Exception as err:
             status, error = ("DIVERGED" if isinstance(err, Diverged)
                              else "FAILED"), err
@@ -160,15 +204,15 @@ class _Bookkeeping:
                 error_type=None if error is None else type(error).__name__,
                 rss_mb=_rss_mb(),
             )
-            rundir.write_json(path, record)
+            _write_or_stop(path, record)
 
     def _build_and_fit_model(self, trial, *args, **kwargs):
         # keras-tuner's, with the build config written atomically.
         hp = trial.hyperparameters
         model = self._try_build(hp)
         results = self.hypermodel.fit(hp, model, *args, **kwargs)
-        rundir.write_json(self._get_build_config_fname(trial.trial_id),
-                          model.get_build_config(), indent=None)
+        _write_or_stop(self._get_build_config_fname(trial.trial_id),
+                       model.get_build_config(), indent=None)
         tuner_utils.validate_trial_results(
             results, self.oracle.objective, "HyperModel.fit()")
         return results
@@ -230,11 +274,14 @@ def make_tuner(hypermodel, tuner="random", max_trials=10, objective="val_loss",
     """Builds an `AdamPlusTuner` (or Hyperband) around `hypermodel`.
 
     `direction` ("min" or "max") defaults to keras-tuner's inference from
-    the objective's name (`keras_tuner.Objective`).
+    the objective's name (`keras_tuner.Objective`). The oracle's seed is
+    `tuning.seeds.derive(seed, "oracle")`: seed 0 seeds it too, and
+    neighbouring seeds give unrelated searches.
     """
     objective = keras_tuner.Objective(
         objective, direction or infer_direction(objective))
-    common = dict(objective=objective, seed=seed,
+    common = dict(objective=objective,
+                  seed=seeds.derive(seed, "oracle"),
                   max_consecutive_failed_trials=max(3, max_trials))
     if tuner == "hyperband":
         oracle = oracle_class(tuner)(
