@@ -47,11 +47,19 @@ def run(*args, timeout=300, **env):
                           env=_env(**env))
 
 
+def _as_from_a_terminal():
+    # A command started in the background of a script (`cmd &`, as a CI
+    # runner may start the suite) inherits SIGINT ignored, and Python then
+    # keeps ignoring Ctrl-C; a user's terminal delivers it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(*args, **env):
     return subprocess.Popen([sys.executable, "-m", "tuning", *args],
                             cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
-                            env=_env(**env))
+                            env=_env(**env),
+                            preexec_fn=_as_from_a_terminal)
 
 
 def _wait_for_line(proc, prefix, timeout=240):
