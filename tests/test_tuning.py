@@ -269,7 +269,9 @@ def test_a_trial_that_fails_for_a_bug_is_not_diverged(tmp_path, monkeypatch):
     assert "diverged" not in text
     rows = (tmp_path / "trials.csv").read_text().splitlines()
     assert ",FAILED," in rows[2]
-    assert rows[2].endswith(",RuntimeError,boom: a bug second line")
+    # error_type and error, then where it ran (worker, device).
+    assert rows[2].endswith(",RuntimeError,boom: a bug second line,local,"
+                            "cpu")
     # Every trial failing stops with one line, the tables written.
     monkeypatch.setattr(AdamPlusHyperModel, "fit", lambda *a, **k: 1 / 0)
     with pytest.raises(SweepFailed) as err:
