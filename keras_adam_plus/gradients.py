@@ -12,7 +12,6 @@ variable. Sparse gradients (`tf.IndexedSlices`) pass as they are.
 import numpy as np
 from keras import ops
 
-
 # The backend's tensor classes seen so far (eager and traced).
 _TENSOR_TYPES = set()
 

@@ -17,8 +17,8 @@ import pytest
 
 from tests.test_tuning import QUICK, once_on
 from tuning import SearchSpace, rundir, seeds, sweep, tuners
-from tuning.hypermodel import AdamPlusHyperModel
 from tuning.benchmarks import BENCHMARKS
+from tuning.hypermodel import AdamPlusHyperModel
 from tuning.search_space import TUNABLE
 
 

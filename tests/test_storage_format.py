@@ -74,7 +74,7 @@ def test_a_toy_format_trains_as_the_default(mode, execution):
             model.fit(x, y, batch_size=4, epochs=2, verbose=0)
         else:
             grad_rng = np.random.default_rng(2)
-            for step in range(5):
+            for _ in range(5):
                 grads = [ops.convert_to_tensor(grad_rng.normal(size=v.shape)
                                                .astype("float32"))
                          for v in model.trainable_variables]

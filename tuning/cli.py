@@ -21,8 +21,13 @@ from tuning import workers as machine
 from tuning.confirm import MINIMUMS as CONFIRM_MINIMUMS
 from tuning.confirm import confirm
 from tuning.datasets import SUBSET_RULE, check_subset
-from tuning.errors import (Parser, Stopped, TuningError, catch_interrupts,
-                           folder_path)
+from tuning.errors import (
+    Parser,
+    Stopped,
+    TuningError,
+    catch_interrupts,
+    folder_path,
+)
 from tuning.search_space import TUNABLE, SearchSpace
 from tuning.sweep import MAXIMUMS, MINIMUMS, TUNERS, search_settings
 
