@@ -368,3 +368,55 @@ def test_a_kill_at_any_write_resumes_to_the_same_search(tmp_path,
         assert [t["status"] for t in result.trials] == ["COMPLETED"] * 2, k
         assert _scores(run) == whole, k
         assert _temporary(run) == [], k
+
+
+# ------------------------------------------------- review of this contract
+
+
+def test_only_our_temporary_files_are_removed(tmp_path):
+    # A resume removed every `.*.tmp` under the folder, a user's own
+    # dot-files included (review).
+    project = tmp_path / "digits" / "trial_0"
+    project.mkdir(parents=True)
+    (tmp_path / "settings.json").write_text('{"project": "digits"}')
+    ours = [tmp_path / ".trials.csv.123.tmp", project / ".trial.json.9.tmp"]
+    theirs = [tmp_path / ".notes.tmp", tmp_path / "sub" / ".backup.tmp",
+              tmp_path / ".trials.csv.pid.tmp"]
+    for path in ours + theirs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    rundir.remove_temporary(tmp_path)
+    assert [p.exists() for p in ours] == [False, False]
+    assert [p.exists() for p in theirs] == [True, True, True]
+
+
+def test_a_folder_saved_with_subset_one_resumes(tmp_path):
+    # Before 1.0 meant "all the data" (None), settings.json saved 1.0: a
+    # resume was refused, and the way out offered was --overwrite (review).
+    from tuning.sweep import search_settings
+
+    settings = search_settings(subset=1.0)
+    rundir.write_json(tmp_path / rundir.SETTINGS,
+                      dict(settings, subset=1.0, project="digits"))
+    rundir.check_settings(tmp_path, settings)  # does not raise
+
+
+@once_on("tensorflow")
+def test_damaged_fields_inside_valid_json_are_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _main(["--directory", str(run), *ARGS[:-3], "--max-trials",
+                  "1", "--no-plots"], capsys)[0] == 0
+    trial = next((run / "digits").glob("trial_*"))
+    # A sidecar whose values are not an object, beside a broken trial.json.
+    (trial / rundir.SIDECAR).write_text('{"values": 5, "history": 7}')
+    (trial / "trial.json").write_text("{broken")
+    code, err = _main(["report", str(run), "--no-plots"], capsys)
+    assert code == 0 and "Traceback" not in err
+    assert all(line.startswith("warning: ") for line in err.splitlines())
+    # A settings.json whose search space is not one.
+    settings = json.loads((run / rundir.SETTINGS).read_text())
+    settings["space"] = {"bogus": 1}
+    (run / rundir.SETTINGS).write_text(json.dumps(settings))
+    code, err = _main(["report", str(run), "--no-plots"], capsys)
+    assert code == 1 and err.count("\n") == 1, err
+    assert f"{run / rundir.SETTINGS} holds no valid search space" in err

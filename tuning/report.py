@@ -86,7 +86,13 @@ def collect(directory):
     """
     directory = Path(directory)
     settings = rundir.read_settings(directory)
-    space = SearchSpace(**settings.get("space", {}))
+    try:
+        space = SearchSpace(**settings.get("space", {}))
+    except (TypeError, ValueError) as err:
+        raise rundir.DamagedFile(
+            f"{directory / rundir.SETTINGS} holds no valid search space "
+            f"({err}); rerun the search with --overwrite, or restore the "
+            "file") from None
     project = directory / settings["project"]
     trials = []
     for trial_dir in sorted(project.glob("trial_*"),
@@ -127,7 +133,9 @@ def _trial(trial_dir, space, settings):
               file=sys.stderr, flush=True)
         state = None
     if state is None:
-        values, status, score = side.get("values", {}), "INTERRUPTED", None
+        values = side.get("values")
+        values = values if isinstance(values, dict) else {}
+        status, score = "INTERRUPTED", None
     else:
         values = state["hyperparameters"]["values"]
         status, score = state["status"], state.get("score")
@@ -146,7 +154,8 @@ def _trial(trial_dir, space, settings):
         "hyperparameters": values,
         "seed": side.get("seed"),
         "duration_s": side.get("duration_s"),
-        "history": side.get("history", {}),
+        "history": (side.get("history") if isinstance(
+            side.get("history"), dict) else {}),
         "error_type": side.get("error_type"),
         "error": side.get("error"),
         "rss_mb": side.get("rss_mb"),

@@ -21,6 +21,7 @@ import fcntl
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -92,12 +93,31 @@ def unusable(path, err):
         "permissions, then rerun the same command to resume")
 
 
-def remove_temporary(directory):
-    """Removes the temporary files a killed writer left under `directory`
-    (only ours: `.<name>.<pid>.tmp`)."""
-    for path in Path(directory).rglob(f".*{TEMP_SUFFIX}"):
-        with contextlib.suppress(OSError):
-            path.unlink()
+# What `write_text` names its temporary files: `.<name>.<pid>.tmp`.
+_TEMPORARY = re.compile(r"^\..+\.[0-9]+" + re.escape(TEMP_SUFFIX) + "$")
+
+
+def remove_temporary(directory, project=None):
+    """Removes the temporary files a killed writer left in `directory` and
+    its keras-tuner `project` folder's trial folders: only ours
+    (`.<name>.<pid>.tmp`); a user's other files stay."""
+    directory = Path(directory)
+    if project is None:
+        try:
+            project = json.loads((directory / SETTINGS).read_text()).get(
+                "project")
+        except (OSError, ValueError, AttributeError):
+            project = None
+    folders = [directory]
+    if isinstance(project, str) and project not in ("", ".", "..") and (
+            "/" not in project):
+        folders += [directory / project,
+                    *(directory / project).glob("trial_*")]
+    for folder in folders:
+        for path in folder.glob(f".*{TEMP_SUFFIX}"):
+            if _TEMPORARY.match(path.name) and path.is_file():
+                with contextlib.suppress(OSError):
+                    path.unlink()
 
 
 def write_json(path, obj, indent=1):
@@ -330,6 +350,8 @@ def _flatten(settings):
     `tune` in its one order (older versions kept the order given)."""
     flat = {k: v for k, v in settings.items() if k != "space"}
     flat.update(settings.get("space", {}))
+    if flat.get("subset") == 1.0 and isinstance(flat["subset"], float):
+        flat["subset"] = None  # all the data, as saved before 1.0 meant it
     if isinstance(flat.get("tune"), list):
         flat["tune"] = [n for n in TUNABLE if n in flat["tune"]] + [
             n for n in flat["tune"] if n not in TUNABLE]
