@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_cli import _wait_for_line
 from tests.test_tuning import once_on
 from tuning import cli, launcher, workers
 from tuning.sweep import sweep
@@ -305,16 +306,6 @@ def test_no_child_outlives_its_launcher_and_the_rerun_completes(
     _finish(launch(*args))  # the same command resumes
     trials = _trials(tmp_path)
     assert sorted(t["status"] for t in trials.values()) == ["COMPLETED"] * 2
-
-
-def _wait_for_line(proc, prefix, timeout=180):
-    """Reads proc's stdout until a line starts with `prefix`."""
-    deadline = time.monotonic() + timeout
-    for line in proc.stdout:
-        if line.startswith(prefix):
-            return line
-        assert time.monotonic() < deadline, f"no line {prefix!r}"
-    raise AssertionError(f"the command ended without a line {prefix!r}")
 
 
 @once_on("tensorflow")
