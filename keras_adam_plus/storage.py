@@ -244,8 +244,9 @@ def write(optimizer, slot, old, increment, dtype, fmt=NATIVE):
 
 def put(optimizer, slot, new, dtype, fmt=NATIVE):
     """Writes `new` (compute dtype) to `slot`, encoded once; returns it."""
-    value = fmt.encode(ops.convert_to_tensor(new),
-                       keras.backend.standardize_dtype(slot.dtype))
+    slot_dtype = keras.backend.standardize_dtype(slot.dtype)
+    value = new if fmt.native and slot_dtype == dtype else fmt.encode(
+        new, slot_dtype)
     if isinstance(slot, GroupSlice):
         optimizer.assign(slot.flat, ops.slice_update(
             slot.flat.value, (slot.offset,), ops.reshape(value, (-1,))))
@@ -260,7 +261,7 @@ def read(slot, dtype, fmt=NATIVE):
         slot, GroupSlice) else slot
     if fmt.native and keras.backend.standardize_dtype(slot.dtype) == dtype:
         return value
-    return fmt.decode(ops.convert_to_tensor(value), dtype)
+    return fmt.decode(value, dtype)
 
 
 def flat(tensors):
