@@ -61,7 +61,7 @@ GPU_CASES = {
 # On a GPU the rows that the issues' GPU tables ask for (the others are
 # CPU-only to keep the run inside a short lease).
 GPU_VARIANTS = ("keras Adam", "AdamPlus", "AdamPlus skip_nonfinite",
-                "AdamPlus per variable")
+                "AdamPlus grouped")
 # Steps per timed sample on a GPU: one synchronisation per sample, so
 # that the host's wait is not counted in every step.
 GPU_BATCH = 10
@@ -236,18 +236,11 @@ def keras_variants():
         # The cost of the NaN/Inf guard: its ratio is to plain AdamPlus.
         "AdamPlus skip_nonfinite": (
             lambda: AdamPlus(skip_nonfinite=True), "AdamPlus"),
-        # JAX: without flat slots for small variables (jax_grouped), each
-        # variable its own m and v; its ratio is to AdamPlus.
-        "AdamPlus per variable": (_per_variable, "AdamPlus"),
+        # JAX: flat slots for small variables (jax_grouped, opt-in); its
+        # ratio is to AdamPlus (one slot per variable).
+        "AdamPlus grouped": (
+            lambda: AdamPlus(group_small_variables=True), "AdamPlus"),
     }
-
-
-def _per_variable():
-    from keras_adam_plus import AdamPlus
-
-    optimizer = AdamPlus()
-    optimizer._group_max_size = 0
-    return optimizer
 
 
 def peer_of(label, labels):
@@ -281,13 +274,13 @@ def _release():
 def _variants():
     """The keras variants this run times: all, or `GPU_VARIANTS` on a GPU.
 
-    "AdamPlus per variable" only on JAX, the backend that groups.
+    "AdamPlus grouped" only on JAX, the backend that groups.
     """
     import keras
 
     variants = keras_variants()
     if keras.backend.backend() != "jax":
-        del variants["AdamPlus per variable"]
+        del variants["AdamPlus grouped"]
     if accelerator():
         variants = {k: v for k, v in variants.items() if k in GPU_VARIANTS}
     return variants

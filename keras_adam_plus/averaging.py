@@ -8,32 +8,30 @@ from keras import ops
 
 from keras_adam_plus import rule
 
-SLOT = "temporal_average"
 
-
-def update(optimizer, averages, variables):
-    """One averaging step of `variables` into their `averages` slots."""
-    decay = optimizer.average_decay
+def update(store, variables, index):
+    """One averaging step of `variables` into the store's averages."""
+    decay = store.plan.average_decay
     for variable in variables:
-        average = averages[optimizer._get_variable_index(variable)]
+        average = store.averages[index(variable)]
         dtype = rule.compute_dtype(average.dtype)
         theta = ops.cast(variable, dtype)
         new = ops.add(
             ops.multiply(ops.cast(average, dtype), rule.constant(decay, dtype)),
             ops.multiply(theta, rule.constant(1.0 - decay, dtype)),
         )
-        optimizer.assign(average, ops.cast(new, average.dtype))
+        store.assign(average, ops.cast(new, average.dtype))
 
 
-def corrected(optimizer, averages, variables):
+def corrected(store, iterations, variables, index):
     """theta_bar / (1 - b**t) per variable; before any step, theta."""
     result = []
     for variable in variables:
-        average = averages[optimizer._get_variable_index(variable)]
+        average = store.averages[index(variable)]
         dtype = rule.compute_dtype(average.dtype)
-        t = ops.cast(optimizer.iterations, dtype)
+        t = ops.cast(iterations, dtype)
         correction = rule.constant(1.0, dtype) - ops.power(
-            rule.constant(optimizer.average_decay, dtype), t)
+            rule.constant(store.plan.average_decay, dtype), t)
         value = ops.divide(
             ops.cast(average, dtype),
             rule.maximum(correction, rule.constant(1e-30, dtype)))
@@ -44,15 +42,17 @@ def corrected(optimizer, averages, variables):
 
 
 class Swap:
-    """Swaps averaged weights in on enter and the trained ones back on exit."""
+    """Swaps averaged weights in on enter and the trained ones back on exit.
 
-    def __init__(self, optimizer, var_list):
-        self.optimizer = optimizer
-        self.variables = (optimizer._trainable_variables if var_list is None
-                          else list(var_list))
+    `averages` is a function of the variables giving their averages
+    (`AdamPlus.average_weights`).
+    """
+
+    def __init__(self, averages, variables):
+        self.averages, self.variables = averages, list(variables)
 
     def __enter__(self):
-        averages = self.optimizer.average_weights(self.variables)
+        averages = self.averages(self.variables)
         self.saved = [ops.copy(ops.convert_to_tensor(v))
                       for v in self.variables]
         for variable, value in zip(self.variables, averages):

@@ -153,34 +153,86 @@ def _in_xla():
         tf.compat.v1.get_default_graph())
 
 
-def apply(optimizer, apply_fn, grads):
-    """Runs `apply_fn(grads)` (the step) only if `grads` are finite."""
-    skipped = optimizer._skipped_steps
+class Skip:
+    """What the skip is given: the store and the variables of the step.
 
-    def skip():
+    Args:
+        store: The optimizer's `storage.Store` (its `skipped` counter, its
+            guard flag, and the variables written through it).
+        model: The model variables the optimizer was built with.
+        own: The optimizer's `variables`.
+        theta_by_keras: Whether Keras writes theta itself after the step
+            (EMA overwriting it), so that theta is not guarded.
+    """
+
+    def __init__(self, store, model, own, theta_by_keras):
+        self.store, self.model, self.own = store, list(model), list(own)
+        self.theta_by_keras = theta_by_keras
+
+    def unguarded(self):
+        """The variables a step may write other than through the store.
+
+        The store writes theta, the slots, averages and beta products
+        (guarded). Keras writes the step count, EMA weights and gradient
+        accumulators itself, and the constraint of a trainable variable,
+        after the step: those are kept in a copy and selected afterwards
+        (scalars, or full-size only where EMA, accumulation or a
+        constraint is used).
+        """
+        store = self.store
+
+        def compute():
+            guarded = {id(v) for v in store.written()}
+            if not self.theta_by_keras:
+                # Keras assigns a variable with `overwrite_with_gradient`
+                # (float8 scales) its gradient itself.
+                guarded |= {id(v) for v in self.model if not getattr(
+                    v, "overwrite_with_gradient", False)}
+            return [v for v in self.model + self.own
+                    if v is not store.skipped and (
+                        id(v) not in guarded
+                        or getattr(v, "constraint", None) is not None)]
+
+        # ~1.5 ms of Python a step with 1000 variables, hence cached.
+        return storage.per_variables(
+            store.cache, "unguarded", self.model + self.own, compute,
+            extra=(self.theta_by_keras, tuple(
+                getattr(v, "constraint", None) is not None
+                for v in self.model)))
+
+
+def apply(skip, apply_fn, grads):
+    """Runs `apply_fn(grads)` (the step) only if `grads` are finite."""
+    skipped = skip.store.skipped
+
+    def count():
         skipped.assign_add(ops.ones((), skipped.dtype))
 
+    def step(step_grads):
+        with checked(skip.store):
+            apply_fn(step_grads)
+
     if keras.backend.backend() == "tensorflow" and _tf_cross_replica(
-            optimizer, apply_fn, grads, skip):
+            step, grads, count):
         return
     finite = all_finite(grads)
     if _concrete(finite):
         if bool(finite):
-            apply_fn(grads)
+            step(grads)
         else:
-            skip()
+            count()
         return
     if keras.backend.backend() == "tensorflow" and not _in_xla():
-        ops.cond(finite, lambda: apply_fn(grads), skip)
+        ops.cond(finite, lambda: step(grads), count)
         return
     # TF under XLA, traced JAX, compiled torch: every write of the step
     # selects its old value on a bad step (`guarded`), in the same pass.
-    with guarded(optimizer, finite) as finish:
-        apply_fn(grads)
+    with guarded(skip, finite) as finish:
+        step(grads)
     finish(finite)
 
 
-def _tf_cross_replica(optimizer, apply_fn, grads, skip):
+def _tf_cross_replica(apply_fn, grads, skip):
     """Under a tf.distribute strategy: decide over all replicas at once.
 
     Returns whether it handled the step. Each replica's `apply` reaches a
@@ -217,75 +269,46 @@ def _tf_cross_replica(optimizer, apply_fn, grads, skip):
     return True
 
 
-def _unguarded(optimizer):
-    """The variables a step may write other than through `optimizer.assign`.
-
-    AdamPlus writes theta, its slots, averages and beta products through
-    `assign`/`assign_add`/`assign_sub` (guarded). Keras writes the step
-    count, EMA weights and gradient accumulators itself, and the
-    constraint of a trainable variable, after the step: those are kept in
-    a copy and selected afterwards (scalars, or full-size only where EMA,
-    accumulation or a constraint is used).
-    """
-    skipped = optimizer._skipped_steps
-    candidates = list(optimizer._trainable_variables) + list(
-        optimizer.variables)
-
-    def compute():
-        guarded_ids = {id(v) for v in optimizer._guarded_variables()}
-        return [v for v in candidates
-                if v is not skipped and (id(v) not in guarded_ids or getattr(
-                    v, "constraint", None) is not None)]
-
-    # ~1.5 ms of Python a step with 1000 variables, hence cached.
-    return storage.per_variables(
-        optimizer, "_unguarded_cache", candidates, compute,
-        extra=(optimizer.use_ema, optimizer.ema_overwrite_frequency,
-               tuple(getattr(v, "constraint", None) is not None
-                     for v in optimizer._trainable_variables)))
-
-
 @contextlib.contextmanager
-def guarded(optimizer, finite):
-    """Inside, the optimizer's writes keep the old value unless `finite`.
+def guarded(skip, finite):
+    """Inside, the store's writes keep the old value unless `finite`.
 
     Yields `finish(finite)`, to call after the step: it selects the
-    unguarded variables (see `_unguarded`) and counts a skip.
+    unguarded variables (see `Skip.unguarded`) and counts a skip.
     """
-    rest = _unguarded(optimizer)
+    store = skip.store
+    rest = skip.unguarded()
     # Values before the step (TF: a read ordered before the step's writes).
     old = [ops.copy(v.value) for v in rest]
 
     def finish(finite):
         for variable, value in zip(rest, old):
             variable.assign(ops.where(finite, variable.value, value))
-        skipped = optimizer._skipped_steps
+        skipped = store.skipped
         skipped.assign_add(ops.cast(ops.logical_not(finite), skipped.dtype))
 
-    optimizer._finite = finite
+    store.finite = finite
     try:
         yield finish
     finally:
-        optimizer._finite = None
-
-
-def keep(finite, variable, value):
-    """`value` if `finite`, else `variable`'s current value (one select)."""
-    return ops.where(finite, ops.cast(value, variable.dtype),
-                     ops.convert_to_tensor(variable))
+        store.finite = None
 
 
 @contextlib.contextmanager
-def bypassed(optimizer):
-    """Inside, `optimizer.apply` takes the step without the check."""
-    optimizer._skip_bypass = True
+def checked(store):
+    """Inside, the gradients are checked: `apply` takes the step as is.
+
+    (Keras's `stateless_apply` and `LossScaleOptimizer` call `apply`
+    inside the step the skip already wraps.)
+    """
+    store.checked = True
     try:
         yield
     finally:
-        optimizer._skip_bypass = False
+        store.checked = False
 
 
-def stateless_apply(optimizer, stateless_fn, optimizer_variables, grads,
+def stateless_apply(skip, stateless_fn, optimizer_variables, grads,
                     trainable_variables):
     """`stateless_fn` (the step) with its writes guarded by the flag.
 
@@ -299,29 +322,29 @@ def stateless_apply(optimizer, stateless_fn, optimizer_variables, grads,
                            for x in optimizer_variables]
     trainable_variables = [ops.convert_to_tensor(x)
                            for x in trainable_variables]
+    store = skip.store
     if _concrete(finite):  # eager torch: a Python branch
         if bool(finite):
-            with bypassed(optimizer):
+            with checked(store):
                 return stateless_fn()
         return list(trainable_variables), [
             ops.add(old, ops.ones((), old.dtype))
-            if v is optimizer._skipped_steps else old
-            for v, old in zip(optimizer.variables, optimizer_variables)]
-    rest = {id(v) for v in _unguarded(optimizer)}
-    optimizer._finite = finite
+            if v is store.skipped else old
+            for v, old in zip(skip.own, optimizer_variables)]
+    rest = {id(v) for v in skip.unguarded()}
+    store.finite = finite
     try:
-        with bypassed(optimizer):
+        with checked(store):
             new_trainable, new_state = stateless_fn()
     finally:
-        optimizer._finite = None
+        store.finite = None
     trainable = [
         ops.where(finite, new, old) if id(v) in rest else new
-        for v, new, old in zip(optimizer._trainable_variables,
-                               new_trainable, trainable_variables)]
+        for v, new, old in zip(skip.model, new_trainable,
+                               trainable_variables)]
     state = []
-    for v, new, old in zip(optimizer.variables, new_state,
-                           optimizer_variables):
-        if v is optimizer._skipped_steps:
+    for v, new, old in zip(skip.own, new_state, optimizer_variables):
+        if v is store.skipped:
             new = ops.add(old, ops.cast(ops.logical_not(finite), old.dtype))
         elif id(v) in rest:
             new = ops.where(finite, new, old)

@@ -16,6 +16,7 @@
   that is not built yet keeps the state pending until `build`.
 """
 
+import collections
 import json
 
 import keras
@@ -26,8 +27,8 @@ LOW_PRECISION = ("float16", "bfloat16")
 KINDS_KEY = "slot_kinds"
 
 
-def per_variables(optimizer, name, variables, compute, extra=()):
-    """`compute()`, cached on `optimizer` under `name` per variable list.
+def per_variables(cache, name, variables, compute, extra=()):
+    """`compute()`, kept in `cache` (a dict) under `name` per variable list.
 
     Recomputed when `variables` (the same objects, in order) or `extra`
     change. For facts Python would otherwise derive again every step from
@@ -36,12 +37,17 @@ def per_variables(optimizer, name, variables, compute, extra=()):
     """
     variables = list(variables)
     key = (tuple(map(id, variables)), *extra)
-    cached = optimizer.__dict__.get(name)
+    cached = cache.get(name)
     if cached is not None and cached[0] == key:
         return cached[1]
     value = compute()
-    optimizer.__dict__[name] = (key, value, variables)
+    cache[name] = (key, value, variables)
     return value
+
+
+def dtype_of(tensor):
+    """The standardized dtype name of a variable or tensor."""
+    return keras.backend.standardize_dtype(tensor.dtype)
 
 
 def state_dtype(variable, moment_dtype):
@@ -64,57 +70,172 @@ def check_floating(var_list):
             )
 
 
-def add_slots(optimizer, var_list, names, moment_dtype=None, groups=(),
-              fmt=None):
-    """One list of slots per name, `None` where Keras wants none.
+MOMENTS = ("momentum", "velocity", "velocity_max")
+AVERAGE = "temporal_average"
 
-    Each slot has its variable's shape and layout (sharding), and its dtype
-    (or `moment_dtype` for float16/bfloat16 variables). `groups` (lists of
-    positions in `var_list`) share one flat slot per name: their entries
-    are `GroupSlice`s of it, in the place of their own variables.
+
+class Store:
+    """The one owner of AdamPlus's state: its slots, writes and faces.
+
+    Made at build from the plan: per variable and kind a slot in the
+    format's dtype with the variable's layout (its sharding), or, for a
+    plan's groups (JAX), one flat slot per kind of which each variable's
+    slot is a `GroupSlice`; then the temporal averages, the beta products
+    (scheduled betas) and `skipped_steps`, in that order (Keras saves the
+    optimizer's variables by index). Every write of a step goes through
+    `assign`/`assign_add`/`assign_sub`, which keep the old value while a
+    step is guarded (`keras_adam_plus.nonfinite`).
+
+    Args:
+        plan: The `plan.Plan`.
+        variables: The model variables, in the plan's order.
+        add_variable: The optimizer's `add_variable`.
+        assign: The optimizer's `assign`, `assign_add` and `assign_sub`
+            (a tuple of three callables).
+        name: The optimizer's name (the prefix of slot paths).
+        step_dtype: The dtype of the step count (`skipped_steps`).
     """
-    fmt = fmt or NATIVE
-    group_of = {i: g for g, members in enumerate(groups) for i in members}
-    offsets = {}
-    for members in groups:
-        offset = 0
-        for i in members:
-            offsets[i] = offset
-            offset += size(var_list[i].shape)
-    result = []
-    for name in names:
-        flats, column, block = {}, [], set()
-        for i, var in enumerate(var_list):
-            if getattr(var, "overwrite_with_gradient", False):
-                column.append(None)
-                continue
-            slot_name = f"{label(var).replace('/', '_')}_{name}"
-            if i not in group_of:
-                slot = optimizer.add_variable(
-                    tuple(var.shape), initializer="zeros",
-                    dtype=fmt.slot_dtype(var, moment_dtype),
-                    layout=getattr(var, "_layout", None), name=slot_name,
-                )
-                block.add(id(slot))
-                column.append(slot)
-                continue
-            g = group_of[i]
-            if g not in flats:
-                members = groups[g]
-                flats[g] = optimizer.add_variable(
-                    (sum(size(var_list[j].shape) for j in members),),
-                    initializer="zeros",
-                    dtype=fmt.slot_dtype(var, moment_dtype),
-                    name=f"group_{g}_{name}",
-                )
-                block.add(id(flats[g]))
-            column.append(GroupSlice(flats[g], offsets[i], tuple(var.shape),
-                                     slot_name, optimizer.name))
-        if groups:
-            blocks = optimizer.__dict__.setdefault("_slot_blocks", [])
-            blocks.append((block, column))
-        result.append(column)
-    return result
+
+    def __init__(self, plan, variables, add_variable, assign, name,
+                 step_dtype):
+        self.plan, self.format = plan, plan.state_format or NATIVE
+        self.variables = list(variables)
+        self._assign, self._assign_add, self._assign_sub = assign
+        self.cache = {}  # facts per variable list (`per_variables`)
+        self.finite = None  # a bool tensor while a step is guarded
+        self.checked = False  # inside the skip's own call of the step
+        self.blocks = []
+        names = list(MOMENTS[:3 if plan.hyper.amsgrad else 2])
+        columns = self._add(add_variable, names, name, plan.groups,
+                            lambda var: self.format.slot_dtype(
+                                var, plan.moment_dtype))
+        self.m, self.v = columns[0], columns[1]
+        self.v_max = columns[2] if plan.hyper.amsgrad else None
+        self.averages = None
+        if plan.average_decay is not None:
+            self.averages = self._add(
+                add_variable, [AVERAGE], name, (),
+                lambda var: state_dtype(var, plan.moment_dtype))[0]
+        self.beta_powers = None
+        if plan.betas_scheduled:
+            # prod_{i<=t} beta_i, the bias correction of scheduled betas,
+            # in float64 where a variable is float64.
+            dtype = "float64" if any(dtype_of(v) == "float64"
+                                     for v in variables) else "float32"
+            self.beta_powers = [
+                add_variable((), initializer="ones", dtype=dtype,
+                             name=f"beta_{i}_power") for i in (1, 2)]
+        self.skipped = None
+        if plan.skip_nonfinite:
+            self.skipped = add_variable((), initializer="zeros",
+                                        dtype=step_dtype,
+                                        name="skipped_steps")
+
+    def _add(self, add_variable, names, prefix, groups, dtype):
+        """One list of slots per name, `None` where Keras wants none."""
+        var_list = self.variables
+        group_of = {i: g for g, members in enumerate(groups) for i in members}
+        offsets = {}
+        for members in groups:
+            offset = 0
+            for i in members:
+                offsets[i] = offset
+                offset += size(var_list[i].shape)
+        result = []
+        for name in names:
+            flats, column, block = {}, [], set()
+            for i, var in enumerate(var_list):
+                if getattr(var, "overwrite_with_gradient", False):
+                    column.append(None)
+                    continue
+                slot_name = f"{label(var).replace('/', '_')}_{name}"
+                if i not in group_of:
+                    slot = add_variable(
+                        tuple(var.shape), initializer="zeros",
+                        dtype=dtype(var),
+                        layout=getattr(var, "_layout", None), name=slot_name)
+                    block.add(id(slot))
+                    column.append(slot)
+                    continue
+                g = group_of[i]
+                if g not in flats:
+                    members = groups[g]
+                    flats[g] = add_variable(
+                        (sum(size(var_list[j].shape) for j in members),),
+                        initializer="zeros", dtype=dtype(var),
+                        name=f"group_{g}_{name}")
+                    block.add(id(flats[g]))
+                column.append(GroupSlice(flats[g], offsets[i],
+                                         tuple(var.shape), slot_name, prefix))
+            if groups:
+                self.blocks.append((block, column))
+            result.append(column)
+        return result
+
+    def slots(self, index):
+        """The m, v and v_max slots of variable `index` (v_max None)."""
+        return [self.m[index], self.v[index],
+                self.v_max[index] if self.v_max is not None else None]
+
+    def flat_slots(self, index):
+        """The flat m, v and v_max slots of `index`'s group."""
+        return [s.flat if s is not None else None for s in self.slots(index)]
+
+    def written(self):
+        """The state variables a step writes through this store."""
+        found = {}
+        for column in (self.m, self.v, self.v_max, self.averages,
+                       self.beta_powers):
+            for s in column or ():
+                if s is not None:
+                    s = s.flat if isinstance(s, GroupSlice) else s
+                    found[id(s)] = s
+        return list(found.values())
+
+    def entries(self, variables):
+        """`variables` (the optimizer's) in the per-variable layout.
+
+        Each block of slots of one kind of which some are `GroupSlice`s of
+        flat slots is listed in its variables' order: the values and
+        order an optimizer without groups has, so that saved files do not
+        depend on grouping.
+        """
+        if not self.blocks:
+            return list(variables)
+        block_of = {i: b for b, (ids, _) in enumerate(self.blocks)
+                    for i in ids}
+        result, done = [], set()
+        for variable in variables:
+            b = block_of.get(id(variable))
+            if b is None:
+                result.append(variable)
+            elif b not in done:
+                done.add(b)
+                result.extend(s for s in self.blocks[b][1] if s is not None)
+        return result
+
+    # Writes: each keeps the old value while a step is guarded.
+
+    def assign(self, variable, value):
+        """Writes `value` to `variable` (the old one on a skipped step)."""
+        if self.finite is not None:
+            value = ops.where(self.finite, ops.cast(value, variable.dtype),
+                              ops.convert_to_tensor(variable))
+        self._assign(variable, value)
+
+    def assign_add(self, variable, value):
+        """Adds `value` to `variable` (nothing on a skipped step)."""
+        if self.finite is not None:
+            return self.assign(variable, ops.add(
+                variable, ops.cast(value, variable.dtype)))
+        self._assign_add(variable, value)
+
+    def assign_sub(self, variable, value):
+        """Subtracts `value` from `variable` (nothing on a skipped step)."""
+        if self.finite is not None:
+            return self.assign(variable, ops.subtract(
+                variable, ops.cast(value, variable.dtype)))
+        self._assign_sub(variable, value)
 
 
 def label(variable):
@@ -153,29 +274,6 @@ class GroupSlice:
 
     def numpy(self):
         return self.value_of(np.asarray(self.flat.numpy()))
-
-
-def entries(optimizer):
-    """The state as Keras's per-variable layout: variables and slices.
-
-    `optimizer.variables`, with each block of slots of one kind (where
-    some are `GroupSlice`s of flat slots) in its variables' order: the
-    values and order an optimizer without groups has, so that saved files
-    do not depend on grouping.
-    """
-    blocks = optimizer.__dict__.get("_slot_blocks")
-    if not blocks:
-        return list(optimizer.variables)
-    block_of = {i: b for b, (ids, _) in enumerate(blocks) for i in ids}
-    result, done = [], set()
-    for variable in optimizer.variables:
-        b = block_of.get(id(variable))
-        if b is None:
-            result.append(variable)
-        elif b not in done:
-            done.add(b)
-            result.extend(s for s in blocks[b][1] if s is not None)
-    return result
 
 
 def numpy_values(state):
@@ -229,29 +327,29 @@ class Format:
 NATIVE = Format()
 
 
-def write(optimizer, slot, old, increment, dtype, fmt=NATIVE):
+def write(store, slot, old, increment, dtype):
     """Writes `old + increment` (compute dtype) to `slot`; returns it.
 
-    In the slot's own dtype this is Keras's `assign_add`; otherwise the sum
-    is rounded to the slot's dtype (encoded) once.
+    In the slot's own dtype this is `assign_add`; otherwise the sum is
+    rounded to the slot's dtype (encoded) once.
     """
-    if (fmt.native and not isinstance(slot, GroupSlice)
-            and keras.backend.standardize_dtype(slot.dtype) == dtype):
-        optimizer.assign_add(slot, increment)
+    if (store.format.native and not isinstance(slot, GroupSlice)
+            and dtype_of(slot) == dtype):
+        store.assign_add(slot, increment)
         return slot
-    return put(optimizer, slot, ops.add(old, increment), dtype, fmt)
+    return put(store, slot, ops.add(old, increment), dtype)
 
 
-def put(optimizer, slot, new, dtype, fmt=NATIVE):
+def put(store, slot, new, dtype):
     """Writes `new` (compute dtype) to `slot`, encoded once; returns it."""
-    slot_dtype = keras.backend.standardize_dtype(slot.dtype)
+    fmt, slot_dtype = store.format, dtype_of(slot)
     value = new if fmt.native and slot_dtype == dtype else fmt.encode(
         new, slot_dtype)
     if isinstance(slot, GroupSlice):
-        optimizer.assign(slot.flat, ops.slice_update(
+        store.assign(slot.flat, ops.slice_update(
             slot.flat.value, (slot.offset,), ops.reshape(value, (-1,))))
     else:
-        optimizer.assign(slot, value)
+        store.assign(slot, value)
     return new
 
 
@@ -259,7 +357,7 @@ def read(slot, dtype, fmt=NATIVE):
     """The slot's value in the compute dtype (decoded)."""
     value = slot.value_of(slot.flat.value) if isinstance(
         slot, GroupSlice) else slot
-    if fmt.native and keras.backend.standardize_dtype(slot.dtype) == dtype:
+    if fmt.native and dtype_of(slot) == dtype:
         return value
     return fmt.decode(value, dtype)
 
@@ -322,10 +420,10 @@ class SlotState:
     per variable (`sub_pieces`). `finish()` rounds theta copies back.
     """
 
-    def __init__(self, optimizer, variables, slots, dtype, fmt=NATIVE):
-        self.optimizer, self.dtype, self.format = optimizer, dtype, fmt
+    def __init__(self, store, variables, slots, dtype):
+        self.store, self.dtype = store, dtype
         self.slots = dict(zip(("m", "v", "v_max"), slots))
-        self.targets = [Target(optimizer, v, dtype) for v in variables]
+        self.targets = [Target(store, v, dtype) for v in variables]
 
     def theta(self):
         return flat([t.value for t in self.targets])
@@ -334,15 +432,14 @@ class SlotState:
         sub_pieces(self.targets, delta)
 
     def read(self, kind):
-        return read(self.slots[kind], self.dtype, self.format)
+        return read(self.slots[kind], self.dtype, self.store.format)
 
     def add(self, kind, old, increment):
-        return write(self.optimizer, self.slots[kind], old, increment,
-                     self.dtype, self.format)
+        return write(self.store, self.slots[kind], old, increment,
+                     self.dtype)
 
     def put(self, kind, new):
-        return put(self.optimizer, self.slots[kind], new, self.dtype,
-                   self.format)
+        return put(self.store, self.slots[kind], new, self.dtype)
 
     def finish(self):
         for target in self.targets:
@@ -358,9 +455,9 @@ class Target:
     the variable's dtype once, in `finish`.
     """
 
-    def __init__(self, optimizer, variable, dtype):
-        self.optimizer, self.variable, self.dtype = optimizer, variable, dtype
-        self.mixed = dtype != keras.backend.standardize_dtype(variable.dtype)
+    def __init__(self, store, variable, dtype):
+        self.store, self.variable, self.dtype = store, variable, dtype
+        self.mixed = dtype != dtype_of(variable)
         self.value = ops.cast(variable, dtype) if self.mixed else variable
 
     def sub(self, delta):
@@ -369,18 +466,30 @@ class Target:
         if self.mixed:
             self.value = ops.subtract(self.value, delta)
         else:
-            self.optimizer.assign_sub(self.variable, delta)
+            self.store.assign_sub(self.variable, delta)
 
     def finish(self):
         if self.mixed:
-            self.optimizer.assign(
-                self.variable, ops.cast(self.value, self.variable.dtype)
-            )
+            self.store.assign(self.variable,
+                              ops.cast(self.value, self.variable.dtype))
 
 
 # ---------------------------------------------------------------- state --
 
-def kinds(optimizer):
+class Face(collections.namedtuple("Face", [
+        "name", "entries", "own", "model", "scalars", "pending", "built"])):
+    """How every saving route sees an optimizer's state.
+
+    `name`: the optimizer's; `entries`: its state in the per-variable
+    layout (`Store.entries`); `own`: its `variables` as Keras holds them;
+    `model`: the model variables it was built with; `scalars`: the state
+    variables that exist before build, by kind ("iteration",
+    "learning_rate"); `pending`: a state loaded before build, or None;
+    `built`: whether it is built.
+    """
+
+
+def kinds(face):
     """The kind of each value of the state (`entries`), in order.
 
     A slot's kind is its name less its model variable's prefix
@@ -389,66 +498,55 @@ def kinds(optimizer):
     """
     prefixes = sorted(
         (label(v).replace("/", "_") + "_"
-         for v in getattr(optimizer, "_trainable_variables", [])),
+         for v in face.model),
         key=len, reverse=True,
     )
     result = []
-    for variable in entries(optimizer):
+    for variable in face.entries:
         name = variable.name
         prefix = next((p for p in prefixes if name.startswith(p)), "")
         result.append(name[len(prefix):])
     return result
 
 
-def _scalars(optimizer):
-    """The state variables that exist before build, by kind."""
-    found = {"iteration": optimizer._iterations}
-    if isinstance(optimizer._learning_rate, keras.Variable):
-        found["learning_rate"] = optimizer._learning_rate
-    return found
-
-
-def snapshot(optimizer, pending=None):
+def snapshot(face):
     """`(values, kinds)` of the state, built or still pending.
 
     A pending state (loaded before build) is returned with the current
     step count and learning rate, which were assigned at load and may have
     been changed since.
     """
-    pending = pending or optimizer._pending_state
+    pending = face.pending
     if pending is None:
-        return numpy_values(entries(optimizer)), kinds(optimizer)
+        return numpy_values(face.entries), kinds(face)
     # Plain lists: Keras tracks an optimizer's list attributes (the pending
     # state) as TrackedList, which does not pickle.
     values, saved_kinds = pending
     values = list(values)
     if saved_kinds is not None:
         saved_kinds = list(saved_kinds)
-        scalars = _scalars(optimizer)
+        scalars = face.scalars
         for i, kind in enumerate(saved_kinds):
             if kind in scalars:
                 values[i] = np.array(ops.convert_to_numpy(scalars[kind]))
     return values, saved_kinds
 
 
-def assign_scalars(optimizer, values, saved_kinds):
+def assign_scalars(scalars, values, saved_kinds):
     """Assigns the saved step count and learning rate (before build)."""
     if saved_kinds is None:
         return
-    scalars = _scalars(optimizer)
     for value, kind in zip(values, saved_kinds):
         if kind in scalars and tuple(np.shape(value)) == ():
             scalars[kind].assign(value)
 
 
-def save(optimizer, store):
+def save(face, store):
     """Keras's indexed values, plus the kinds under `KINDS_KEY`.
 
     An optimizer not built yet saves the state it was given (pending).
     """
-    values, saved_kinds = snapshot(optimizer) if (
-        optimizer.built or optimizer._pending_state is not None) else (
-        numpy_values(entries(optimizer)), kinds(optimizer))
+    values, saved_kinds = snapshot(face)
     for i, value in enumerate(values):
         store[str(i)] = value
     if saved_kinds is not None:
@@ -465,7 +563,7 @@ def read_store(store):
     return values, saved_kinds
 
 
-def check_kinds_before_build(optimizer, saved_kinds, expected):
+def check_kinds_before_build(name, saved_kinds, expected):
     """Refuses, before build, a state whose kinds this config never makes.
 
     `expected` is the set of kinds this optimizer's configuration creates.
@@ -475,34 +573,34 @@ def check_kinds_before_build(optimizer, saved_kinds, expected):
     extra = sorted(set(saved_kinds) - set(expected))
     missing = sorted(set(expected) - set(saved_kinds))
     if extra or missing:
-        raise ValueError(_mismatch(optimizer, extra, missing))
+        raise ValueError(_mismatch(name, extra, missing))
 
 
-def assign(optimizer, values, saved_kinds, skip_scalars=False):
+def assign(face, values, saved_kinds, skip_scalars=False):
     """Assigns a saved state to a built optimizer, all or nothing.
 
     `skip_scalars`: leave the step count and learning rate (assigned when
     a pending state was loaded, and perhaps changed since) as they are.
     """
-    variables = entries(optimizer)
+    variables = face.entries
     if saved_kinds is not None:
-        mine = kinds(optimizer)
+        mine = kinds(face)
         if saved_kinds != mine:
             extra = sorted(set(saved_kinds) - set(mine))
             missing = sorted(set(mine) - set(saved_kinds))
             if not (extra or missing):
                 raise ValueError(
                     f"Cannot load the state of optimizer "
-                    f"'{optimizer.name}': the saved state has "
+                    f"'{face.name}': the saved state has "
                     f"{len(saved_kinds)} values of kinds {_count(saved_kinds)}"
                     f", this optimizer has {len(mine)} of kinds "
                     f"{_count(mine)}. Check that the model has the same "
                     "trainable variables."
                 )
-            raise ValueError(_mismatch(optimizer, extra, missing))
+            raise ValueError(_mismatch(face.name, extra, missing))
     elif len(values) != len(variables):
         raise ValueError(
-            f"Cannot load the state of optimizer '{optimizer.name}': the "
+            f"Cannot load the state of optimizer '{face.name}': the "
             f"saved state has {len(values)} variables, this optimizer has "
             f"{len(variables)}. Check that amsgrad, use_ema and "
             "gradient_accumulation_steps match the saved optimizer's and "
@@ -511,13 +609,13 @@ def assign(optimizer, values, saved_kinds, skip_scalars=False):
     for variable, value in zip(variables, values):
         if tuple(variable.shape) != tuple(np.shape(value)):
             raise ValueError(
-                f"Cannot load the state of optimizer '{optimizer.name}': "
+                f"Cannot load the state of optimizer '{face.name}': "
                 f"variable {variable.path} has shape {variable.shape}, "
                 f"the saved value has shape {np.shape(value)}."
             )
     keep = set()
     if skip_scalars and saved_kinds is not None:
-        keep = {id(v) for v in _scalars(optimizer).values()}
+        keep = {id(v) for v in face.scalars.values()}
     flats = {}
     for variable, value in zip(variables, values):
         if isinstance(variable, GroupSlice):
@@ -531,7 +629,7 @@ def assign(optimizer, values, saved_kinds, skip_scalars=False):
         variable.assign(value)
 
 
-def set_weights(optimizer, weights):
+def set_weights(face, weights):
     """`AdamPlus.set_weights`: all the values, or none of them.
 
     `weights` may have the per-variable layout (`entries`, what
@@ -540,17 +638,17 @@ def set_weights(optimizer, weights):
     those). Every shape is checked before anything is written.
     """
     weights = [np.asarray(w) for w in weights]
-    for face, name in ((entries(optimizer), "per-variable"),
-                       (list(optimizer.variables), "own")):
-        if len(face) == len(weights) and all(
-                tuple(v.shape) == w.shape for v, w in zip(face, weights)):
+    for layout, name in ((face.entries, "per-variable"),
+                         (list(face.own), "own")):
+        if len(layout) == len(weights) and all(
+                tuple(v.shape) == w.shape for v, w in zip(layout, weights)):
             if name == "own":
-                for variable, value in zip(face, weights):
+                for variable, value in zip(layout, weights):
                     variable.assign(value)
             else:
-                assign(optimizer, weights, None)
+                assign(face, weights, None)
             return
-    mine = entries(optimizer)
+    mine = face.entries
     first = next((i for i, (v, w) in enumerate(zip(mine, weights))
                   if tuple(v.shape) != w.shape), min(len(mine),
                                                      len(weights)))
@@ -558,14 +656,14 @@ def set_weights(optimizer, weights):
              f"optimizer's {mine[first].path} has {tuple(mine[first].shape)}"
              if first < min(len(mine), len(weights)) else "")
     raise ValueError(
-        f"Cannot set the weights of optimizer '{optimizer.name}': it has "
+        f"Cannot set the weights of optimizer '{face.name}': it has "
         f"{len(mine)} values in the per-variable layout, received "
         f"{len(weights)}" + (f"; {where}" if where else "") + ". Nothing "
         "was assigned."
     )
 
 
-def assign_pending(optimizer, values, saved_kinds):
+def assign_pending(face, values, saved_kinds):
     """`assign` at build time, which may run inside a traced function.
 
     TensorFlow builds an optimizer on its first `apply`, inside the
@@ -576,12 +674,12 @@ def assign_pending(optimizer, values, saved_kinds):
         import tensorflow as tf
 
         with tf.init_scope():
-            assign(optimizer, values, saved_kinds, skip_scalars=True)
+            assign(face, values, saved_kinds, skip_scalars=True)
     else:
-        assign(optimizer, values, saved_kinds, skip_scalars=True)
+        assign(face, values, saved_kinds, skip_scalars=True)
 
 
-def _mismatch(optimizer, extra, missing):
+def _mismatch(name, extra, missing):
     parts = []
     if extra:
         parts.append(f"the saved state has {', '.join(extra)}, which this "
@@ -590,7 +688,7 @@ def _mismatch(optimizer, extra, missing):
         parts.append(f"this optimizer keeps {', '.join(missing)}, which the "
                      "saved state lacks")
     return (
-        f"Cannot load the state of optimizer '{optimizer.name}': "
+        f"Cannot load the state of optimizer '{name}': "
         + "; ".join(parts) + ". The state was saved by an optimizer of "
         "another configuration (amsgrad, use_ema, average_decay, "
         "gradient_accumulation_steps, skip_nonfinite, scheduled betas or a "

@@ -250,3 +250,88 @@ def check_name(value):
         "Argument `name` must be a non-empty string or None. "
         f"{_received('name', value)}"
     )
+
+
+EPSILON_MODES = ("paper", "hat")
+MOMENT_DTYPES = ("float32",)
+WEIGHT_DECAY_MODES = ("decoupled", "decoupled_unscaled", "l2")
+
+
+def arguments(learning_rate, beta_1, beta_2, epsilon, epsilon_mode, amsgrad,
+              bias_correction, adamax, nesterov, skip_nonfinite,
+              average_decay, lazy_sparse, group_small_variables,
+              moment_dtype, weight_decay, weight_decay_mode,
+              weight_decay_exclude, clipnorm, clipvalue, global_clipnorm,
+              use_ema, ema_momentum, ema_overwrite_frequency,
+              loss_scale_factor, gradient_accumulation_steps, name):
+    """Checks every argument of `AdamPlus`; returns `(base, own)`.
+
+    `base`: the keyword arguments of `keras.optimizers.Optimizer`; `own`:
+    AdamPlus's attributes, each named as its argument. Raises on the first
+    bad value, naming it, or on modes that cannot combine.
+    """
+    accumulation = check_int("gradient_accumulation_steps",
+                             gradient_accumulation_steps, 1, optional=True)
+    positive = dict(low=0.0, low_inclusive=False, optional=True)
+    base = dict(
+        learning_rate=check_learning_rate(learning_rate),
+        weight_decay=check_weight_decay(weight_decay),
+        clipnorm=check_float("clipnorm", clipnorm, **positive),
+        clipvalue=check_float("clipvalue", clipvalue, **positive),
+        global_clipnorm=check_float("global_clipnorm", global_clipnorm,
+                                    **positive),
+        use_ema=check_bool("use_ema", use_ema),
+        ema_momentum=check_float("ema_momentum", ema_momentum, low=0.0,
+                                 high=1.0),
+        ema_overwrite_frequency=check_int(
+            "ema_overwrite_frequency", ema_overwrite_frequency, 1,
+            optional=True),
+        loss_scale_factor=check_float("loss_scale_factor",
+                                      loss_scale_factor, **positive),
+        # Keras wants None or >= 2; 1 means no accumulation.
+        gradient_accumulation_steps=(
+            accumulation if accumulation and accumulation > 1 else None),
+        name=check_name(name),
+    )
+    own = dict(
+        beta_1=check_beta("beta_1", beta_1),
+        beta_2=check_beta("beta_2", beta_2),
+        epsilon=check_float("epsilon", epsilon, low=0.0,
+                            low_inclusive=False),
+        epsilon_mode=check_choice("epsilon_mode", epsilon_mode,
+                                  EPSILON_MODES),
+        amsgrad=check_bool("amsgrad", amsgrad),
+        bias_correction=check_bool("bias_correction", bias_correction),
+        adamax=check_bool("adamax", adamax),
+        nesterov=check_bool("nesterov", nesterov),
+        skip_nonfinite=check_bool("skip_nonfinite", skip_nonfinite),
+        lazy_sparse=check_bool("lazy_sparse", lazy_sparse),
+        group_small_variables=check_bool("group_small_variables",
+                                         group_small_variables),
+        moment_dtype=None if moment_dtype is None else check_choice(
+            "moment_dtype", moment_dtype, MOMENT_DTYPES),
+        average_decay=check_float("average_decay", average_decay, low=0.0,
+                                  high=1.0, high_inclusive=False,
+                                  optional=True),
+        weight_decay_mode=check_choice("weight_decay_mode",
+                                       weight_decay_mode, WEIGHT_DECAY_MODES),
+        weight_decay_exclude=check_patterns("weight_decay_exclude",
+                                            weight_decay_exclude),
+    )
+    scheduled = not all(isinstance(own[b], float)
+                        for b in ("beta_1", "beta_2"))
+    if own["lazy_sparse"] and (own["adamax"] or own["nesterov"] or scheduled
+                               or own["moment_dtype"] is not None):
+        raise ValueError(
+            "Argument `lazy_sparse` supports the Adam and AMSGrad steps "
+            "with constant betas, not adamax, nesterov, scheduled betas or "
+            "moment_dtype. Received: lazy_sparse=True, "
+            f"adamax={own['adamax']}, nesterov={own['nesterov']}, "
+            f"beta_1={own['beta_1']!r}, beta_2={own['beta_2']!r}, "
+            f"moment_dtype={own['moment_dtype']!r}")
+    if own["adamax"] and own["amsgrad"]:
+        raise ValueError(
+            "Arguments `adamax` and `amsgrad` cannot both be True: "
+            "AdaMax's u = max(beta_2 * u, |g|) is already a running "
+            "maximum. Received: adamax=True, amsgrad=True")
+    return base, own

@@ -81,7 +81,7 @@ def test_beta_schedule_survives_config_and_save_load(tmp_path):
     model.save(path)
     loaded = keras.models.load_model(path)
     assert isinstance(loaded.optimizer.beta_1, BetaDecay)
-    powers = [keras.ops.convert_to_numpy(p) for p in opt._beta_powers]
+    powers = [keras.ops.convert_to_numpy(p) for p in opt._store.beta_powers]
     # 8 steps: prod of 0.8 * 0.9**s for s < 8.
     np.testing.assert_allclose(powers[0], np.prod(0.8 * 0.9**np.arange(8)),
                                rtol=1e-5)

@@ -23,14 +23,38 @@ BACKEND = keras.backend.backend()
 SHAPES = {"kernel": (3, 4), "conv": (2, 3, 2, 2), "bias": (4,)}
 FORMS = ("contiguous", "transposed", "broadcast", "sliced", "channels_last",
          "numpy", "float64", "row")
-# path -> the optimizer settings that select it, and the path it reports.
+# path -> the optimizer arguments that select it, and the path it reports.
+# TensorFlow's "lazy" path takes the gradients as tf.IndexedSlices over
+# every row, in a shuffled order (`lazy_sparse=True`).
 PATHS = {
-    "tensorflow": {"generic": ({}, "generic")},
-    "jax": {"generic": ({"_group_max_size": 0}, "generic"),
-            "grouped": ({}, "jax_grouped")},
+    "tensorflow": {"generic": ({}, "generic"),
+                   "lazy": ({"lazy_sparse": True}, "generic")},
+    "jax": {"generic": ({}, "generic"),
+            "grouped": ({"group_small_variables": True}, "jax_grouped")},
     "torch": {"generic": ({"_force_generic": "test"}, "generic"),
               "fused": ({}, "torch_fused")},
 }[BACKEND]
+
+
+def _optimizer(path, **config):
+    """An AdamPlus on `path` (private settings set before build)."""
+    settings = PATHS[path][0]
+    optimizer = AdamPlus(**config, **{k: v for k, v in settings.items()
+                                      if not k.startswith("_")})
+    for name, value in settings.items():
+        if name.startswith("_"):
+            setattr(optimizer, name, value)
+    return optimizer
+
+
+def _rows(gradient, shape):
+    """`gradient` as tf.IndexedSlices of every row, rows shuffled."""
+    import tensorflow as tf
+
+    dense = tf.broadcast_to(tf.convert_to_tensor(gradient), shape)
+    order = np.random.default_rng(0).permutation(shape[0])
+    return tf.IndexedSlices(tf.gather(dense, order), tf.constant(order),
+                            tf.constant(shape))
 CONFIG = dict(learning_rate=0.05, amsgrad=True, weight_decay=0.01,
               weight_decay_mode="l2")
 
@@ -75,17 +99,18 @@ def _gradient(form, value):
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("form", FORMS)
 def test_gradient_form_on_path_matches_reference(form, path):
-    settings, reported = PATHS[path]
+    reported = PATHS[path][1]
     rng = np.random.default_rng(len(form))
     params = [rng.normal(size=s).astype("float32") for s in SHAPES.values()]
     variables = [keras.Variable(p, name=n) for p, n in zip(params, SHAPES)]
-    optimizer = AdamPlus(**CONFIG)
-    for name, value in settings.items():
-        setattr(optimizer, name, value)
+    optimizer = _optimizer(path, **CONFIG)
     seen = []
     for _ in range(3):
         pairs = [_gradient(form, rng.normal(size=s)) for s in SHAPES.values()]
-        optimizer.apply([g for g, _ in pairs], variables)
+        grads = [g for g, _ in pairs]
+        if path == "lazy":
+            grads = [_rows(g, s) for g, s in zip(grads, SHAPES.values())]
+        optimizer.apply(grads, variables)
         seen.append([np.array(a, np.float64) for _, a in pairs])
     assert optimizer.fast_path.startswith(reported)
     expected = run_reference(CONFIG, params, seen)
@@ -100,12 +125,9 @@ def test_gradient_form_on_path_matches_reference(form, path):
 @pytest.mark.parametrize("shape", [(4, 3), (3, 5), (2, 3, 4)])
 def test_a_gradient_that_does_not_broadcast_is_refused_on_every_path(
         path, shape):
-    settings, _ = PATHS[path]
     variables = [keras.Variable(np.zeros(s, "float32"), name=n)
                  for n, s in SHAPES.items()]
-    optimizer = AdamPlus()
-    for name, value in settings.items():
-        setattr(optimizer, name, value)
+    optimizer = _optimizer(path)
     grads = [ops.ones(s) for s in SHAPES.values()]
     grads[0] = ops.ones(shape)
     with pytest.raises(ValueError) as info:

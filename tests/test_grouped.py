@@ -1,9 +1,10 @@
 """Flat slots for groups of small variables (backends/jax_grouped.py).
 
-On JAX, variables of at most `jax_grouped.MAX_SIZE` elements with the same
-dtype and weight decay share one flat slot per kind. Every test here runs
-the same steps with groups and without (`_group_max_size = 0`, one slot per
-variable, the path of every other backend) and compares: weights and
+On JAX with `group_small_variables=True`, variables of at most
+`jax_grouped.MAX_SIZE` elements with the same dtype and weight decay share
+one flat slot per kind. Every test here runs the same steps with groups and
+without (the default: one slot per variable, the path of every other
+backend) and compares: weights and
 state to round-off, saved files identical, files loading both ways.
 """
 
@@ -68,10 +69,8 @@ def _variables(theta):
 
 
 def _optimizer(config, grouped):
-    optimizer = AdamPlus(learning_rate=0.01, **config)
-    if not grouped:
-        optimizer._group_max_size = 0
-    return optimizer
+    return AdamPlus(learning_rate=0.01, group_small_variables=grouped,
+                    **config)
 
 
 def _numpy(values):
@@ -131,13 +130,10 @@ def test_groups_give_the_per_variable_numbers(mode, execution):
     assert opt.fast_path == (f"jax_grouped ({count} variables in 2 "
                              "groups, the rest per variable)")
     assert plain_opt.fast_path == "generic"
-    opt._force_generic = "forced by the test"
-    assert opt.fast_path == "generic (forced by the test)"
-    del opt._force_generic
     assert len(opt.variables) < len(plain_opt.variables)
     _close(grouped, plain)
-    values, kinds = storage.snapshot(opt)
-    plain_values, plain_kinds = storage.snapshot(plain_opt)
+    values, kinds = storage.snapshot(opt._face())
+    plain_values, plain_kinds = storage.snapshot(plain_opt._face())
     assert kinds == plain_kinds
     for a, b in zip(values, plain_values):
         assert a.shape == b.shape and a.dtype == b.dtype
@@ -154,21 +150,23 @@ def test_groups_follow_dtype_decay_size_and_keras_flags():
     theta, _ = _problem()
     variables = _variables(theta)
     variables[4].overwrite_with_gradient = True
-    optimizer = AdamPlus(weight_decay=0.1, weight_decay_exclude=["bias"])
+    optimizer = AdamPlus(weight_decay=0.1, weight_decay_exclude=["bias"],
+                         group_small_variables=True)
     optimizer.build(variables)
     # Decayed: dense_kernel (out_kernel is overwritten with its gradient,
     # big_kernel too large) and half_kernel, each alone; not decayed:
     # dense_bias and out_bias, a group; half_bias alone (bfloat16).
-    assert optimizer._slot_groups == [[1, 5]]
-    assert optimizer._momentums[4] is None
+    assert optimizer._plan.groups == ((1, 5),)
+    assert optimizer._store.m[4] is None
 
     class OwnStep(AdamPlus):
         def update_step(self, gradient, variable, learning_rate):
             super().update_step(gradient, variable, learning_rate)
 
-    own = OwnStep()
+    own = OwnStep(group_small_variables=True)
     own.build(_variables(theta))
-    assert own._slot_groups == [] and own.fast_path == "generic"
+    assert own._plan.groups == ()
+    assert own.fast_path == "generic (OwnStep overrides update_step)"
 
 
 def test_no_groups_under_a_distribution():
@@ -176,11 +174,11 @@ def test_no_groups_under_a_distribution():
     keras.distribution.set_distribution(
         keras.distribution.DataParallel(devices=devices))
     try:
-        optimizer = AdamPlus()
+        optimizer = AdamPlus(group_small_variables=True)
         optimizer.build(_variables(_problem()[0]))
     finally:
         keras.distribution.set_distribution(None)
-    assert optimizer._slot_groups == []
+    assert optimizer._plan.groups == ()
 
 
 def test_a_step_on_part_of_a_group_updates_only_that_part():
@@ -196,7 +194,7 @@ def test_a_step_on_part_of_a_group_updates_only_that_part():
             optimizer.apply([ops.convert_to_tensor(step[i], "float32")
                              for i in (0, 1, 3)], part)
         results.append(([v.value for v in variables],
-                        storage.snapshot(optimizer)[0]))
+                        storage.snapshot(optimizer._face())[0]))
     (grouped, state), (plain, plain_state) = results
     _close(grouped, plain)
     _close(state, plain_state)
@@ -238,7 +236,7 @@ def test_files_do_not_depend_on_grouping(tmp_path, saved_grouped,
     other = _model(not saved_grouped)
     _fit(saved)
     _fit(other)
-    assert bool(saved.optimizer._slot_groups) == saved_grouped
+    assert bool(saved.optimizer._plan.groups) == saved_grouped
     # The same state saves to the same arrays, under the same keys.
     a, b = tmp_path / "a.weights.h5", tmp_path / "b.weights.h5"
     saved.save_weights(a)
@@ -251,22 +249,22 @@ def test_files_do_not_depend_on_grouping(tmp_path, saved_grouped,
     # A .keras file loads into the other layout and trains on as before.
     path = tmp_path / "m.keras"
     saved.save(path)
-    at_save = storage.snapshot(saved.optimizer)[0]
+    at_save = storage.snapshot(saved.optimizer._face())[0]
     loaded = _model(not saved_grouped)
     if load_built:
         loaded.optimizer.build(loaded.trainable_variables)
     loaded.load_weights(path)  # unbuilt: pending, assigned at build
     loaded.optimizer.build(loaded.trainable_variables)
     assert loaded.optimizer._pending_state is None
-    assert bool(loaded.optimizer._slot_groups) != saved_grouped
-    for x, y in zip(storage.snapshot(loaded.optimizer)[0], at_save):
+    assert bool(loaded.optimizer._plan.groups) != saved_grouped
+    for x, y in zip(storage.snapshot(loaded.optimizer._face())[0], at_save):
         np.testing.assert_array_equal(x, y)
     _fit(saved, seed=1)
     _fit(loaded, seed=1)
     _close(loaded.weights, saved.weights)
-    # load_model builds the default (grouped) layout.
+    # load_model builds the saved configuration's layout.
     restored = keras.models.load_model(path)
     restored.optimizer.build(restored.trainable_variables)
-    assert restored.optimizer._slot_groups
-    for x, y in zip(storage.snapshot(restored.optimizer)[0], at_save):
+    assert bool(restored.optimizer._plan.groups) == saved_grouped
+    for x, y in zip(storage.snapshot(restored.optimizer._face())[0], at_save):
         np.testing.assert_array_equal(x, y)

@@ -45,9 +45,10 @@ def test_state_is_float32_and_weights_keep_their_dtype():
     variables = [keras.Variable(np.ones((3,), "float32"), dtype="bfloat16"),
                  keras.Variable(np.ones((2,), "float32"))]
     opt.build(variables)
-    slots = opt._momentums + opt._velocities + opt._velocity_maxes
+    store = opt._store
+    slots = store.m + store.v + store.v_max
     assert [str(s.dtype) for s in slots] == ["float32"] * 6
-    assert str(opt._averages[0].dtype) == "float32"
+    assert str(store.averages[0].dtype) == "float32"
     grad = keras.ops.convert_to_tensor(np.full((3,), 0.1, "float32"),
                                        "bfloat16")
     opt.apply([grad, keras.ops.zeros((2,))], variables)
@@ -55,7 +56,7 @@ def test_state_is_float32_and_weights_keep_their_dtype():
     # m = (1 - beta_1) * g exactly in float32 (g = bf16(0.1)).
     g = float(keras.ops.convert_to_numpy(keras.ops.cast(grad[0], "float32")))
     np.testing.assert_array_equal(
-        keras.ops.convert_to_numpy(opt._momentums[0]),
+        keras.ops.convert_to_numpy(store.m[0]),
         np.full((3,), np.float32(np.float32(1 - 0.9) * np.float32(g))))
 
 

@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_adam_plus import AdamPlus, BetaDecay, storage
+from keras_adam_plus import AdamPlus, BetaDecay
 from tests.helpers import make_problem, make_variables, run_optimizer, to_numpy
 
 RICH_CONFIGS = [
@@ -104,16 +104,15 @@ def _fit(model, epochs):
 def _optimizer_state(optimizer):
     # The state in Keras's per-variable layout (on JAX small variables
     # share flat slots: `optimizer.variables` holds those).
-    return storage.snapshot(optimizer)[0]
+    return optimizer.get_weights()
 
 
 LOAD_IN_NEW_PROCESS = textwrap.dedent("""
     import sys, json, numpy as np, keras
     import keras_adam_plus
-    from keras_adam_plus import storage
     model = keras.models.load_model(sys.argv[1])
     opt = model.optimizer
-    np.savez(sys.argv[2], *storage.snapshot(opt)[0])
+    np.savez(sys.argv[2], *opt.get_weights())
     print(json.dumps({"class": type(opt).__name__,
                       "module": type(opt).__module__,
                       "config": opt.get_config(),

@@ -1,10 +1,11 @@
 """Backend-specific fast paths of AdamPlus's update, one module each.
 
-Each module sits beside the generic `AdamPlus.update_step` and is tested for
-equality with it. A fast path exposes `fallback_reason(optimizer)` (None when
-it handles the optimizer's configuration and the current execution, else
-why not; each module owns its list) and `update(optimizer, grads,
-variables, learning_rate)`.
+Each module sits beside the generic step (`plan.Step.run` per variable)
+and is tested for equality with it. A fast path receives the plan, the
+store and the step (`keras_adam_plus.plan`), never the optimizer, and
+exposes `fallback_reason(plan, variables, store)` (None when it handles the
+plan and the current execution, else why not; each module owns its list)
+and `update(step, grads, variables)`.
 """
 
 import keras
@@ -23,38 +24,34 @@ def _module():
     return None
 
 
-def slot_groups(optimizer, var_list):
+def slot_groups(var_list, decays, max_size):
     """Positions of `var_list` that share flat slots (JAX), at build."""
     module = _module()
-    if module is None or not hasattr(module, "plan"):
-        return []
-    return module.plan(optimizer, var_list)
+    if module is None or not hasattr(module, "groups"):
+        return ()
+    return module.groups(var_list, decays, max_size)
 
 
-def _reason(module, optimizer):
-    # `optimizer._force_generic` (a reason string) forces the generic path,
-    # for tests that compare the two.
-    forced = getattr(optimizer, "_force_generic", None)
-    return forced or module.fallback_reason(optimizer)
+def _reason(module, plan, variables, store):
+    return plan.generic_only or module.fallback_reason(plan, variables, store)
 
 
-def fast_path(optimizer):
+def fast_path(plan, variables, store):
     """The fast-path module that takes this step, or None (generic)."""
     module = _module()
-    if module is not None and _reason(module, optimizer) is None:
+    if module is not None and _reason(module, plan, variables, store) is None:
         return module
     return None
 
 
-def describe(optimizer):
+def describe(plan, variables, store):
     """`AdamPlus.fast_path`: the path's name, with the fallback reason."""
     module = _module()
     if module is None:
         return "generic"
-    forced = getattr(optimizer, "_force_generic", None)
-    if hasattr(module, "describe") and not forced:
-        return module.describe(optimizer)
-    reason = _reason(module, optimizer)
+    if hasattr(module, "describe") and not plan.generic_only:
+        return module.describe(plan)
+    reason = _reason(module, plan, variables, store)
     if reason is None:
         return module.__name__.rsplit(".", 1)[-1]
     return f"generic ({reason})"

@@ -18,42 +18,38 @@ def _tf_variable(variable):
     return getattr(variable, "_value", variable)
 
 
-def handles(optimizer, gradient):
+def handles(plan, gradient):
     """Whether this path applies to `gradient` (a TF sparse gradient)."""
-    return optimizer.lazy_sparse and isinstance(gradient, tf.IndexedSlices)
+    return plan.lazy_sparse and isinstance(gradient, tf.IndexedSlices)
 
 
-def update_step(optimizer, gradient, variable, learning_rate):
+def update_step(step, gradient, variable):
     """The lazy step of one variable; see the module docstring.
 
     The same rule as the dense step (`keras_adam_plus.rule`), on the
     gathered rows, in the compute dtype; rows are rounded to the
     variables' dtype when scattered back.
     """
-    index = optimizer._get_variable_index(variable)
+    index = step.index(variable)
     dtype = rule.compute_dtype(variable.dtype)
-    hyper = optimizer._hyper()
-    s = optimizer._step_scalars(dtype, learning_rate)
+    s = step.scalars(dtype)
     unique, position = tf.unique(gradient.indices)
     g = tf.math.unsorted_segment_sum(tf.cast(gradient.values, dtype),
                                      position, tf.shape(unique)[0])
-    rows = _Rows(optimizer, index, unique, _tf_variable(variable), dtype)
-    rule.step(hyper, s, g, rows, optimizer._decays[index])
+    rows = _Rows(step.store, index, unique, _tf_variable(variable), dtype)
+    rule.step(step.plan.hyper, s, g, rows, step.plan.decays[index])
     rows.finish()
 
 
 class _Rows:
     """`rule.step`'s state over the touched rows (gather, scatter back)."""
 
-    def __init__(self, optimizer, index, rows, var, dtype):
-        self.finite, self.rows, self.dtype = optimizer._finite, rows, dtype
-        self.format = optimizer._state_format
+    def __init__(self, store, index, rows, var, dtype):
+        self.finite, self.rows, self.dtype = store.finite, rows, dtype
+        self.format = store.format
         self.var = var
-        self.slots = {"m": optimizer._momentums[index],
-                      "v": optimizer._velocities[index]}
-        if optimizer.amsgrad:
-            self.slots["v_max"] = optimizer._velocity_maxes[index]
-        self.slots = {k: _tf_variable(v) for k, v in self.slots.items()}
+        self.slots = {k: _tf_variable(v) for k, v in zip(
+            ("m", "v", "v_max"), store.slots(index)) if v is not None}
         self.value = self._gather(var)
 
     def _gather(self, slot, fmt=None):

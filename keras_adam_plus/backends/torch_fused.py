@@ -23,7 +23,6 @@ Configurations and executions it does not handle (see `fallback_reason`)
 run the generic path; `AdamPlus.fast_path` says which one runs.
 """
 
-import keras
 import torch
 
 from keras_adam_plus import rule, storage
@@ -36,26 +35,24 @@ def _stateless():
     return in_stateless_scope()
 
 
-def fallback_reason(optimizer):
-    """None if this path handles `optimizer` now, else the reason."""
-    from keras_adam_plus.adam_plus import AdamPlus
-
+def fallback_reason(plan, variables, store):
+    """None if this path handles `plan` now, else the reason."""
+    hyper = plan.hyper
     if not hasattr(torch, "_fused_adam_"):
         return f"torch {torch.__version__} has no torch._fused_adam_"
-    if type(optimizer).update_step is not AdamPlus.update_step:
-        return f"{type(optimizer).__name__} overrides update_step"
-    if not optimizer._state_format.native:
-        return (f"state format {optimizer._state_format.name!r}: the fused "
-                "kernel reads and writes m, v as they are stored")
-    if optimizer.adamax:
+    fmt = plan.state_format
+    if fmt is not None and not fmt.native:
+        return (f"state format {fmt.name!r}: the fused kernel reads and "
+                "writes m, v as they are stored")
+    if hyper.adamax:
         return "adamax has no fused torch kernel"
-    if optimizer.nesterov:
+    if hyper.nesterov:
         return "nesterov has no fused torch kernel"
-    if optimizer._betas_scheduled:
+    if plan.betas_scheduled:
         return "scheduled betas have no fused torch kernel"
-    if callable(optimizer.weight_decay):
+    if plan.decay_scheduled:
         return "a scheduled weight decay has no fused torch kernel"
-    reason = _layout_reason(optimizer)
+    reason = _layout_reason(plan, variables, store)
     if reason is not None:
         return reason
     if torch.compiler.is_compiling():
@@ -71,48 +68,43 @@ def _on_accelerator(variable):
     return variable.value.device.type != "cpu"
 
 
-def _layout_reason(optimizer):
+def _layout_reason(plan, variables, store):
     """Why the variables' dtypes or devices forbid the kernel, or None.
 
     Cached per variable list (a variable's dtype and device do not change):
-    with 1000 variables these checks cost ~3 ms of Python a step, about
-    what a whole step takes on a GPU.
+    with 1000 variables these checks cost milliseconds of Python a step,
+    about what a whole step takes on a GPU.
     """
-    variables = list(getattr(optimizer, "_trainable_variables", []))
+    if store is None:
+        return _check_layout(plan, variables)
     return storage.per_variables(
-        optimizer, "_torch_fused_layout", variables,
-        lambda: _check_layout(optimizer, variables),
-        extra=(optimizer.moment_dtype, optimizer.bias_correction))
+        store.cache, "torch_fused_layout", variables,
+        lambda: _check_layout(plan, variables))
 
 
-def _decay_outside_kernel(optimizer):
+def _decay_outside_kernel(plan):
     """Whether `update` applies the weight decay before the kernel."""
-    if not optimizer.weight_decay:
+    if not plan.weight_decay:
         return False
-    mode = optimizer.weight_decay_mode
-    hat = optimizer.epsilon_mode == "hat" or not optimizer.bias_correction
-    return mode == "decoupled_unscaled" or (mode == "decoupled" and hat)
+    mode = plan.hyper.weight_decay_mode
+    return mode == "decoupled_unscaled" or (mode == "decoupled"
+                                            and _hat(plan))
 
 
-def _decays(optimizer, variable):
-    """Whether weight decay applies to `variable` (decided at build)."""
-    decays = getattr(optimizer, "_decays", None)
-    if decays is None:
-        return optimizer._decays_variable(variable)
-    return decays[optimizer._get_variable_index(variable)]
+def _hat(plan):
+    """Whether the kernel runs with corrections 1 and the rule's alpha."""
+    return plan.hyper.epsilon_mode == "hat" or not plan.hyper.bias_correction
 
 
-def _check_layout(optimizer, variables):
-    if optimizer.moment_dtype is not None and any(
-        str(slot.dtype) != str(var.dtype)
-        for slot, var in zip(getattr(optimizer, "_momentums", []), variables)
-        if slot is not None
-    ):
+def _check_layout(plan, variables):
+    fmt = plan.state_format or storage.NATIVE
+    if any(fmt.slot_dtype(v, plan.moment_dtype) != storage.dtype_of(v)
+           for v in variables):
         return ("moment_dtype: the fused kernel keeps state in the "
                 "parameters' dtype")
-    if _decay_outside_kernel(optimizer) and any(
-            keras.backend.standardize_dtype(v.dtype) in storage.LOW_PRECISION
-            and _decays(optimizer, v) for v in variables):
+    if _decay_outside_kernel(plan) and any(
+            storage.dtype_of(v) in storage.LOW_PRECISION and decays
+            for v, decays in zip(variables, plan.decays)):
         # Found by the conformance matrix (decoupled_unscaled, float16,
         # fit): theta rounded after the decay and again after the kernel
         # ended 2-3 float16 spacings off the reference, which rounds once.
@@ -125,7 +117,7 @@ def _check_layout(optimizer, variables):
         # weights keep a float64 learning rate on the generic path.
         return ("float64 weights on an accelerator: the fused kernel's "
                 "learning rate is float32 there")
-    if not optimizer.bias_correction and any(
+    if not plan.hyper.bias_correction and any(
             _on_accelerator(v) for v in variables):
         # Measured on an H200 (torch 2.11, CUDA 13): the CUDA kernel forms
         # 1 - beta_2 from beta_2 rounded to float32 (1.3e-5 relative for
@@ -141,7 +133,7 @@ def _check_layout(optimizer, variables):
     return None
 
 
-def _groups(optimizer, variables, stateless):
+def _groups(step, variables, stateless):
     """Variables grouped by (device, dtype, decays).
 
     Each group holds the positions of its variables in `variables`, and
@@ -151,27 +143,25 @@ def _groups(optimizer, variables, stateless):
     are copies of the scope's values, written back with `assign`.
     """
     if stateless:
-        return _build_groups(optimizer, variables, stateless)
+        return _build_groups(step, variables, stateless)
     return storage.per_variables(
-        optimizer, "_torch_fused_groups", variables,
-        lambda: _build_groups(optimizer, variables, stateless))
+        step.store.cache, "torch_fused_groups", variables,
+        lambda: _build_groups(step, variables, stateless))
 
 
-def _build_groups(optimizer, variables, stateless):
+def _build_groups(step, variables, stateless):
     def tensor(variable):
         value = variable.value
         return value.clone() if stateless else value
 
     groups = {}
     for position, variable in enumerate(variables):
-        index = optimizer._get_variable_index(variable)
-        slots = [variable, optimizer._momentums[index],
-                 optimizer._velocities[index]]
-        if optimizer.amsgrad:
-            slots.append(optimizer._velocity_maxes[index])
+        index = step.index(variable)
+        slots = [variable] + [s for s in step.store.slots(index)
+                              if s is not None]
         param = tensor(variable)
         group = groups.setdefault(
-            (param.device, param.dtype, optimizer._decays[index]),
+            (param.device, param.dtype, step.plan.decays[index]),
             ([], [], [], [], [], []),
         )
         group[0].append(position)
@@ -182,12 +172,13 @@ def _build_groups(optimizer, variables, stateless):
 
 
 @torch.no_grad()
-def update(optimizer, grads, variables, learning_rate):
+def update(step, grads, variables):
     """Applies one AdamPlus step to `variables` with fused torch kernels."""
     stateless = _stateless()
-    groups = _groups(optimizer, variables, stateless)
-    hat = optimizer.epsilon_mode == "hat" or not optimizer.bias_correction
-    wd_mode = optimizer.weight_decay_mode
+    groups = _groups(step, variables, stateless)
+    plan = step.plan
+    hyper, hat = plan.hyper, _hat(plan)
+    wd_mode = hyper.weight_decay_mode
     scalars = {}
     for (_, dtype, decays), group in groups.items():
         positions, params, ms, vs, v_maxes, slots = group
@@ -199,10 +190,9 @@ def update(optimizer, grads, variables, learning_rate):
                      else g.to(dtype).contiguous() for g in grad_list]
         compute = rule.compute_dtype(str(dtype).replace("torch.", ""))
         if compute not in scalars:
-            scalars[compute] = _kernel_scalars(optimizer, compute,
-                                               learning_rate, hat)
-        lr, step, alpha = scalars[compute]
-        decay = optimizer.weight_decay if decays else 0.0
+            scalars[compute] = _kernel_scalars(step, compute, hat)
+        lr, count, alpha = scalars[compute]
+        decay = plan.weight_decay if decays else 0.0
         if decay and wd_mode == "decoupled_unscaled":
             torch._foreach_add_(params, params, alpha=-decay)
             decay = 0.0
@@ -212,10 +202,10 @@ def update(optimizer, grads, variables, learning_rate):
         kernel = (torch._fused_adamw_
                   if decay and wd_mode == "decoupled" else torch._fused_adam_)
         kernel(
-            params, grad_list, ms, vs, v_maxes, [step] * len(params),
-            lr=alpha, beta1=optimizer.beta_1, beta2=optimizer.beta_2,
-            weight_decay=decay, eps=optimizer.epsilon,
-            amsgrad=optimizer.amsgrad, maximize=False,
+            params, grad_list, ms, vs, v_maxes, [count] * len(params),
+            lr=alpha, beta1=hyper.beta_1, beta2=hyper.beta_2,
+            weight_decay=decay, eps=hyper.epsilon,
+            amsgrad=hyper.amsgrad, maximize=False,
         )
         if stateless:
             columns = (params, ms, vs, v_maxes)
@@ -224,19 +214,19 @@ def update(optimizer, grads, variables, learning_rate):
                     slot.assign(column[i])
 
 
-def _kernel_scalars(optimizer, dtype, learning_rate, hat):
+def _kernel_scalars(step, dtype, hat):
     """(lr, step, kernel lr) as device tensors of this step, no host sync.
 
     "paper": the kernel's step is t and its learning rate lr. "hat" or no
     bias correction: its step is infinite (corrections 1) and its learning
     rate the rule's alpha.
     """
-    step = optimizer.iterations
-    step = getattr(step, "value", step)
+    count = step.iterations
+    count = getattr(count, "value", count)
     if hat:
-        s = rule.step_scalars(optimizer._hyper(), dtype, step, learning_rate)
+        s = step.scalars(dtype)
         inf = torch.full((), float("inf"), dtype=torch.float32,
                          device=s.lr.device)
         return s.lr, inf, s.alpha
-    lr = rule.as_dtype(learning_rate, dtype)
-    return lr, (step + 1).to(torch.float32), lr
+    lr = rule.as_dtype(step.learning_rate, dtype)
+    return lr, (count + 1).to(torch.float32), lr

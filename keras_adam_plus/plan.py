@@ -1,0 +1,115 @@
+"""What an AdamPlus step does, decided once: a frozen record of its modes.
+
+`AdamPlus` makes a `Plan` at build (and a preview before it, for
+`fast_path`); the step's paths (`keras_adam_plus.backends`), the store
+(`keras_adam_plus.storage`) and the skip of non-finite steps receive it as
+an argument and never read the optimizer. `Step` is one step's view: the
+plan, the store and the step's scalars, computed once per compute dtype.
+"""
+
+import dataclasses
+
+from keras import ops
+
+from keras_adam_plus import rule
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The modes of an AdamPlus step, fixed at build.
+
+    Attributes:
+        hyper: The rule's arguments (`rule.Hyper`); betas may be schedules.
+        weight_decay: A float, a schedule (callable of the step) or None.
+        decays: Per variable (build order): whether weight decay applies.
+        groups: Positions of variables that share flat slots (JAX's
+            `group_small_variables`), or ().
+        state_format: How m, v (v_max) are stored (`storage.Format`).
+        moment_dtype: None or "float32" (half-precision weights' state).
+        lazy_sparse: TensorFlow's sparse rows path on.
+        skip_nonfinite: Steps with a NaN or an Inf gradient are skipped.
+        average_decay: The temporal average's decay, or None.
+        generic_only: Why no fast path may run (a subclass overrides
+            `update_step`, or a test forces the generic path), or None.
+    """
+
+    hyper: rule.Hyper
+    weight_decay: object = None
+    decays: tuple = ()
+    groups: tuple = ()
+    state_format: object = None
+    moment_dtype: str = None
+    lazy_sparse: bool = False
+    skip_nonfinite: bool = False
+    average_decay: float = None
+    generic_only: str = None
+
+    @property
+    def betas_scheduled(self):
+        """Whether beta_1 or beta_2 is a schedule."""
+        return not all(isinstance(b, float)
+                       for b in (self.hyper.beta_1, self.hyper.beta_2))
+
+    @property
+    def decay_scheduled(self):
+        """Whether the weight decay is a schedule."""
+        return callable(self.weight_decay)
+
+
+class Step:
+    """One step's view of the optimizer: what its paths are given.
+
+    Args:
+        plan: The `Plan`.
+        store: The `storage.Store` (None before build).
+        iterations: The step count before this step (a scalar tensor).
+        learning_rate: alpha of this step.
+        index: `variable -> int`, the variable's position in the plan.
+    """
+
+    def __init__(self, plan, store, iterations, learning_rate, index):
+        self.plan, self.store = plan, store
+        self.iterations, self.learning_rate = iterations, learning_rate
+        self.index = index
+        self._scalars = {}
+
+    def scalars(self, dtype):
+        """This step's `rule.Scalars` in `dtype`, computed once."""
+        if dtype not in self._scalars:
+            self._scalars[dtype] = _scalars(self, dtype)
+        return self._scalars[dtype]
+
+    def run(self, grads, variables, slots, decays):
+        """The rule on `variables` (one, or a group with flat `slots`)."""
+        from keras_adam_plus import storage
+
+        dtype = rule.compute_dtype(storage.dtype_of(variables[0]))
+        state = storage.SlotState(self.store, variables, slots, dtype)
+        rule.step(self.plan.hyper, self.scalars(dtype),
+                  storage.flat([ops.cast(g, dtype) for g in grads]), state,
+                  decays)
+        state.finish()
+
+
+def beta_now(beta, iterations, ahead=0):
+    """A beta's value at this step: the constant, or its schedule's."""
+    return beta if isinstance(beta, float) else beta(iterations + ahead)
+
+
+def _scalars(step, dtype):
+    plan, hyper = step.plan, step.plan.hyper
+    betas = beta_1_next = powers = None
+    if plan.betas_scheduled:
+        betas = [beta_now(b, step.iterations)
+                 for b in (hyper.beta_1, hyper.beta_2)]
+        powers = step.store.beta_powers
+        if hyper.nesterov:
+            beta_1_next = beta_now(hyper.beta_1, step.iterations, ahead=1)
+    wd = plan.weight_decay
+    if callable(wd):
+        wd = wd(step.iterations)  # a tensor: never test its truth
+    elif not wd:
+        wd = None
+    return rule.step_scalars(
+        hyper, dtype, step.iterations, step.learning_rate, betas=betas,
+        beta_1_next=beta_1_next, beta_powers=powers, weight_decay=wd)
