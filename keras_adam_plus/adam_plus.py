@@ -1,11 +1,8 @@
 """AdamPlus: Adam (Kingma & Ba, 2015) for Keras 3, exact and validated.
 
-This module holds the arguments, the config and Keras's hooks. At build
-the optimizer decides its `plan.Plan` and makes its `storage.Store`; each
-step hands them to a path (`backends`, or the generic step per variable).
+Arguments, config and Keras's hooks. At build the optimizer decides its
+`plan.Plan` and makes its `storage.Store`; each step hands them to a path.
 """
-
-import re
 
 import keras
 
@@ -16,10 +13,10 @@ from keras_adam_plus import (
     nonfinite,
     plan,
     rule,
+    schedules,
     storage,
     validation,
 )
-from keras_adam_plus.backends import jax_grouped
 
 
 @keras.saving.register_keras_serializable(package="keras_adam_plus")
@@ -52,48 +49,41 @@ class AdamPlus(keras.optimizers.Optimizer):
     Args:
         learning_rate: alpha: a float >= 0, a `LearningRateSchedule` or a
             callable of no arguments. Defaults to `0.001`.
-        beta_1: Decay of the first moment, in [0, 1), or a schedule of the
-            step (e.g. `BetaDecay`; bias correction then uses the product
-            of the betas). Defaults to `0.9`.
-        beta_2: Decay of the second moment, as `beta_1`. Defaults to
-            `0.999`.
+        beta_1: First-moment decay in [0, 1), or a schedule of the step
+            (`BetaDecay`; bias correction then uses the product of the
+            betas). Defaults to `0.9`.
+        beta_2: Second-moment decay, as `beta_1`. Defaults to `0.999`.
         epsilon: Added to the denominator, > 0. Defaults to `1e-8`.
-        epsilon_mode: `"paper"` adds it to `sqrt(v_hat)`, `"hat"` to
-            `sqrt(v)` (see above). Defaults to `"paper"`.
-        amsgrad: AMSGrad (Reddi et al., 2018): the running maximum of the
-            raw `v`, bias-corrected afterwards (torch's order). Defaults
-            to `False`.
-        bias_correction: Divide the moments by `1 - beta**t`; `False` is
-            RMSProp with momentum (Section 6.4). Defaults to `True`.
+        epsilon_mode: `"paper"` or `"hat"` (above). Defaults to `"paper"`.
+        amsgrad: AMSGrad (Reddi et al., 2018): the running max of the raw
+            `v`, bias-corrected after (torch's order). Defaults to `False`.
+        bias_correction: Divide by `1 - beta**t`; `False` is RMSProp with
+            momentum (Section 6.4). Defaults to `True`.
         adamax: AdaMax (Algorithm 2); not with amsgrad. Defaults to `False`.
         nesterov: Nesterov momentum in the step. Defaults to `False`.
-        skip_nonfinite: Skip every step whose gradients hold a NaN or an
-            Inf (nothing changes; `skipped_steps` counts them). Defaults to
-            `False`.
-        average_decay: A float b in [0, 1) keeps the temporal average of
-            Section 7.2 (`average_weights()`, `use_average_weights()`);
-            `None` off. Defaults to `None`.
+        skip_nonfinite: Skip every step with a NaN or Inf gradient (nothing
+            changes; `skipped_steps` counts). Defaults to `False`.
+        average_decay: b in [0, 1): keep Section 7.2's temporal average
+            (`average_weights()`); `None` off. Defaults to `None`.
         lazy_sparse: TensorFlow: sparse gradients update only their rows
             (LazyAdam). Defaults to `False`.
-        group_small_variables: JAX: variables of at most 8192 elements
-            share flat m, v slots, one update per group (faster with many
-            small variables). Files and `get_weights` keep the
-            per-variable layout; `get_state_tree()` and
-            `LossScaleOptimizer` see the flat slots (see
-            `keras_adam_plus.backends.jax_grouped`). Defaults to `False`.
-        moment_dtype: `None` or `"float32"`: float16/bfloat16 weights keep
-            their state in float32. Defaults to `None`.
-        weight_decay: `lambda`, a float >= 0, a schedule or `None`.
+        group_small_variables: JAX: variables of <= 8192 elements share flat
+            slots, one update per group (faster with many small ones);
+            files keep the per-variable layout, `get_state_tree()` does
+            not (`backends.jax_grouped`). Defaults to `False`.
+        moment_dtype: `"float32"`: float16/bfloat16 weights keep float32
+            state. Defaults to `None`.
+        weight_decay: `lambda`: a float >= 0, a schedule or `None`.
             Defaults to `None`.
         weight_decay_mode: `"decoupled"`, `"decoupled_unscaled"` or
             `"l2"`. Defaults to `"decoupled"`.
-        weight_decay_exclude: Regular expressions; a variable whose path
-            or name matches one gets no weight decay. Defaults to `None`.
+        weight_decay_exclude: Regular expressions; a variable whose path or
+            name matches one is not decayed. Defaults to `None`.
         clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum,
         ema_overwrite_frequency, loss_scale_factor: As in
             `keras.optimizers.Optimizer`, validated here.
-        gradient_accumulation_steps: An int: average the gradients of this
-            many batches per update (`1`, `None`: none). Defaults to `None`.
+        gradient_accumulation_steps: Average this many batches' gradients
+            per update (`1`, `None`: none). Defaults to `None`.
         name: The optimizer's name. Defaults to `"adam_plus"`.
 
     Example:
@@ -124,22 +114,18 @@ class AdamPlus(keras.optimizers.Optimizer):
                  ema_overwrite_frequency=None, loss_scale_factor=None,
                  gradient_accumulation_steps=None, name="adam_plus",
                  **kwargs):
-        arguments = {k: v for k, v in locals().items()
-                     if k not in ("self", "kwargs", "__class__")}
-        base, own = validation.arguments(**arguments)
+        base, own = validation.arguments(**{k: v for k, v in locals().items()
+                                            if k not in ("self", "kwargs",
+                                                         "__class__")})
         super().__init__(**base, **kwargs)
         for key, value in own.items():
             setattr(self, key, value)
-        # How m, v and v_max are stored (`storage.Format`), set before build.
-        self._state_format = storage.NATIVE
+        self._state_format = storage.NATIVE  # of m, v (v_max), before build
         self._pending_state = None  # a state loaded before build
         self._step = None  # this step's `plan.Step`, while it runs
 
     def build(self, var_list):
-        """Makes the plan and the store (every slot) for `var_list`.
-
-        A state loaded before the optimizer was built is assigned here.
-        """
+        """Makes the plan and the store; assigns a state loaded before."""
         if self.built:
             return
         storage.check_floating(var_list)
@@ -149,11 +135,8 @@ class AdamPlus(keras.optimizers.Optimizer):
             self._plan, var_list, self.add_variable,
             (self.assign, self.assign_add, self.assign_sub), self.name,
             self.iterations.dtype)
-        if self._pending_state is not None:
-            pending, self._pending_state = self._pending_state, None
-            if isinstance(pending, list):  # pickled by 0.1.0: values only
-                pending = (pending, None)
-            storage.assign_pending(self._face(), *pending)
+        pending, self._pending_state = self._pending_state, None
+        storage.assign_pending(self._face(), pending)
 
     def _make_plan(self, var_list, built=False):
         """The `plan.Plan` for `var_list` (a preview when not `built`)."""
@@ -161,13 +144,9 @@ class AdamPlus(keras.optimizers.Optimizer):
         generic = getattr(self, "_force_generic", None)  # tests compare
         if type(self).update_step is not AdamPlus.update_step:
             generic = f"{type(self).__name__} overrides update_step"
-        groups = backends.slot_groups(var_list, decays, jax_grouped.MAX_SIZE
-                                      if self.group_small_variables and built
-                                      and not generic else 0)
-        hyper = rule.Hyper(self.beta_1, self.beta_2, self.epsilon,
-                           self.epsilon_mode, self.amsgrad,
-                           self.bias_correction, self.adamax, self.nesterov,
-                           self.weight_decay_mode)
+        groups = backends.slot_groups(var_list, decays, built and not generic
+                                      and self.group_small_variables)
+        hyper = rule.Hyper(*(getattr(self, f) for f in rule.Hyper._fields))
         return plan.Plan(
             hyper, self.weight_decay, decays, groups, self._state_format,
             self.moment_dtype, self.lazy_sparse, self.skip_nonfinite,
@@ -178,12 +157,11 @@ class AdamPlus(keras.optimizers.Optimizer):
         scalars = {"iteration": self.iterations}
         if isinstance(self._learning_rate, keras.Variable):
             scalars["learning_rate"] = self._learning_rate
-        store = getattr(self, "_store", None)
-        own = list(self.variables)
-        return storage.Face(
-            self.name, store.entries(own) if store else own, own,
-            list(getattr(self, "_trainable_variables", [])), scalars,
-            self._pending_state, self.built)
+        own, store = list(self.variables), getattr(self, "_store", None)
+        model = list(getattr(self, "_trainable_variables", []))
+        return storage.Face(self.name, store.entries(own) if store else own,
+                            own, model, scalars, self._pending_state,
+                            self.built, self._state_format)
 
     # ------------------------------------------------------------- step --
 
@@ -216,23 +194,11 @@ class AdamPlus(keras.optimizers.Optimizer):
                                              learning_rate)
         finally:
             self._step = None
-        store = self._store
-        if store.averages is not None:  # once per real step
-            averaging.update(store, trainable_variables,
-                             self._get_variable_index)
-        for beta, power in zip((self.beta_1, self.beta_2),
-                               store.beta_powers or ()):
-            # Once per real step, after every variable used the old value.
-            now = plan.beta_now(beta, self.iterations)
-            store.assign(power, power * rule.as_dtype(now, power.dtype))
+        step.finish(trainable_variables)
 
     def apply(self, grads, trainable_variables=None):
-        """Applies one step; see `keras.optimizers.Optimizer.apply`.
-
-        With `skip_nonfinite=True`, a step whose gradients hold a NaN or an
-        Inf (on any replica) leaves every variable as it was and adds 1 to
-        `skipped_steps`, eager or compiled (`keras_adam_plus.nonfinite`).
-        """
+        """`Optimizer.apply`; with `skip_nonfinite`, a step with a NaN or
+        Inf gradient (any replica) changes nothing but `skipped_steps`."""
         store = getattr(self, "_store", None)
         if not self.skip_nonfinite or (store is not None and store.checked):
             return super().apply(grads, trainable_variables)
@@ -245,15 +211,11 @@ class AdamPlus(keras.optimizers.Optimizer):
 
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
         """`Optimizer.stateless_apply`, with the skip of `apply`."""
-        def step():
-            return super(AdamPlus, self).stateless_apply(
-                optimizer_variables, grads, trainable_variables)
-
+        args = (optimizer_variables, grads, trainable_variables)
         if not self.skip_nonfinite or self._store.checked:
-            return step()
-        return nonfinite.stateless_apply(self._skip(), step,
-                                         optimizer_variables, grads,
-                                         trainable_variables)
+            return super().stateless_apply(*args)
+        return nonfinite.stateless_apply(self._skip(), lambda: super(
+            AdamPlus, self).stateless_apply(*args), *args)
 
     def _skip(self):
         by_keras = bool(self.use_ema and self.ema_overwrite_frequency)
@@ -279,13 +241,9 @@ class AdamPlus(keras.optimizers.Optimizer):
 
     def _decays_variable(self, variable):
         """Whether weight decay applies to `variable` (decided at build)."""
-        if not self.weight_decay:
-            return False
-        for pattern in self.weight_decay_exclude:
-            for label in (getattr(variable, "path", ""), variable.name):
-                if re.search(pattern, label):
-                    return False
-        return self._use_weight_decay(variable)  # exclude_from_weight_decay
+        return bool(self.weight_decay) and not validation.matches(
+            self.weight_decay_exclude, variable) and self._use_weight_decay(
+            variable)  # Keras's exclude_from_weight_decay too
 
     def _apply_weight_decay(self, variables):
         return  # every weight decay mode is applied in the step instead
@@ -299,25 +257,16 @@ class AdamPlus(keras.optimizers.Optimizer):
 
     @property
     def fast_path(self):
-        """Which update this optimizer runs on the current backend.
-
-        `"torch_fused"` (torch's fused multi-tensor Adam kernel), on JAX
-        `"jax_grouped (...)"` with `group_small_variables`, else
-        `"generic"` (`update_step` per variable, compiled by XLA under
-        `jit_compile` and on JAX), followed by the reason where a fast path
-        exists but this configuration falls back.
-        """
+        """The update this optimizer runs: `"torch_fused"`, `"jax_grouped
+        (...)"` or `"generic"`, with the reason where it falls back."""
         built = self.built and hasattr(self, "_plan")
         variables = list(getattr(self, "_trainable_variables", []))
         return backends.describe(self._plan if built else self._make_plan(
             variables), variables, getattr(self, "_store", None))
 
     def average_weights(self, var_list=None):
-        """Bias-corrected averages theta_bar / (1 - b**t) (Section 7.2).
-
-        One tensor per variable of `var_list` (default: the variables the
-        optimizer was built with); before the first step, their values.
-        """
+        """theta_bar / (1 - b**t) (Section 7.2) per variable of `var_list`
+        (default: those of build); before the first step, their values."""
         if self.average_decay is None:
             raise ValueError("average_weights() needs AdamPlus(average_decay"
                              "=...). Received: average_decay=None")
@@ -326,11 +275,8 @@ class AdamPlus(keras.optimizers.Optimizer):
             if var_list is None else list(var_list), self._get_variable_index)
 
     def use_average_weights(self, var_list=None):
-        """Context manager: the variables hold their averages inside it.
-
-        `with optimizer.use_average_weights(): model.evaluate(...)`; on exit
-        the trained weights come back exactly.
-        """
+        """Context manager: the variables hold their averages inside it
+        (`with opt.use_average_weights(): model.evaluate(...)`)."""
         return averaging.Swap(self.average_weights, self._trainable_variables
                               if var_list is None else var_list)
 
@@ -350,54 +296,26 @@ class AdamPlus(keras.optimizers.Optimizer):
                     "bias_correction", "adamax", "nesterov", "skip_nonfinite",
                     "average_decay", "lazy_sparse", "group_small_variables",
                     "moment_dtype", "weight_decay", "weight_decay_mode"):
-            config[key] = _serialize_schedule(getattr(self, key))
+            config[key] = schedules.serialize(getattr(self, key))
         config["weight_decay_exclude"] = list(self.weight_decay_exclude)
         return config
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
         """Builds an AdamPlus from `get_config()`, schedules included."""
-        config = dict(config)
-        for name in ("beta_1", "beta_2", "weight_decay"):
-            if isinstance(config.get(name), dict):
-                config[name] = keras.saving.deserialize_keras_object(
-                    config[name], custom_objects=custom_objects)
-        return super().from_config(config, custom_objects=custom_objects)
+        return super().from_config(schedules.deserialize_config(
+            config, custom_objects), custom_objects=custom_objects)
 
     def save_own_variables(self, store):
         """Saves the state by index (as Keras does) and the kind of each."""
         storage.save(self._face(), store)
 
     def load_own_variables(self, store):
-        """Loads a saved state: all of it, or nothing (it raises).
-
-        Values are matched by kind and shape (momentum, velocity, ...): a
-        state of another configuration is refused, never misplaced. Before
-        build the state is kept and assigned at build.
-        """
-        values, saved_kinds = storage.read_store(store)
-        face = self._face()
-        if self.built:
-            return storage.assign(face, values, saved_kinds)
-        storage.check_kinds_before_build(self.name, saved_kinds,
-                                         self._state_kinds())
-        # The step count and learning rate exist before build: assigned
-        # now (a later `optimizer.learning_rate = ...` wins).
-        storage.assign_scalars(face.scalars, values, saved_kinds)
-        self._pending_state = (values, saved_kinds)
-
-    def _state_kinds(self):
-        """The kinds of state this configuration keeps (see `storage`)."""
-        optional = {
-            "learning_rate": isinstance(self._learning_rate, keras.Variable),
-            "velocity_max": self.amsgrad,
-            storage.AVERAGE: self.average_decay is not None,
-            "beta_1_power": self._make_plan(()).betas_scheduled,
-            "beta_2_power": self._make_plan(()).betas_scheduled,
-            "skipped_steps": self.skip_nonfinite, "average": self.use_ema,
-            "gradient_accumulator": bool(self.gradient_accumulation_steps)}
-        return {"iteration", "momentum", "velocity"} | {
-            k for k, on in optional.items() if on}
+        """Loads a saved state, all or nothing (it raises), matched by kind
+        and shape; before build it is kept and assigned at build."""
+        self._pending_state = storage.load(
+            self._face(), store, self._make_plan(()), self.use_ema,
+            bool(self.gradient_accumulation_steps))
 
     def get_weights(self):
         """The state as NumPy arrays in the per-variable layout (the step
@@ -417,18 +335,6 @@ class AdamPlus(keras.optimizers.Optimizer):
         state = storage.snapshot(self._face()) if (
             self.built or self._pending_state is not None) else None
         return _unpickle, (self.__class__, self.get_config(), state)
-
-
-# Short names for `compile(optimizer="adam_plus")`: Keras resolves a string
-# identifier through its global custom objects, a public dict for updates.
-for _alias in ("adam_plus", "AdamPlus"):
-    keras.saving.get_custom_objects().setdefault(_alias, AdamPlus)
-
-
-def _serialize_schedule(value):
-    if isinstance(value, keras.optimizers.schedules.LearningRateSchedule):
-        return keras.saving.serialize_keras_object(value)
-    return value  # a float, or a plain callable (not JSON, as in Keras)
 
 
 def _unpickle(cls, config, state):

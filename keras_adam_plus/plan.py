@@ -79,6 +79,20 @@ class Step:
             self._scalars[dtype] = _scalars(self, dtype)
         return self._scalars[dtype]
 
+    def finish(self, variables):
+        """After the update of `variables`: once per real step, the
+        temporal averages and the beta products (after every variable
+        used the old ones)."""
+        store, hyper = self.store, self.plan.hyper
+        if store.averages is not None:
+            from keras_adam_plus import averaging
+
+            averaging.update(store, variables, self.index)
+        for beta, power in zip((hyper.beta_1, hyper.beta_2),
+                               store.beta_powers or ()):
+            now = beta_now(beta, self.iterations)
+            store.assign(power, power * rule.as_dtype(now, power.dtype))
+
     def run(self, grads, variables, slots, decays):
         """The rule on `variables` (one, or a group with flat `slots`)."""
         from keras_adam_plus import storage

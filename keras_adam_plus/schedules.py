@@ -78,3 +78,24 @@ class BetaDecay(keras.optimizers.schedules.LearningRateSchedule):
     def get_config(self):
         """Returns the config: `{"initial_beta": ..., "decay": ...}`."""
         return {"initial_beta": self.initial_beta, "decay": self.decay}
+
+
+# AdamPlus's arguments that may hold a schedule.
+SCHEDULED = ("beta_1", "beta_2", "weight_decay")
+
+
+def serialize(value):
+    """A config value: a `LearningRateSchedule` serialized, else as is."""
+    if isinstance(value, keras.optimizers.schedules.LearningRateSchedule):
+        return keras.saving.serialize_keras_object(value)
+    return value  # a float, or a plain callable (not JSON, as in Keras)
+
+
+def deserialize_config(config, custom_objects=None):
+    """A copy of `config` with its serialized schedules rebuilt."""
+    config = dict(config)
+    for name in SCHEDULED:
+        if isinstance(config.get(name), dict):
+            config[name] = keras.saving.deserialize_keras_object(
+                config[name], custom_objects=custom_objects)
+    return config

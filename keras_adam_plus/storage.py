@@ -1,19 +1,20 @@
-"""Where AdamPlus keeps its state and writes theta.
+"""The one owner of AdamPlus's state: `Store`, formats and saved faces.
 
-- Slots: one per (model variable, kind), in the variable's dtype or in
-  `moment_dtype`, with the variable's layout (so that they follow its
-  sharding under `keras.distribution`); or, for a group of small
-  variables (JAX, see `backends/jax_grouped.py`), one flat slot per kind
-  of which each variable's slot is a `GroupSlice`.
-- `Target`: where a step writes theta (the variable itself, or a copy in
-  the compute dtype that is rounded back once per step).
-- Facts derived from the variable lists (fast-path groups and layouts,
-  the variables a guarded step copies), cached per list (`per_variables`).
-- Saved state: the values by index, as Keras saves them, plus the kind of
-  each value ("momentum", "velocity", ...). A state loads only into an
-  optimizer that has the same kinds in the same order with the same
-  shapes, and a load that raises changes nothing. Loading into an optimizer
-  that is not built yet keeps the state pending until `build`.
+- `Store` (made at build from the plan): every slot (m, v, v_max, the
+  temporal average, beta products, `skipped_steps`), one per (model
+  variable, kind) with the variable's layout (its sharding), or, for the
+  plan's groups (JAX, opt-in), one flat slot per kind of which each
+  variable's slot is a `GroupSlice`. Every write of a step goes through
+  it, and keeps the old value while a step is guarded (`nonfinite`).
+- `Format`: how a slot stores values (the weight's dtype or
+  `moment_dtype` today), read into the compute dtype and written back
+  once per step (`read`, `write`, `put`, `SlotState`, `Target`).
+- The face every saving route sees (`Face`): the per-variable layout
+  whatever the grouping, the kind of each value ("momentum", "velocity",
+  ...) and the format. A state loads only into an optimizer with the same
+  kinds in the same order with the same shapes, and the same format; a
+  load that raises changes nothing; loading before build keeps the state
+  pending until `build`.
 """
 
 import collections
@@ -25,6 +26,7 @@ from keras import ops
 
 LOW_PRECISION = ("float16", "bfloat16")
 KINDS_KEY = "slot_kinds"
+FORMAT_KEY = "state_format"  # saved only for a format other than "native"
 
 
 def per_variables(cache, name, variables, compute, extra=()):
@@ -477,7 +479,8 @@ class Target:
 # ---------------------------------------------------------------- state --
 
 class Face(collections.namedtuple("Face", [
-        "name", "entries", "own", "model", "scalars", "pending", "built"])):
+        "name", "entries", "own", "model", "scalars", "pending", "built",
+        "format"])):
     """How every saving route sees an optimizer's state.
 
     `name`: the optimizer's; `entries`: its state in the per-variable
@@ -485,7 +488,7 @@ class Face(collections.namedtuple("Face", [
     `model`: the model variables it was built with; `scalars`: the state
     variables that exist before build, by kind ("iteration",
     "learning_rate"); `pending`: a state loaded before build, or None;
-    `built`: whether it is built.
+    `built`: whether it is built; `format`: its `Format`.
     """
 
 
@@ -551,11 +554,13 @@ def save(face, store):
         store[str(i)] = value
     if saved_kinds is not None:
         store[KINDS_KEY] = _encode(saved_kinds)
+    if not face.format.native:
+        store[FORMAT_KEY] = _encode(face.format.name)
 
 
 def read_store(store):
     """`(values, kinds)` of a saved state (`kinds` None in older files)."""
-    keys = [k for k in store.keys() if k != KINDS_KEY]
+    keys = [k for k in store.keys() if k not in (KINDS_KEY, FORMAT_KEY)]
     values = [store[str(i)] for i in range(len(keys))]
     saved_kinds = None
     if KINDS_KEY in store.keys():
@@ -663,20 +668,62 @@ def set_weights(face, weights):
     )
 
 
-def assign_pending(face, values, saved_kinds):
-    """`assign` at build time, which may run inside a traced function.
+def load(face, store, plan, use_ema, accumulates):
+    """`AdamPlus.load_own_variables`: returns the state left pending.
 
-    TensorFlow builds an optimizer on its first `apply`, inside the
-    `tf.function` of the train step: the values are assigned eagerly
-    (`tf.init_scope`), once, not as ops of the traced step.
+    Built: the state is assigned, all or nothing (None is returned).
+    Before build: refused unless it has the kinds this configuration
+    (`plan`, `use_ema`, gradient accumulation) keeps; the step count and
+    learning rate, which exist before build, are assigned now (a later
+    `optimizer.learning_rate = ...` wins) and the rest is returned, to be
+    assigned at build (`assign_pending`).
     """
+    values, saved_kinds = read_store(store)
+    saved = (_decode(store[FORMAT_KEY]) if FORMAT_KEY in store.keys()
+             else NATIVE.name)
+    if saved != face.format.name:
+        raise ValueError(
+            f"Cannot load the state of optimizer '{face.name}': it was "
+            f"saved in state format {saved!r}, this optimizer keeps "
+            f"{face.format.name!r}. Load it into an optimizer of the saved "
+            "format.")
+    if face.built:
+        assign(face, values, saved_kinds)
+        return None
+    optional = {
+        "learning_rate": "learning_rate" in face.scalars,
+        "velocity_max": plan.hyper.amsgrad,
+        AVERAGE: plan.average_decay is not None,
+        "beta_1_power": plan.betas_scheduled,
+        "beta_2_power": plan.betas_scheduled,
+        "skipped_steps": plan.skip_nonfinite, "average": use_ema,
+        "gradient_accumulator": accumulates}
+    check_kinds_before_build(face.name, saved_kinds, {
+        "iteration", "momentum", "velocity"} | {
+        k for k, on in optional.items() if on})
+    assign_scalars(face.scalars, values, saved_kinds)
+    return values, saved_kinds
+
+
+def assign_pending(face, pending):
+    """Assigns a state loaded before build (None: nothing), at build.
+
+    Build may run inside a traced function: TensorFlow builds an
+    optimizer on its first `apply`, inside the `tf.function` of the train
+    step; the values are then assigned eagerly (`tf.init_scope`), once,
+    not as ops of the traced step.
+    """
+    if pending is None:
+        return
+    if isinstance(pending, list):  # pickled by 0.1.0: values only
+        pending = (pending, None)
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
         with tf.init_scope():
-            assign(face, values, saved_kinds, skip_scalars=True)
+            assign(face, *pending, skip_scalars=True)
     else:
-        assign(face, values, saved_kinds, skip_scalars=True)
+        assign(face, *pending, skip_scalars=True)
 
 
 def _mismatch(name, extra, missing):

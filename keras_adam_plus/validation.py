@@ -242,6 +242,12 @@ def check_weight_decay(value):
     return check_float("weight_decay", value, low=0.0, optional=True)
 
 
+def matches(patterns, variable):
+    """Whether a variable's path or name matches one of `patterns`."""
+    labels = (getattr(variable, "path", None) or "", variable.name)
+    return any(re.search(p, label) for p in patterns for label in labels)
+
+
 def check_name(value):
     """Returns the optimizer name: `None` or a non-empty string."""
     if value is None or (isinstance(value, str) and value):

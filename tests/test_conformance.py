@@ -73,7 +73,8 @@ if BACKEND == "tensorflow":
 
 # "one": the (2, 3) weight is one variable; "split": its rows are two
 # variables of shape (3,), which the JAX backend updates as one group with
-# flat slots (backends/jax_grouped.py) and torch's fused kernel in one call.
+# flat slots (`group_small_variables=True`, backends/jax_grouped.py) and
+# torch's fused kernel in one call.
 LAYOUTS = ["one", "split"]
 CELLS = all_pairs([list(MODES), DTYPES, EXECUTIONS, LAYOUTS])
 
@@ -279,7 +280,8 @@ def test_cell_follows_the_float64_reference(mode, dtype, execution, layout):
         grads[2][1, 1] = np.nan
         reference_grads = grads[:2] + grads[3:]
     with _x64(dtype):
-        optimizer = AdamPlus(learning_rate=LR, **MODES[mode])
+        optimizer = AdamPlus(learning_rate=LR, group_small_variables=(
+            layout == "split"), **MODES[mode])
         got = _joined(RUNNERS[execution](optimizer, dtype, theta, grads,
                                          layout))
         if BACKEND == "jax" and layout == "split":

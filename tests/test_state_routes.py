@@ -188,3 +188,71 @@ def test_set_weights_refuses_a_wrong_state_before_writing(layout):
         np.testing.assert_array_equal(a, b)  # the step count too
     with pytest.raises(ValueError, match="received 2. Nothing was "):
         optimizer.set_weights(before[:2])
+
+
+# ------------------------------------------------------ other backend --
+
+OTHER = {"tensorflow": "jax", "jax": "torch", "torch": "tensorflow"}[BACKEND]
+SAVE_ON_OTHER_BACKEND = """
+import sys
+import numpy as np
+from tests.test_state_routes import MODES, _fit, _model
+folder = sys.argv[1]
+for mode in MODES:
+    model = _model(mode, "one")
+    np.savez(f"{folder}/{mode}.npz", *model.get_weights())
+    _fit(model, 0, 1)
+    model.save(f"{folder}/{mode}.keras")
+    model.save_weights(f"{folder}/{mode}.weights.h5")
+"""
+
+
+@pytest.fixture(scope="module")
+def other_backend_files(tmp_path_factory):
+    """Each mode's state after 1 step, saved by `OTHER`'s backend."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    folder = tmp_path_factory.mktemp("other_backend")
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, KERAS_BACKEND=OTHER,
+               PYTHONPATH=os.pathsep.join(
+                   [str(root), os.environ.get("PYTHONPATH", "")]))
+    # Its own session, killed whole on any failure or timeout.
+    process = subprocess.Popen(
+        [sys.executable, "-c", SAVE_ON_OTHER_BACKEND, str(folder)],
+        cwd=root, env=env, start_new_session=True, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    if process.returncode:
+        pytest.fail(f"saving on {OTHER} failed:\n{output[-3000:]}")
+    return folder
+
+
+@pytest.mark.parametrize("route", ["keras_file", "weights_h5"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_state_saved_on_another_backend_continues(route, mode,
+                                                    other_backend_files):
+    # Initial weights differ across backends: the other backend's.
+    straight = _model(mode, "one")
+    start = np.load(other_backend_files / f"{mode}.npz")
+    straight.set_weights([start[f"arr_{i}"] for i in range(len(start))])
+    _fit(straight, 0, 2)
+    target = _model(mode, "one")
+    if mode == "loss_scale":
+        target.optimizer.build(target.trainable_variables)
+    suffix = ".keras" if route == "keras_file" else ".weights.h5"
+    target.load_weights(other_backend_files / f"{mode}{suffix}")
+    _fit(target, 1, 2)
+    for got, want in zip(target.get_weights(), straight.get_weights()):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    inner = getattr(target.optimizer, "inner_optimizer", target.optimizer)
+    assert int(keras.ops.convert_to_numpy(inner.iterations)) == 2

@@ -123,3 +123,36 @@ def test_a_toy_format_on_tensorflows_sparse_rows():
     assert np.all(tables["native"][0][4] < 1)
     for toy, value in zip(tables["scaled"][1], tables["native"][1]):
         np.testing.assert_array_equal(toy, value * SCALE)
+
+
+def test_a_saved_format_loads_only_into_that_format(tmp_path):
+    # The format is saved beside the state (none is written for the
+    # default, so older files load as "native"); loading a state into an
+    # optimizer of another format is refused before anything is written.
+    variable = keras.Variable(np.ones((3,), "float32"), name="w")
+    saved = _optimizer(Scaled())
+    saved.apply([ops.ones((3,))], [variable])
+    store = {}
+    saved.save_own_variables(store)
+    assert storage.FORMAT_KEY in store
+    same = _optimizer(Scaled())
+    same.build([variable])
+    same.load_own_variables(store)
+    for a, b in zip(_slots(same), _slots(saved)):
+        np.testing.assert_array_equal(a, b)
+    for built in (True, False):
+        other = _optimizer(storage.NATIVE)
+        if built:
+            other.build([variable])
+        before = [np.array(ops.convert_to_numpy(v)) for v in other.variables]
+        with pytest.raises(ValueError, match="saved in state format "
+                           "'scaled', this optimizer keeps 'native'"):
+            other.load_own_variables(store)
+        for a, v in zip(before, other.variables):
+            np.testing.assert_array_equal(a, ops.convert_to_numpy(v))
+    native = {}
+    other.save_own_variables(native)
+    assert storage.FORMAT_KEY not in native
+    with pytest.raises(ValueError, match="saved in state format 'native', "
+                       "this optimizer keeps 'scaled'"):
+        _optimizer(Scaled()).load_own_variables(native)

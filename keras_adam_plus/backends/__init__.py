@@ -24,12 +24,12 @@ def _module():
     return None
 
 
-def slot_groups(var_list, decays, max_size):
+def slot_groups(var_list, decays, enabled):
     """Positions of `var_list` that share flat slots (JAX), at build."""
     module = _module()
-    if module is None or not hasattr(module, "groups"):
+    if not enabled or module is None or not hasattr(module, "groups"):
         return ()
-    return module.groups(var_list, decays, max_size)
+    return module.groups(var_list, decays, module.MAX_SIZE)
 
 
 def _reason(module, plan, variables, store):
