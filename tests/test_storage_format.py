@@ -43,7 +43,9 @@ MODES = {"adam": {}, "amsgrad_l2": dict(amsgrad=True, weight_decay=0.1,
 
 
 def _optimizer(fmt, **config):
-    optimizer = AdamPlus(learning_rate=0.01, **config)
+    # On JAX through flat groups: the format must hold on that path too.
+    optimizer = AdamPlus(learning_rate=0.01,
+                         group_small_variables=BACKEND == "jax", **config)
     optimizer._state_format = fmt
     if BACKEND == "torch":  # the toy format runs the generic path there
         optimizer._force_generic = "compared with the toy format"
