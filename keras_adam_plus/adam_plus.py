@@ -10,6 +10,7 @@ from keras_adam_plus import (
     averaging,
     backends,
     gradients,
+    groups,
     nonfinite,
     plan,
     rule,
@@ -79,6 +80,10 @@ class AdamPlus(keras.optimizers.Optimizer):
             `"l2"`. Defaults to `"decoupled"`.
         weight_decay_exclude: Regular expressions; a variable whose path or
             name matches one is not decayed. Defaults to `None`.
+        variable_groups: Per-variable settings: rules `{"match": regex,
+            "learning_rate_multiplier": 0.1, "weight_decay": 0.0, ...}`,
+            first match on a variable's path wins (`groups`, `describe()`).
+            Defaults to `None`.
         clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum,
         ema_overwrite_frequency, loss_scale_factor: As in
             `keras.optimizers.Optimizer`, validated here.
@@ -109,8 +114,9 @@ class AdamPlus(keras.optimizers.Optimizer):
                  skip_nonfinite=False, average_decay=None, lazy_sparse=False,
                  group_small_variables=False, moment_dtype=None,
                  weight_decay=None, weight_decay_mode="decoupled",
-                 weight_decay_exclude=None, clipnorm=None, clipvalue=None,
-                 global_clipnorm=None, use_ema=False, ema_momentum=0.99,
+                 weight_decay_exclude=None, variable_groups=None,
+                 clipnorm=None, clipvalue=None, global_clipnorm=None,
+                 use_ema=False, ema_momentum=0.99,
                  ema_overwrite_frequency=None, loss_scale_factor=None,
                  gradient_accumulation_steps=None, name="adam_plus",
                  **kwargs):
@@ -140,17 +146,27 @@ class AdamPlus(keras.optimizers.Optimizer):
 
     def _make_plan(self, var_list, built=False):
         """The `plan.Plan` for `var_list` (a preview when not `built`)."""
-        decays = tuple(self._decays_variable(v) for v in var_list)
+        hyper = rule.Hyper(*(getattr(self, f) for f in rule.Hyper._fields))
+        settings, setting_of = groups.assign(
+            groups.Setting(hyper, 1.0, self.weight_decay, "default"),
+            self.variable_groups, var_list, built)
+        decays = tuple(bool(settings[k].weight_decay) and self._decays(v)
+                       for v, k in zip(var_list, setting_of))
         generic = getattr(self, "_force_generic", None)  # tests compare
         if type(self).update_step is not AdamPlus.update_step:
             generic = f"{type(self).__name__} overrides update_step"
-        groups = backends.slot_groups(var_list, decays, built and not generic
-                                      and self.group_small_variables)
-        hyper = rule.Hyper(*(getattr(self, f) for f in rule.Hyper._fields))
+        flat = backends.slot_groups(var_list, list(zip(decays, setting_of)),
+                                    built and not generic
+                                    and self.group_small_variables)
         return plan.Plan(
-            hyper, self.weight_decay, decays, groups, self._state_format,
+            hyper, self.weight_decay, decays, flat, self._state_format,
             self.moment_dtype, self.lazy_sparse, self.skip_nonfinite,
-            self.average_decay, generic)
+            self.average_decay, generic, settings, setting_of)
+
+    def describe(self):
+        """Each group's settings and the variables it took (once built)."""
+        return groups.describe(self._plan.settings, self._plan.setting_of,
+                               self._trainable_variables)
 
     def _face(self):
         """The state as every saving route sees it (`storage.Face`)."""
@@ -163,7 +179,6 @@ class AdamPlus(keras.optimizers.Optimizer):
                             own, model, scalars, self._pending_state,
                             self.built, self._state_format)
 
-    # ------------------------------------------------------------- step --
 
     def _new_step(self, learning_rate):
         return plan.Step(self._plan, self._store, self.iterations,
@@ -178,8 +193,7 @@ class AdamPlus(keras.optimizers.Optimizer):
             if tf_lazy.handles(self._plan, gradient):
                 return tf_lazy.update_step(step, gradient, variable)
         index = self._get_variable_index(variable)
-        step.run([gradient], [variable], self._store.slots(index),
-                 self._plan.decays[index])
+        step.run([gradient], [variable], self._store.slots(index), index)
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         grads = gradients.conform(grads, trainable_variables)
@@ -239,11 +253,10 @@ class AdamPlus(keras.optimizers.Optimizer):
         return super()._overwrite_variables_directly_with_gradients(
             grads, vars)
 
-    def _decays_variable(self, variable):
-        """Whether weight decay applies to `variable` (decided at build)."""
-        return bool(self.weight_decay) and not validation.matches(
-            self.weight_decay_exclude, variable) and self._use_weight_decay(
-            variable)  # Keras's exclude_from_weight_decay too
+    def _decays(self, variable):
+        """Whether `variable` is not excluded from weight decay."""
+        return not validation.matches(self.weight_decay_exclude, variable) \
+            and self._use_weight_decay(variable)  # Keras's exclusions too
 
     def _apply_weight_decay(self, variables):
         return  # every weight decay mode is applied in the step instead
@@ -267,12 +280,10 @@ class AdamPlus(keras.optimizers.Optimizer):
     def average_weights(self, var_list=None):
         """theta_bar / (1 - b**t) (Section 7.2) per variable of `var_list`
         (default: those of build); before the first step, their values."""
-        if self.average_decay is None:
-            raise ValueError("average_weights() needs AdamPlus(average_decay"
-                             "=...). Received: average_decay=None")
-        return averaging.corrected(
-            self._store, self.iterations, self._trainable_variables
-            if var_list is None else list(var_list), self._get_variable_index)
+        variables = self._trainable_variables if var_list is None else var_list
+        return averaging.corrected(getattr(self, "_store", None),
+                                   self.iterations, list(variables),
+                                   self._get_variable_index)
 
     def use_average_weights(self, var_list=None):
         """Context manager: the variables hold their averages inside it
@@ -284,21 +295,13 @@ class AdamPlus(keras.optimizers.Optimizer):
     def skipped_steps(self):
         """Steps skipped for non-finite gradients (a saved variable), or
         `None` before build or without `skip_nonfinite`."""
-        store = getattr(self, "_store", None)
-        return store.skipped if store is not None else None
+        return getattr(getattr(self, "_store", None), "skipped", None)
 
-    # ------------------------------------------------------------ config --
 
     def get_config(self):
         """Returns the JSON-serializable config; every key is an argument."""
-        config = super().get_config()
-        for key in ("beta_1", "beta_2", "epsilon", "epsilon_mode", "amsgrad",
-                    "bias_correction", "adamax", "nesterov", "skip_nonfinite",
-                    "average_decay", "lazy_sparse", "group_small_variables",
-                    "moment_dtype", "weight_decay", "weight_decay_mode"):
-            config[key] = schedules.serialize(getattr(self, key))
-        config["weight_decay_exclude"] = list(self.weight_decay_exclude)
-        return config
+        return {**super().get_config(), **{key: schedules.serialize(getattr(
+            self, key)) for key in validation.OWN + ("weight_decay",)}}
 
     @classmethod
     def from_config(cls, config, custom_objects=None):

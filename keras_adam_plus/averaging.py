@@ -25,6 +25,9 @@ def update(store, variables, index):
 
 def corrected(store, iterations, variables, index):
     """theta_bar / (1 - b**t) per variable; before any step, theta."""
+    if store is None or store.plan.average_decay is None:
+        raise ValueError("average_weights() needs AdamPlus(average_decay"
+                         "=...). Received: average_decay=None")
     result = []
     for variable in variables:
         average = store.averages[index(variable)]

@@ -11,7 +11,7 @@ import dataclasses
 
 from keras import ops
 
-from keras_adam_plus import rule
+from keras_adam_plus import groups, rule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +31,9 @@ class Plan:
         average_decay: The temporal average's decay, or None.
         generic_only: Why no fast path may run (a subclass overrides
             `update_step`, or a test forces the generic path), or None.
+        settings: The groups' `groups.Setting`s (`variable_groups`);
+            settings[0] is the default group (`hyper`, `weight_decay`).
+        setting_of: Per variable (build order): its group in `settings`.
     """
 
     hyper: rule.Hyper
@@ -43,6 +46,19 @@ class Plan:
     skip_nonfinite: bool = False
     average_decay: float = None
     generic_only: str = None
+    settings: tuple = ()
+    setting_of: tuple = ()
+
+    def setting(self, index):
+        """The `groups.Setting` of variable `index`."""
+        if not self.setting_of:
+            return groups.Setting(self.hyper, 1.0, self.weight_decay,
+                                  "default")
+        return self.settings[self.setting_of[index]]
+
+    def group(self, index):
+        """The position of variable `index`'s group in `settings`."""
+        return self.setting_of[index] if self.setting_of else 0
 
     @property
     def betas_scheduled(self):
@@ -73,11 +89,13 @@ class Step:
         self.index = index
         self._scalars = {}
 
-    def scalars(self, dtype):
-        """This step's `rule.Scalars` in `dtype`, computed once."""
-        if dtype not in self._scalars:
-            self._scalars[dtype] = _scalars(self, dtype)
-        return self._scalars[dtype]
+    def scalars(self, dtype, group=0):
+        """This step's `rule.Scalars` in `dtype` for a group (its position
+        in `plan.settings`), computed once."""
+        key = (dtype, group)
+        if key not in self._scalars:
+            self._scalars[key] = _scalars(self, dtype, group)
+        return self._scalars[key]
 
     def finish(self, variables):
         """After the update of `variables`: once per real step, the
@@ -93,15 +111,17 @@ class Step:
             now = beta_now(beta, self.iterations)
             store.assign(power, power * rule.as_dtype(now, power.dtype))
 
-    def run(self, grads, variables, slots, decays):
-        """The rule on `variables` (one, or a group with flat `slots`)."""
+    def run(self, grads, variables, slots, index):
+        """The rule on `variables` (one, or a group with flat `slots`), of
+        one group and weight decay: those of variable `index`."""
         from keras_adam_plus import storage
 
         dtype = rule.compute_dtype(storage.dtype_of(variables[0]))
         state = storage.SlotState(self.store, variables, slots, dtype)
-        rule.step(self.plan.hyper, self.scalars(dtype),
+        group = self.plan.group(index)
+        rule.step(self.plan.setting(index).hyper, self.scalars(dtype, group),
                   storage.flat([ops.cast(g, dtype) for g in grads]), state,
-                  decays)
+                  self.plan.decays[index])
         state.finish()
 
 
@@ -110,8 +130,10 @@ def beta_now(beta, iterations, ahead=0):
     return beta if isinstance(beta, float) else beta(iterations + ahead)
 
 
-def _scalars(step, dtype):
-    plan, hyper = step.plan, step.plan.hyper
+def _scalars(step, dtype, group):
+    plan = step.plan
+    setting = plan.settings[group] if plan.settings else plan.setting(0)
+    hyper = setting.hyper
     betas = beta_1_next = powers = None
     if plan.betas_scheduled:
         betas = [beta_now(b, step.iterations)
@@ -119,11 +141,15 @@ def _scalars(step, dtype):
         powers = step.store.beta_powers
         if hyper.nesterov:
             beta_1_next = beta_now(hyper.beta_1, step.iterations, ahead=1)
-    wd = plan.weight_decay
+    wd = setting.weight_decay
     if callable(wd):
         wd = wd(step.iterations)  # a tensor: never test its truth
     elif not wd:
         wd = None
+    lr = step.learning_rate
+    if setting.lr_multiplier != 1.0:
+        lr = rule.as_dtype(lr, dtype) * rule.constant(setting.lr_multiplier,
+                                                      dtype)
     return rule.step_scalars(
-        hyper, dtype, step.iterations, step.learning_rate, betas=betas,
+        hyper, dtype, step.iterations, lr, betas=betas,
         beta_1_next=beta_1_next, beta_powers=powers, weight_decay=wd)

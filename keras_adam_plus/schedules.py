@@ -88,6 +88,8 @@ def serialize(value):
     """A config value: a `LearningRateSchedule` serialized, else as is."""
     if isinstance(value, keras.optimizers.schedules.LearningRateSchedule):
         return keras.saving.serialize_keras_object(value)
+    if isinstance(value, (list, tuple)):  # of patterns, or of rules
+        return [dict(v) if isinstance(v, dict) else v for v in value]
     return value  # a float, or a plain callable (not JSON, as in Keras)
 
 

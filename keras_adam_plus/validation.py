@@ -263,11 +263,20 @@ MOMENT_DTYPES = ("float32",)
 WEIGHT_DECAY_MODES = ("decoupled", "decoupled_unscaled", "l2")
 
 
+# AdamPlus's own arguments (the others are keras.optimizers.Optimizer's).
+OWN = ("beta_1", "beta_2", "epsilon", "epsilon_mode", "amsgrad",
+       "bias_correction", "adamax", "nesterov", "skip_nonfinite",
+       "lazy_sparse", "group_small_variables", "moment_dtype",
+       "average_decay", "weight_decay_mode", "weight_decay_exclude",
+       "variable_groups")
+
+
 def arguments(learning_rate, beta_1, beta_2, epsilon, epsilon_mode, amsgrad,
               bias_correction, adamax, nesterov, skip_nonfinite,
               average_decay, lazy_sparse, group_small_variables,
               moment_dtype, weight_decay, weight_decay_mode,
-              weight_decay_exclude, clipnorm, clipvalue, global_clipnorm,
+              weight_decay_exclude, variable_groups, clipnorm, clipvalue,
+              global_clipnorm,
               use_ema, ema_momentum, ema_overwrite_frequency,
               loss_scale_factor, gradient_accumulation_steps, name):
     """Checks every argument of `AdamPlus`; returns `(base, own)`.
@@ -335,6 +344,9 @@ def arguments(learning_rate, beta_1, beta_2, epsilon, epsilon_mode, amsgrad,
             f"adamax={own['adamax']}, nesterov={own['nesterov']}, "
             f"beta_1={own['beta_1']!r}, beta_2={own['beta_2']!r}, "
             f"moment_dtype={own['moment_dtype']!r}")
+    from keras_adam_plus import groups
+
+    own["variable_groups"] = groups.check(variable_groups, scheduled)
     if own["adamax"] and own["amsgrad"]:
         raise ValueError(
             "Arguments `adamax` and `amsgrad` cannot both be True: "

@@ -24,12 +24,13 @@ def _module():
     return None
 
 
-def slot_groups(var_list, decays, enabled):
-    """Positions of `var_list` that share flat slots (JAX), at build."""
+def slot_groups(var_list, keys, enabled):
+    """Positions of `var_list` that share flat slots (JAX), at build:
+    variables of equal `keys` (their decay and settings) may."""
     module = _module()
     if not enabled or module is None or not hasattr(module, "groups"):
         return ()
-    return module.groups(var_list, decays, module.MAX_SIZE)
+    return module.groups(var_list, keys, module.MAX_SIZE)
 
 
 def _reason(module, plan, variables, store):

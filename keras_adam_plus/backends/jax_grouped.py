@@ -42,11 +42,12 @@ from keras_adam_plus import storage
 MAX_SIZE = 8192
 
 
-def groups(var_list, decays, max_size):
+def groups(var_list, keys, max_size):
     """Lists of positions in `var_list` that share flat slots (maybe none).
 
-    Decided once, at build, from the variables and whether weight decay
-    applies to each (`decays`); `max_size` 0 makes none.
+    Decided once, at build, from the variables and a key per variable that
+    its group mates share (whether weight decay applies to it, and its
+    `variable_groups` group); `max_size` 0 makes none.
     """
     if keras.backend.backend() != "jax" or not max_size:
         return ()
@@ -59,7 +60,7 @@ def groups(var_list, decays, max_size):
                 or getattr(var, "_layout", None) is not None
                 or not 0 < size <= max_size):
             continue
-        key = (storage.dtype_of(var), decays[i])
+        key = (storage.dtype_of(var), keys[i])
         found.setdefault(key, []).append(i)
     return tuple(tuple(m) for m in found.values() if len(m) > 1)
 
@@ -105,13 +106,12 @@ def _split(step, variables):
 def update(step, grads, variables):
     """One AdamPlus step: flat per group, one variable at a time else."""
     complete, rest = _split(step, variables)
-    store, decays = step.store, step.plan.decays
+    store = step.store
     for positions in complete:
         index = step.index(variables[positions[0]])
         step.run([grads[p] for p in positions],
                  [variables[p] for p in positions], store.flat_slots(index),
-                 decays[index])
+                 index)
     for p in rest:
         index = step.index(variables[p])
-        step.run([grads[p]], [variables[p]], store.slots(index),
-                 decays[index])
+        step.run([grads[p]], [variables[p]], store.slots(index), index)

@@ -32,12 +32,13 @@ def update_step(step, gradient, variable):
     """
     index = step.index(variable)
     dtype = rule.compute_dtype(variable.dtype)
-    s = step.scalars(dtype)
+    s = step.scalars(dtype, step.plan.group(index))
     unique, position = tf.unique(gradient.indices)
     g = tf.math.unsorted_segment_sum(tf.cast(gradient.values, dtype),
                                      position, tf.shape(unique)[0])
     rows = _Rows(step.store, index, unique, _tf_variable(variable), dtype)
-    rule.step(step.plan.hyper, s, g, rows, step.plan.decays[index])
+    rule.step(step.plan.setting(index).hyper, s, g, rows,
+              step.plan.decays[index])
     rows.finish()
 
 

@@ -82,11 +82,11 @@ def _layout_reason(plan, variables, store):
         lambda: _check_layout(plan, variables))
 
 
-def _decay_outside_kernel(plan):
-    """Whether `update` applies the weight decay before the kernel."""
-    if not plan.weight_decay:
+def _decay_outside_kernel(plan, setting):
+    """Whether `update` applies a group's weight decay before the kernel."""
+    if not setting.weight_decay:
         return False
-    mode = plan.hyper.weight_decay_mode
+    mode = setting.hyper.weight_decay_mode
     return mode == "decoupled_unscaled" or (mode == "decoupled"
                                             and _hat(plan))
 
@@ -102,9 +102,9 @@ def _check_layout(plan, variables):
            for v in variables):
         return ("moment_dtype: the fused kernel keeps state in the "
                 "parameters' dtype")
-    if _decay_outside_kernel(plan) and any(
-            storage.dtype_of(v) in storage.LOW_PRECISION and decays
-            for v, decays in zip(variables, plan.decays)):
+    if any(storage.dtype_of(v) in storage.LOW_PRECISION and decays
+           and _decay_outside_kernel(plan, plan.setting(i))
+           for i, (v, decays) in enumerate(zip(variables, plan.decays))):
         # Found by the conformance matrix (decoupled_unscaled, float16,
         # fit): theta rounded after the decay and again after the kernel
         # ended 2-3 float16 spacings off the reference, which rounds once.
@@ -134,7 +134,7 @@ def _check_layout(plan, variables):
 
 
 def _groups(step, variables, stateless):
-    """Variables grouped by (device, dtype, decays).
+    """Variables grouped by (device, dtype, decays, `variable_groups` group)
 
     Each group holds the positions of its variables in `variables`, and
     the tensors of the parameters and of their m, v (and v_max) slots. The
@@ -161,7 +161,8 @@ def _build_groups(step, variables, stateless):
                               if s is not None]
         param = tensor(variable)
         group = groups.setdefault(
-            (param.device, param.dtype, step.plan.decays[index]),
+            (param.device, param.dtype, step.plan.decays[index],
+             step.plan.group(index)),
             ([], [], [], [], [], []),
         )
         group[0].append(position)
@@ -177,11 +178,13 @@ def update(step, grads, variables):
     stateless = _stateless()
     groups = _groups(step, variables, stateless)
     plan = step.plan
-    hyper, hat = plan.hyper, _hat(plan)
-    wd_mode = hyper.weight_decay_mode
+    hat = _hat(plan)
     scalars = {}
-    for (_, dtype, decays), group in groups.items():
+    for (_, dtype, decays, k), group in groups.items():
         positions, params, ms, vs, v_maxes, slots = group
+        setting = plan.setting(step.index(slots[0][0]))
+        hyper = setting.hyper
+        wd_mode = hyper.weight_decay_mode
         grad_list = [grads[i] for i in positions]
         # The kernel reads each gradient in memory order: a transposed,
         # sliced or broadcast (stride-0) view is copied first (the shapes
@@ -189,10 +192,11 @@ def update(step, grads, variables):
         grad_list = [g if g.dtype == dtype and g.is_contiguous()
                      else g.to(dtype).contiguous() for g in grad_list]
         compute = rule.compute_dtype(str(dtype).replace("torch.", ""))
-        if compute not in scalars:
-            scalars[compute] = _kernel_scalars(step, compute, hat)
-        lr, count, alpha = scalars[compute]
-        decay = plan.weight_decay if decays else 0.0
+        if (compute, k) not in scalars:
+            scalars[compute, k] = _kernel_scalars(step, compute, hat, k,
+                                                  setting.lr_multiplier)
+        lr, count, alpha = scalars[compute, k]
+        decay = setting.weight_decay if decays else 0.0
         if decay and wd_mode == "decoupled_unscaled":
             torch._foreach_add_(params, params, alpha=-decay)
             decay = 0.0
@@ -214,7 +218,7 @@ def update(step, grads, variables):
                     slot.assign(column[i])
 
 
-def _kernel_scalars(step, dtype, hat):
+def _kernel_scalars(step, dtype, hat, group, multiplier):
     """(lr, step, kernel lr) as device tensors of this step, no host sync.
 
     "paper": the kernel's step is t and its learning rate lr. "hat" or no
@@ -224,9 +228,11 @@ def _kernel_scalars(step, dtype, hat):
     count = step.iterations
     count = getattr(count, "value", count)
     if hat:
-        s = step.scalars(dtype)
+        s = step.scalars(dtype, group)
         inf = torch.full((), float("inf"), dtype=torch.float32,
                          device=s.lr.device)
         return s.lr, inf, s.alpha
     lr = rule.as_dtype(step.learning_rate, dtype)
+    if multiplier != 1.0:
+        lr = lr * rule.constant(multiplier, dtype)
     return lr, (count + 1).to(torch.float32), lr
