@@ -17,9 +17,11 @@ caller's KERAS_BACKEND.
     python .ci/doc_blocks.py            # run them all; exit 1 if one fails
     python .ci/doc_blocks.py --list     # only list them
     python .ci/doc_blocks.py --verbose  # and show what each prints
+    python .ci/doc_blocks.py --jobs 1   # one at a time (default: 2)
 """
 
 import argparse
+import concurrent.futures
 import os
 import re
 import subprocess
@@ -58,7 +60,8 @@ def blocks(path):
         yield i + 3, fence.group(2), "\n".join(code) + "\n"
 
 
-def run(path, line, language, code, verbose=False):
+def run(path, line, language, code):
+    """Runs one block; returns (passed, a report: its line and output)."""
     env = dict(os.environ, REPO=str(ROOT))
     # TensorFlow's start-up lines off, as in the examples.
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -73,11 +76,9 @@ def run(path, line, language, code, verbose=False):
         out = subprocess.run([*RUNNERS[language], str(script)], cwd=folder,
                              env=env, capture_output=True, text=True)
     where = f"{path.relative_to(ROOT)}:{line}"
-    print(f"{'ok  ' if out.returncode == 0 else 'FAIL'} {where} ({language}, "
-          f"{time.monotonic() - start:.1f} s)", flush=True)
-    if out.returncode or verbose:
-        print(out.stdout[-3000:] + out.stderr[-3000:], flush=True)
-    return out.returncode == 0
+    head = (f"{'ok  ' if out.returncode == 0 else 'FAIL'} {where} "
+            f"({language}, {time.monotonic() - start:.1f} s)")
+    return out.returncode == 0, head, out.stdout[-3000:] + out.stderr[-3000:]
 
 
 def main():
@@ -86,14 +87,25 @@ def main():
                         help="list the runnable blocks, run nothing")
     parser.add_argument("--verbose", action="store_true",
                         help="print every block's output")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="blocks run at a time (default: 2)")
     args = parser.parse_args()
     found = [(p, *b) for p in pages() for b in blocks(p)]
     if args.list:
         for path, line, language, _ in found:
             print(f"{path.relative_to(ROOT)}:{line} {language}")
         return 0
-    failed = [b for b in found if not run(*b, verbose=args.verbose)]
-    print(f"{len(found) - len(failed)}/{len(found)} runnable blocks ran")
+    failed = 0
+    # Blocks are independent processes: run `--jobs` at a time, report each
+    # as it ends.
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        for future in concurrent.futures.as_completed(
+                [pool.submit(run, *b) for b in found]):
+            passed, head, output = future.result()
+            failed += not passed
+            print(head + ("\n" + output if output and (
+                args.verbose or not passed) else ""), flush=True)
+    print(f"{len(found) - failed}/{len(found)} runnable blocks ran")
     return 1 if failed else 0
 
 
