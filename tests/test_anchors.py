@@ -22,6 +22,8 @@ from keras_adam_plus import AdamPlus
 from tests.helpers import make_problem, make_variables, run_optimizer
 from tests.reference import run_reference
 
+pytestmark = pytest.mark.quick
+
 RTOL, ATOL = 2e-6, 2e-6
 
 KERAS_CASES = [

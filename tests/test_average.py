@@ -45,6 +45,7 @@ def test_first_average_is_the_weights_and_before_any_step_too():
         np.testing.assert_allclose(a, v, rtol=1e-5)
 
 
+@pytest.mark.quick
 def test_average_advances_once_per_real_step_under_accumulation():
     k = 3
     params, micro = make_problem(seed=53, steps=5 * k)

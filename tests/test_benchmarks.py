@@ -78,6 +78,7 @@ def test_imdb_bag_of_words_is_multi_hot_below_num_words():
     assert data.x_train[0].sum() == 2 and data.x_train[0, 5] == 1
 
 
+@pytest.mark.quick
 def test_sweep_runs_on_a_stand_in(tmp_path):
     result = sweep(benchmark="mnist_logreg", max_trials=2, epochs=1,
                    directory=tmp_path, arrays=STAND_INS["mnist_logreg"](),
@@ -126,6 +127,7 @@ def test_missing_dataset_gives_one_clear_error(monkeypatch, tmp_path):
     assert "place imdb.npz in" in message and str(tmp_path) in message
 
 
+@pytest.mark.quick
 def test_bad_subset_and_unknown_names_are_refused():
     data = datasets.digits()
     with pytest.raises(ValueError, match="Argument `subset` must be"):

@@ -27,6 +27,7 @@ def _decay(beta, lam):
     dict(adamax=True),
     dict(bias_correction=False, weight_decay=0.05),
 ], ids=str)
+@pytest.mark.quick
 def test_beta_decay_follows_reference(mode):
     config = dict(learning_rate=0.01, **mode)
     params, grads = make_problem(seed=41, steps=60)
@@ -67,6 +68,7 @@ def test_constant_schedule_equals_constant_beta():
         np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.quick
 def test_beta_schedule_survives_config_and_save_load(tmp_path):
     opt = AdamPlus(beta_1=BetaDecay(0.8, 0.9))
     again = AdamPlus.from_config(opt.get_config())

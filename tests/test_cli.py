@@ -124,6 +124,7 @@ def test_a_bad_option_is_one_line_and_writes_nothing(options, message,
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.quick
 def test_arguments_are_checked_before_keras_is_imported():
     code = ("import sys\nfrom tuning.cli import main\n"
             "try:\n    main(['--max-trials', '0'])\nexcept SystemExit:\n"
@@ -201,6 +202,7 @@ def test_missing_data_is_its_message_alone(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.quick
 def test_help_shows_every_default_and_the_subcommands():
     for parser in (sweep_parser(), report_parser()):
         for action in parser._actions:
@@ -239,6 +241,7 @@ def test_readme_documents_every_option_and_the_output():
     assert report.score_column("val_loss") == "val_loss_at_best_epoch"
 
 
+@pytest.mark.quick
 def test_packaging_extras_state_ranges_and_ci_pins():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     for extra, requirements in project["project"][

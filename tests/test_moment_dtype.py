@@ -8,6 +8,8 @@ from keras_adam_plus import AdamPlus
 from tests.helpers import make_problem
 from tests.reference import run_reference
 
+pytestmark = pytest.mark.quick
+
 
 def _train(optimizer, dtype, params, grads):
     variables = [keras.Variable(p, dtype=dtype) for p in params]

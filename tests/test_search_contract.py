@@ -37,6 +37,7 @@ def _draws(seed, directory, space, n=8):
     return values
 
 
+@pytest.mark.quick
 def test_seeds_are_hashed_never_zero_and_in_numpys_range():
     derived = [seeds.derive(s, "oracle") for s in range(1000)]
     assert len(set(derived)) == 1000
@@ -103,6 +104,7 @@ def test_a_resume_under_another_backend_is_refused(tmp_path):
         rundir.LOCK, rundir.SETTINGS]
 
 
+@pytest.mark.quick
 def test_tune_order_and_subset_one_are_the_same_settings():
     from tuning.sweep import search_settings
 
@@ -152,6 +154,7 @@ CASES = [
 ]
 
 
+@pytest.mark.quick
 def test_the_tables_name_every_option():
     from tuning.cli import sweep_parser
 
@@ -160,6 +163,7 @@ def test_the_tables_name_every_option():
     assert takes_value == set(SWEEP_OPTIONS)
 
 
+@pytest.mark.quick
 def test_every_option_refuses_extreme_values_in_one_line(
         tmp_path, monkeypatch, capsys):
     # One test over the whole table (in-process, no Keras session per case):
@@ -373,6 +377,7 @@ def test_a_kill_at_any_write_resumes_to_the_same_search(tmp_path,
 # ------------------------------------------------- review of this contract
 
 
+@pytest.mark.quick
 def test_only_our_temporary_files_are_removed(tmp_path):
     # A resume removed every `.*.tmp` under the folder, a user's own
     # dot-files included (review).

@@ -14,6 +14,8 @@ import pytest
 from keras_adam_plus import AdamPlus, BetaDecay
 from tests.helpers import make_problem, make_variables, run_optimizer, to_numpy
 
+pytestmark = pytest.mark.quick
+
 RICH_CONFIGS = [
     dict(),
     dict(learning_rate=keras.optimizers.schedules.ExponentialDecay(

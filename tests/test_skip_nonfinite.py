@@ -37,6 +37,7 @@ def _corrupt(grads):
     dict(adamax=True, nesterov=True),
     dict(use_ema=True),
 ], ids=str)
+@pytest.mark.quick
 def test_corrupted_steps_are_skipped_exactly(config):
     params, grads = make_problem(seed=31, steps=20)
     clean = [step for t, step in enumerate(grads) if t not in BAD]
@@ -58,6 +59,7 @@ def test_corrupted_steps_are_skipped_exactly(config):
             np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.quick
 def test_without_the_flag_nan_spreads():
     # What the flag prevents: one NaN step poisons Adam's state for good.
     params, grads = make_problem(seed=31, steps=20)
@@ -91,6 +93,7 @@ def _model():
                              keras.layers.Dense(1)])
 
 
+@pytest.mark.quick
 def test_model_fit_compiled_skips_nan_batches(tmp_path):
     # jit_compile=True: XLA on TensorFlow, jax.jit on JAX; torch runs eager.
     jit = keras.backend.backend() != "torch"

@@ -84,6 +84,7 @@ def test_state_of_another_configuration_is_refused(saved, loading, built,
     assert target.optimizer._pending_state is None
 
 
+@pytest.mark.quick
 def test_a_load_that_raises_changes_nothing(tmp_path):
     # Was: iterations and the learning rate overwritten before the raise.
     source = _model(units=5)

@@ -1,8 +1,12 @@
 """A small model trained with model.fit on scikit-learn's digits set."""
 
+import pytest
+
 from keras_adam_plus import AdamPlus
 from tuning.benchmarks import digits_mlp
 from tuning.datasets import digits
+
+pytestmark = pytest.mark.quick
 
 
 def test_mlp_on_digits_reaches_95_percent():

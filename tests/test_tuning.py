@@ -38,6 +38,7 @@ def once_on(backend):
     )
 
 
+@pytest.mark.quick
 def test_default_values_are_the_papers_exactly():
     hp = keras_tuner.HyperParameters()
     space = SearchSpace()
@@ -47,6 +48,7 @@ def test_default_values_are_the_papers_exactly():
                               "one_minus_beta_2", "epsilon"}
 
 
+@pytest.mark.quick
 def test_tune_a_subset_and_fix_the_rest():
     hp = keras_tuner.HyperParameters()
     space = SearchSpace(tune=("learning_rate", "beta_2"),
@@ -57,6 +59,7 @@ def test_tune_a_subset_and_fix_the_rest():
     AdamPlus(**kwargs)
 
 
+@pytest.mark.quick
 def test_priors_are_log_uniform_in_one_minus_beta():
     hp = keras_tuner.HyperParameters()
     SearchSpace().declare(hp)
@@ -70,6 +73,7 @@ def test_priors_are_log_uniform_in_one_minus_beta():
         assert abs(share - 1 / 3) < 0.04
 
 
+@pytest.mark.quick
 def test_invalid_space_is_refused():
     with pytest.raises(ValueError, match="Argument `tune` must name only"):
         SearchSpace(tune=("momentum",))
@@ -472,6 +476,7 @@ def test_confirm_retrains_the_best_and_the_defaults_over_seeds(
                                 plots=False)["configs"] == result["configs"]
 
 
+@pytest.mark.quick
 def test_welch_comparison_in_the_objectives_direction():
     from tuning.confirm import compare
 
@@ -509,6 +514,7 @@ def test_welch_comparison_in_the_objectives_direction():
     (dict(workers=-1), "Argument `workers` must be an integer >= 0 or "
      "'auto'. Received: workers=-1"),
 ])
+@pytest.mark.quick
 def test_sweep_refuses_invalid_arguments_before_writing(kwargs, message,
                                                         tmp_path):
     with pytest.raises(ValueError) as err:

@@ -10,6 +10,8 @@ from keras_adam_plus import AdamPlus
 from tests.helpers import make_problem, run_optimizer
 from tests.reference import run_reference
 
+pytestmark = pytest.mark.quick
+
 # epsilon_mode x amsgrad x bias_correction x weight decay mode (None = off).
 MODES = [
     dict(

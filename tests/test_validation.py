@@ -9,6 +9,8 @@ import pytest
 
 from keras_adam_plus import AdamPlus
 
+pytestmark = pytest.mark.quick
+
 LR_TYPES = (
     "a float, a `keras.optimizers.schedules.LearningRateSchedule` or a "
     "callable"

@@ -53,6 +53,7 @@ def test_100_steps_follow_reference(mode):
     assert np.abs(other[0] - want[0]).max() > 1e-3
 
 
+@pytest.mark.quick
 def test_adamax_first_step_is_lr_times_sign_exactly():
     # t=1: m = (1-b1) g, u = |g|, step = lr/(1-b1) * m/u = lr * sign(g);
     # a coordinate whose gradient is 0 has u = m = 0 and does not move.
@@ -77,6 +78,7 @@ def test_adamax_never_divides_zero_by_zero():
     assert np.abs(got[0][:, 0] - params[0][:, 0]).max() > 0.05
 
 
+@pytest.mark.quick
 def test_adamax_equals_keras_and_optax_up_to_their_epsilon():
     # keras.optimizers.Adamax and optax.adamax add eps to u; with a tiny
     # eps and gradients of order 1 they agree with Algorithm 2.
@@ -91,6 +93,7 @@ def test_adamax_equals_keras_and_optax_up_to_their_epsilon():
         np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.quick
 def test_nesterov_equals_optax():
     optax = pytest.importorskip("optax", reason="optax is not installed")
     params, grads = make_problem(seed=24, steps=100)
@@ -108,6 +111,7 @@ def test_variants_round_trip_the_config():
     assert (again.adamax, again.nesterov) == (True, True)
 
 
+@pytest.mark.quick
 def test_adamax_with_amsgrad_is_refused():
     with pytest.raises(ValueError, match=r"Received: adamax=True, "
                                          r"amsgrad=True"):
