@@ -1,11 +1,13 @@
 """keras-adam-plus: an exact, validated Adam optimizer for Keras 3.
 
-Public names: `AdamPlus`, `InverseSqrtDecay`, `BetaDecay` and `__version__`.
+Public names: `AdamPlus`, `InverseSqrtDecay`, `BetaDecay`,
+`layer_decay_groups` and `__version__`.
 """
 
 import keras
 
 from keras_adam_plus.adam_plus import AdamPlus
+from keras_adam_plus.groups import layer_decay_groups
 from keras_adam_plus.schedules import BetaDecay, InverseSqrtDecay
 
 # Short names for `compile(optimizer="adam_plus")`: Keras resolves a string
@@ -15,4 +17,5 @@ for _alias in ("adam_plus", "AdamPlus"):
 
 __version__ = "0.1.0"
 
-__all__ = ["AdamPlus", "BetaDecay", "InverseSqrtDecay", "__version__"]
+__all__ = ["AdamPlus", "BetaDecay", "InverseSqrtDecay", "layer_decay_groups",
+           "__version__"]

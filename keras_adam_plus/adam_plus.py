@@ -51,8 +51,7 @@ class AdamPlus(keras.optimizers.Optimizer):
         learning_rate: alpha: a float >= 0, a `LearningRateSchedule` or a
             callable of no arguments. Defaults to `0.001`.
         beta_1: First-moment decay in [0, 1), or a schedule of the step
-            (`BetaDecay`; bias correction then uses the product of the
-            betas). Defaults to `0.9`.
+            (`BetaDecay`). Defaults to `0.9`.
         beta_2: Second-moment decay, as `beta_1`. Defaults to `0.999`.
         epsilon: Added to the denominator, > 0. Defaults to `1e-8`.
         epsilon_mode: `"paper"` or `"hat"` (above). Defaults to `"paper"`.
@@ -65,28 +64,30 @@ class AdamPlus(keras.optimizers.Optimizer):
         skip_nonfinite: Skip every step with a NaN or Inf gradient (nothing
             changes; `skipped_steps` counts). Defaults to `False`.
         average_decay: b in [0, 1): keep Section 7.2's temporal average
-            (`average_weights()`); `None` off. Defaults to `None`.
+            (`average_weights()`). Defaults to `None`.
         lazy_sparse: TensorFlow: sparse gradients update only their rows
             (LazyAdam). Defaults to `False`.
         group_small_variables: JAX: variables of <= 8192 elements share flat
-            slots, one update per group (faster with many small ones);
-            files keep the per-variable layout, `get_state_tree()` does
-            not (`backends.jax_grouped`). Defaults to `False`.
-        moment_dtype: `"float32"`: float16/bfloat16 weights keep float32
-            state. Defaults to `None`.
-        weight_decay: `lambda`: a float >= 0, a schedule or `None`.
-            Defaults to `None`.
-        weight_decay_mode: `"decoupled"`, `"decoupled_unscaled"` or
-            `"l2"`. Defaults to `"decoupled"`.
+            slots (faster with many small ones; `get_state_tree()` sees
+            them: `backends.jax_grouped`). Defaults to `False`.
+        moment_dtype: `"float32"` keeps half-precision weights' state in
+            float32. Defaults to `None`.
+        weight_decay: lambda, >= 0, or a schedule. Defaults to `None`.
+        weight_decay_mode: `"decoupled"`, `"decoupled_unscaled"`, `"l2"`.
+            Defaults to `"decoupled"`.
         weight_decay_exclude: Regular expressions; a variable whose path or
             name matches one is not decayed. Defaults to `None`.
         variable_groups: Per-variable settings: rules `{"match": regex,
-            "learning_rate_multiplier": 0.1, "weight_decay": 0.0, ...}`,
-            first match on a variable's path wins (`groups`, `describe()`).
-            Defaults to `None`.
-        clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum,
-        ema_overwrite_frequency, loss_scale_factor: As in
-            `keras.optimizers.Optimizer`, validated here.
+            "learning_rate_multiplier": 0.1, ...}`, first match on a
+            variable's path wins (`groups`). Defaults to `None`.
+        clipnorm: Clip each gradient to this L2 norm. Defaults to `None`.
+        clipvalue: Clip gradients to +-clipvalue. Defaults to `None`.
+        global_clipnorm: Clip all gradients jointly. Defaults to `None`.
+        use_ema: Keep Keras's average of the weights. Defaults to `False`.
+        ema_momentum: Its momentum, in [0, 1]. Defaults to `0.99`.
+        ema_overwrite_frequency: Overwrite the weights with it every this
+            many steps. Defaults to `None`.
+        loss_scale_factor: Static loss scale, > 0. Defaults to `None`.
         gradient_accumulation_steps: Average this many batches' gradients
             per update (`1`, `None`: none). Defaults to `None`.
         name: The optimizer's name. Defaults to `"adam_plus"`.

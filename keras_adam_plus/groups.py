@@ -144,9 +144,13 @@ def describe(settings, setting_of, variables):
             f"{setting.name}: lr x{setting.lr_multiplier:g}, weight_decay="
             f"{_show(setting.weight_decay)} ({h.weight_decay_mode}), "
             f"beta_1={_show(h.beta_1)}, beta_2={_show(h.beta_2)}, "
-            f"epsilon={h.epsilon:g}: {len(members)} variables")
+            f"epsilon={h.epsilon:g}: {_count(len(members), 'variable')}")
         lines.extend(f"    {m}" for m in members)
     return "\n".join(lines)
+
+
+def _count(n, noun):
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _show(value):

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_tuning import once_on
-from tuning import report, rundir
+from tuning import rundir
 from tuning.cli import report_parser, sweep_parser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,29 +216,6 @@ def test_help_shows_every_default_and_the_subcommands():
     assert f"{PROG} report DIR" in out.stdout
     assert f"{PROG} replicate" in out.stdout
     assert "(default: 12)" in out.stdout
-
-
-def _tuning_section():
-    text = (ROOT / "README.md").read_text()
-    start = text.index("## Tuning: `python -m tuning`")
-    end = text.index("## Speed")
-    return text[start:end]
-
-
-def test_readme_documents_every_option_and_the_output():
-    section = _tuning_section()
-    rows = [line for line in section.splitlines() if line.startswith("| `-")]
-    documented = set(re.findall(r"`(--[a-z-]+)", "\n".join(rows)))
-    options = {s for a in sweep_parser()._actions for s in a.option_strings
-               if s.startswith("--") and s != "--help"}
-    assert documented == options
-    for row in rows:  # every row states its default (a cell, maybe empty)
-        assert row.count("|") >= 4, row
-    # A sample of the printed output, and what "score" means.
-    assert "objective val_loss, minimised; score = its value at a trial's " \
-        "best epoch" in section
-    assert "`<objective>_at_best_epoch`" in section
-    assert report.score_column("val_loss") == "val_loss_at_best_epoch"
 
 
 @pytest.mark.quick

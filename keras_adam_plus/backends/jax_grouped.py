@@ -77,8 +77,9 @@ def describe(plan):
     if not plan.groups:
         return "generic"
     count = sum(len(g) for g in plan.groups)
-    return (f"jax_grouped ({count} variables in {len(plan.groups)} groups, "
-            "the rest per variable)")
+    n = len(plan.groups)
+    return (f"jax_grouped ({count} variables in {n} group"
+            f"{'' if n == 1 else 's'}, the rest per variable)")
 
 
 def _split(step, variables):
