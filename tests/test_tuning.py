@@ -341,6 +341,57 @@ def test_summary_keeps_betas_apart_from_one(tmp_path):
     assert "val_loss, 2 epochs             0.2000         0.5000" in text
 
 
+@pytest.mark.parametrize("modes,default", [
+    ({}, True),
+    ({"amsgrad": False, "epsilon_mode": "paper"}, True),
+    ({"amsgrad": True}, False),
+    ({"epsilon_mode": "hat"}, False),
+    # Was: weight decay was not compared, so this counted as the default.
+    ({"weight_decay_mode": "decoupled", "weight_decay": 1e-4}, False),
+    ({"weight_decay_mode": "l2", "weight_decay": 1e-4}, False),
+    ({"nesterov": True}, False),
+])
+def test_paper_default_means_every_mode_at_its_default(modes, default):
+    from tuning.search_space import is_paper_default
+
+    assert is_paper_default({**PAPER_DEFAULTS, **modes}) is default
+
+
+def test_summary_and_csv_show_every_mode_and_the_schedule(tmp_path):
+    from tuning import report
+    from tuning.search_space import modes_text
+
+    tuned = _trial("1", 0.2, 2, learning_rate=0.01)
+    tuned["optimizer"].update(amsgrad=True, epsilon_mode="hat",
+                              weight_decay_mode="l2", weight_decay=1e-4)
+    trials = [_trial("0", 0.5, 2), tuned]
+    for t in trials:
+        t.update(schedule="inverse_sqrt", worker=None, device=None)
+        t["optimizer"].update(amsgrad=t["optimizer"].get("amsgrad", False))
+    settings = {"objective": "val_loss", "direction": "min"}
+    result = report.sweep_result(tmp_path, trials, settings)
+    assert result.best_config["learning_rate"]["config"] == {
+        "initial_learning_rate": 0.01}
+    assert result.best_config["weight_decay_mode"] == "l2"
+    lines = report.summary(result, settings).splitlines()
+    for row in (["amsgrad", "True", "False"], ["epsilon_mode", "hat", "paper"],
+                ["weight_decay", "0.0001", "None"],
+                ["weight_decay_mode", "l2", "-"],
+                ["learning_rate", "schedule", "inverse_sqrt", "inverse_sqrt"]):
+        assert row in [line.split() for line in lines]
+    assert modes_text(tuned["optimizer"], "inverse_sqrt") == (
+        "amsgrad=True epsilon_mode=hat weight_decay_mode=l2 "
+        "schedule=inverse_sqrt")  # the trial line's modes
+    report._write_csv(tmp_path / "t.csv", trials, "val_loss")
+    header, first, second = (tmp_path / "t.csv").read_text().splitlines()
+    assert header.split(",")[4:12] == [
+        "amsgrad", "beta_1", "beta_2", "epsilon", "epsilon_mode",
+        "learning_rate", "weight_decay", "weight_decay_mode"]
+    assert second.split(",")[4:13] == [
+        "True", "0.9", "0.999", "1e-08", "hat", "0.01", "0.0001", "l2",
+        "inverse_sqrt"]
+
+
 @once_on("jax")
 def test_max_trials_may_grow_other_settings_may_not(tmp_path):
     from tuning.rundir import SettingsMismatch

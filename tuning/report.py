@@ -18,8 +18,14 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from tuning import rundir
-from tuning.search_space import TUNABLE, SearchSpace, format_value
+from tuning import benchmarks, rundir
+from tuning.search_space import (
+    TUNABLE,
+    SearchSpace,
+    format_value,
+    is_paper_default,
+    optimizer_config,
+)
 
 PACKAGES = ("keras", "keras-tuner", "keras-adam-plus", "numpy", "tensorflow",
             "tensorflow-cpu", "jax", "torch")
@@ -33,8 +39,12 @@ class SweepResult:
     Attributes:
         directory: The output directory.
         trials: One dict per trial, in trial order (see `collect`).
-        best_config: AdamPlus keyword arguments of the best completed trial
-            among those trained the most epochs.
+        best_config: The AdamPlus arguments of the best completed trial
+            among those trained the most epochs, every one it trained with
+            (best.json): `AdamPlus.from_config(best_config)` rebuilds its
+            optimizer, learning-rate schedule included (a schedule is in
+            Keras's serialized form; without one `AdamPlus(**best_config)`
+            works too).
         best_score: Its objective value (at its best epoch).
         default_score: The score of the paper's defaults at the same
             number of epochs, if such a trial ran.
@@ -81,7 +91,10 @@ def collect(directory):
     again by a resume), score, epochs (trained in all), optimizer (AdamPlus
     kwargs), hyperparameters (keras-tuner's values), seed, duration_s,
     history (per-epoch metrics), error_type, error, rss_mb, worker and
-    device (which process and GPU trained it: `tuning.workers`), is_default.
+    device (which process and GPU trained it: `tuning.workers`), schedule
+    (the learning-rate schedule it trained with, a key of
+    `tuning.search_space.SCHEDULES`, or None), is_default (every argument
+    at the paper's value, modes included).
     Raises `tuning.rundir.NoRun` if `directory` holds no search.
     """
     directory = Path(directory)
@@ -100,13 +113,18 @@ def collect(directory):
         trial = _trial(trial_dir, space, settings)
         if trial:
             trials.append(trial)
-    defaults = space.optimizer_kwargs({})
+    schedule = _schedule(settings)
     for t in trials:
-        t["is_default"] = all(
-            math.isclose(t["optimizer"].get(k, v), v, rel_tol=1e-9)
-            for k, v in defaults.items() if isinstance(v, float)
-        )
+        t["schedule"] = schedule
+        t["is_default"] = is_paper_default(t["optimizer"])
     return trials, settings
+
+
+def _schedule(settings):
+    """The learning-rate schedule the benchmark of `settings` trains with."""
+    name = settings.get("benchmark")
+    return (benchmarks.BENCHMARKS[name].schedule
+            if name in benchmarks.BENCHMARKS else None)
 
 
 def _trial(trial_dir, space, settings):
@@ -217,7 +235,8 @@ def sweep_result(directory, trials, settings):
     direction = direction_of(settings)
     best, default = choose(trials, direction)
     return SweepResult(Path(directory), trials,
-                       best["optimizer"] if best else {},
+                       optimizer_config(best["optimizer"], best.get("schedule"))
+                       if best else {},
                        best["score"] if best else None,
                        default["score"] if default else None,
                        settings["objective"], direction,
@@ -232,12 +251,14 @@ def score_column(objective):
 def _write_csv(path, trials, objective):
     keys = sorted({k for t in trials for k in t["optimizer"]})
     rows = [[t["trial_id"], t["status"], t["epochs"], t["score"],
-             *[t["optimizer"].get(k) for k in keys], t["seed"],
+             *[t["optimizer"].get(k) for k in keys],
+             t.get("schedule") or "constant", t["seed"],
              t["duration_s"], t["is_default"], t["error_type"] or "",
              one_line(t["error"]), t["worker"] or "", t["device"] or ""]
             for t in trials]
     rundir.write_csv(path, ["trial_id", "status", "epochs",
-                            score_column(objective), *keys, "seed",
+                            score_column(objective), *keys,
+                            "learning_rate_schedule", "seed",
                             "duration_s", "is_default", "error_type",
                             "error", "worker", "device"], rows)
 
@@ -311,12 +332,19 @@ def summary(result, settings):
 def _best_vs_default(result, trials):
     fmt = "{:<24} {:>12} {:>14}"
     default = next((t for t in trials if t["is_default"]), None)
+    best = choose(trials, result.direction)[0]
     lines = [fmt.format("", "best", "paper default")]
-    for key in TUNABLE:
-        value = result.best_config.get(key, math.nan)
+    shown = [*TUNABLE, *sorted(
+        {k for k in best["optimizer"] if k not in TUNABLE}
+        | {k for k in (default or {"optimizer": {}})["optimizer"]
+           if k not in TUNABLE})]
+    for key in shown:
         lines.append(fmt.format(
-            key, format_value(key, value),
-            format_value(key, default["optimizer"][key]) if default else "-"))
+            key, _shown(key, best["optimizer"]),
+            _shown(key, default["optimizer"]) if default else "-"))
+    if best.get("schedule"):
+        lines.append(fmt.format("learning_rate schedule", best["schedule"],
+                                best["schedule"] if default else "-"))
     lines.append(fmt.format(
         f"{result.objective}, {epochs_text(result.epochs)}",
         f"{result.best_score:.4f}",
@@ -330,6 +358,15 @@ def _best_vs_default(result, trials):
                          f"{epochs_text(t['epochs'])} only (not comparable "
                          f"with {epochs_text(result.epochs)})")
     return lines
+
+
+def _shown(key, kwargs):
+    """AdamPlus argument `key` of `kwargs` for the summary's table; a mode
+    not given is at its default."""
+    from tuning.search_space import MODE_DEFAULTS
+
+    value = kwargs.get(key, MODE_DEFAULTS.get(key, "-"))
+    return format_value(key, value)
 
 
 def confirm_lines(confirmed):

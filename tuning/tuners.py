@@ -30,7 +30,7 @@ from tuning.distributed import Leases
 from tuning.errors import check_interrupt
 from tuning.hypermodel import Diverged
 from tuning.report import epochs_text
-from tuning.search_space import format_value
+from tuning.search_space import format_value, modes_text
 
 SIDECAR = rundir.SIDECAR
 ORACLES = {
@@ -236,8 +236,11 @@ class _Bookkeeping:
         values = self.hypermodel.space.optimizer_kwargs(
             {k: v for k, v in done.hyperparameters.values.items()
              if not k.startswith("tuner/")})
-        shown = " ".join(f"{k}={format_value(k, v)}"
-                         for k, v in values.items() if isinstance(v, float))
+        shown = " ".join([
+            *(f"{k}={format_value(k, v)}" for k, v in values.items()
+              if isinstance(v, float)),
+            modes_text(values, "inverse_sqrt"
+                       if self.hypermodel.inverse_sqrt_lr else None)]).strip()
         objective = self.oracle.objective.name
         epochs = self.hypermodel.last_epochs
         if done.score is not None and math.isfinite(done.score):
