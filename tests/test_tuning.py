@@ -109,6 +109,9 @@ def test_every_tuner_runs_defaults_first_and_writes_outputs(tuner, tmp_path):
     assert best == result.best_config
     AdamPlus(**best)
     assert all(t["seed"] == 1 and t["duration_s"] > 0 for t in trials)
+    if tuner == "grid":  # was silent about the 17 points never visited
+        assert ("grid: 3 of 20 points visited; --max-trials stopped it "
+                "before the other 17") in (tmp_path / "summary.txt").read_text()
 
 
 @once_on("jax")
@@ -272,15 +275,24 @@ def test_a_trial_that_fails_for_a_bug_is_not_diverged(tmp_path, monkeypatch):
     # error_type and error, then where it ran (worker, device).
     assert rows[2].endswith(",RuntimeError,boom: a bug second line,local,"
                             "cpu")
-    # Every trial failing stops with one line, the tables written.
-    monkeypatch.setattr(AdamPlusHyperModel, "fit", lambda *a, **k: 1 / 0)
-    with pytest.raises(SweepFailed) as err:
-        sweep(max_trials=3, directory=tmp_path / "all", verbose=0, **QUICK)
-    assert str(err.value) == (
-        "all 3 trials failed, the last with ZeroDivisionError: division by "
-        f"zero; see {tmp_path / 'all' / 'trials.csv'}")
-    rows = (tmp_path / "all" / "trials.csv").read_text().splitlines()
-    assert [r.split(",")[1] for r in rows[1:]] == ["FAILED"] * 3
+    # Every trial failing stops with one line, the first error, the tables
+    # written, for any number of trials (was: exit 0 and no best below 3).
+    errors = iter(range(10))
+
+    def fails(*args, **kwargs):
+        raise ValueError(f"failure {next(errors)}")
+
+    monkeypatch.setattr(AdamPlusHyperModel, "fit", fails)
+    for n in (1, 3):
+        errors = iter(range(10))
+        with pytest.raises(SweepFailed) as err:
+            sweep(max_trials=n, directory=tmp_path / f"all{n}", verbose=0,
+                  **QUICK)
+        assert str(err.value) == (
+            f"all {n} trials failed, the first with ValueError: failure 0; "
+            f"see {tmp_path / f'all{n}' / 'trials.csv'}")
+        rows = (tmp_path / f"all{n}" / "trials.csv").read_text().splitlines()
+        assert [r.split(",")[1] for r in rows[1:]] == ["FAILED"] * n
 
 
 def _trial(trial_id, score, epochs, learning_rate=1e-3, beta_2=0.999,
@@ -339,6 +351,17 @@ def test_summary_keeps_betas_apart_from_one(tmp_path):
     assert "  beta_2: 0.99961 .. 0.99996" in text
     assert "  learning_rate: 3 .. 9" in text
     assert "val_loss, 2 epochs             0.2000         0.5000" in text
+
+
+def test_grid_points_count_every_combination():
+    from tuning.tuners import grid_points
+
+    # 1 - beta_2 in [1e-4, 0.1]: 4 decades' ends; alpha in [1e-5, 0.1]: 5.
+    assert grid_points(SearchSpace(tune=("learning_rate", "beta_2"),
+                                   grid_steps=1)) == 5 * 4
+    # amsgrad 2 x epsilon_mode 2 x (no decay + 2 modes x 10 decays).
+    assert grid_points(SearchSpace(tune=("learning_rate",), modes=True,
+                                   grid_steps=1)) == 5 * 2 * 2 * 21
 
 
 @pytest.mark.parametrize("modes,default", [
@@ -537,6 +560,20 @@ def test_welch_comparison_in_the_objectives_direction():
     assert compare([0.3, None, 0.3], default, "min") == {
         "p_value": None, "beats_default": False,
         "verdict": "diverged on some seeds: not better"}
+
+
+def test_a_subset_without_validation_examples_is_refused_before_training(
+        tmp_path):
+    # Was: COMPLETED trials "failed with an error: None".
+    from tuning.errors import TuningError
+
+    with pytest.raises(TuningError) as err:
+        sweep(subset=1, max_trials=1, epochs=1, directory=tmp_path / "run",
+              plots=False, verbose=0)
+    assert str(err.value) == (
+        "subset 1 leaves 1 training example and no validation example to "
+        "score trials on; use a subset of 5 examples or more")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -286,7 +286,12 @@ def one_line(text, limit=300):
 
 def epochs_text(n):
     """"1 epoch", "3 epochs"."""
-    return f"{n} epoch{'s' if n != 1 else ''}"
+    return count_text(n, "epoch")
+
+
+def count_text(n, noun):
+    """"1 trial", "3 trials"."""
+    return f"{n} {noun}{'s' if n != 1 else ''}"
 
 
 def summary(result, settings):
@@ -305,6 +310,11 @@ def summary(result, settings):
         "score = its value at a trial's best epoch",
         "trials: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())),
     ]
+    points = settings.get("grid_points")
+    if points:
+        lines.append(f"grid: {len(trials)} of {points} points visited" + (
+            f"; --max-trials stopped it before the other "
+            f"{points - len(trials)}" if len(trials) < points else ""))
     if durations:
         lines.append(f"wall time per trial: mean "
                      f"{sum(durations) / len(durations):.1f} s, max "

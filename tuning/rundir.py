@@ -39,7 +39,7 @@ TEMP_SUFFIX = ".tmp"
 # Settings that may change on a resume: max_trials may grow; the others
 # describe rather than decide the trials (each trial's sidecar records the
 # package versions that trained it).
-_MAY_CHANGE = ("max_trials", "data", "project", "versions")
+_MAY_CHANGE = ("max_trials", "data", "project", "versions", "grid_points")
 
 
 class DirectoryBusy(TuningError):

@@ -22,6 +22,7 @@ from pathlib import Path
 from tuning import benchmarks, launcher, report, rundir
 from tuning import workers as machine
 from tuning.datasets import check_subset
+from tuning.errors import TuningError
 from tuning.launcher import SweepFailed
 from tuning.search_space import SearchSpace
 from tuning.seeds import MAX_SEED
@@ -220,7 +221,9 @@ def sweep(benchmark="digits", tuner="random", max_trials=10, epochs=None,
             if overwrite:
                 rundir.clear(directory, OUTPUTS)
             launcher.run(workers, child_argv, address)
-            return report.write(directory, plots=plots)
+            result = report.write(directory, plots=plots)
+            check_not_all_failed(result, directory)
+            return result
         return _search(settings, directory, overwrite and not child,
                        space or SearchSpace(), idx_dir, arrays, plots,
                        verbose)
@@ -248,6 +251,8 @@ def _search(settings, directory, overwrite, space, idx_dir, arrays, plots,
     # What decides a trial's numbers besides the options (Keras is loaded
     # now): a resume under another backend is refused.
     settings.update(backend=keras_backend(), versions=report.versions())
+    if settings["tuner"] == "grid":  # the summary says how much it visited
+        settings["grid_points"] = tuners.grid_points(space)
     if not overwrite and role != "worker":
         rundir.check_settings(directory, settings)
     if role == "worker":
@@ -279,15 +284,27 @@ def _search(settings, directory, overwrite, space, idx_dir, arrays, plots,
         if not str(err).startswith("Number of consecutive failures"):
             raise
         search.oracle.save_all()
-        result = report.write(directory, plots=plots)
-        last = result.trials[-1]
-        raise SweepFailed(
-            f"all {len(result.trials)} trials failed, the last with "
-            f"{last['error_type']}: {last['error']}; see "
-            f"{directory / 'trials.csv'}") from None
     if rundir.is_distributed_child():
         return None  # a chief or worker of a distributed search
-    return report.write(directory, plots=plots)
+    result = report.write(directory, plots=plots)
+    check_not_all_failed(result, directory)
+    return result
+
+
+def check_not_all_failed(result, directory):
+    """Raises `SweepFailed` (one line, the first error) if every trial of
+    `result` ended and none completed, whatever their number."""
+    trials = result.trials
+    if trials and all(t["status"] in ("FAILED", "DIVERGED") for t in trials):
+        first = trials[0]
+        raise SweepFailed(
+            f"all {len(trials)} trials failed, the first with "
+            f"{first['error_type']}: {report.one_line(first['error'], 200)}"
+            f"; see {Path(directory) / 'trials.csv'}")
+
+
+class EmptyValidation(TuningError, ValueError):
+    """The data subset leaves no validation examples to score trials on."""
 
 
 def keras_backend():
@@ -305,6 +322,12 @@ def load(settings, space=None, idx_dir=None, arrays=None):
     data = bench.load(dataset=settings["dataset"], idx_dir=idx_dir,
                       arrays=arrays)
     data = data.subset(settings["subset"], seed=settings["seed"])
+    if not len(data.x_val):
+        raise EmptyValidation(
+            f"subset {settings['subset']!r} leaves "
+            f"{report.count_text(len(data.x_train), 'training example')} "
+            "and no validation example to score trials on; use a subset of "
+            "5 examples or more")
     hypermodel = AdamPlusHyperModel(
         bench, data.x_train.shape[1:],
         space=space or SearchSpace(**settings["space"]),

@@ -311,6 +311,30 @@ def infer_direction(objective):
     return direction
 
 
+def grid_points(space):
+    """How many points GridSearch visits in `space` in all: the product of
+    each hyperparameter's values, a conditional one (weight_decay) counted
+    under the parent values that activate it."""
+    hp = keras_tuner.HyperParameters()
+    hp.values["weight_decay_mode"] = "l2"  # declares its child too
+    space.declare(hp)
+    children = {}
+    for h in hp.space:
+        for condition in h.conditions:
+            children.setdefault(condition.name, []).append(
+                (condition.values, len(list(h.values))))
+    points = 1
+    for h in hp.space:
+        if h.conditions:
+            continue
+        values = list(h.values)
+        count = len(values)
+        for active, n in children.get(h.name, ()):
+            count += sum(1 for v in values if v in active) * (n - 1)
+        points *= count
+    return points
+
+
 def planned_trials(oracle):
     """How many trials the search runs in all (Hyperband: its brackets)."""
     if isinstance(oracle, oracles.HyperbandOracle):
