@@ -403,6 +403,25 @@ def test_a_folder_saved_with_subset_one_resumes(tmp_path):
     rundir.check_settings(tmp_path, settings)  # does not raise
 
 
+def test_an_older_layout_is_refused_not_resumed_under_new_settings(
+        tmp_path):
+    # Was: keys the saved file lacked were not compared, so a folder from
+    # an older layout resumed under new settings and its scores were
+    # labelled with the new epoch count.
+    from tuning.sweep import search_settings
+
+    settings = search_settings(epochs=5)
+    old = {k: v for k, v in settings.items() if k not in ("epochs", "scale")}
+    rundir.write_json(tmp_path / rundir.SETTINGS, dict(old, project="digits"))
+    with pytest.raises(rundir.SettingsMismatch) as err:
+        rundir.check_settings(tmp_path, settings)
+    assert str(err.value) == (
+        f"{tmp_path} holds a search from an older version whose settings "
+        "lack epochs, scale: it cannot resume under these settings. Rerun "
+        "with --overwrite to start afresh, or choose another --directory "
+        "(`report` still reads it with its own settings)")
+
+
 @once_on("tensorflow")
 def test_damaged_fields_inside_valid_json_are_one_line(tmp_path, capsys):
     run = tmp_path / "run"

@@ -286,10 +286,11 @@ def check_settings(directory, settings, pending=()):
     """Refuses to resume a search saved with other settings.
 
     Compares `settings` with `<directory>/settings.json` key by key (keys
-    in `pending` are not known yet and are skipped; a key the saved file
-    lacks, written by an older version, is not compared). `max_trials` may
-    grow. Raises `SettingsMismatch` naming every difference and the two ways
-    out.
+    in `pending` are not known yet and are skipped). A saved file that
+    lacks a key that decides trials (an older version's layout) is refused:
+    its trials would be labelled with settings they did not train with.
+    `max_trials` may grow. Raises `SettingsMismatch` naming every
+    difference and the two ways out.
     """
     directory = Path(directory)
     saved = read_json_strict(directory / SETTINGS,
@@ -304,6 +305,16 @@ def check_settings(directory, settings, pending=()):
             f"{directory} holds a search trained with KERAS_BACKEND={there}"
             f", not {now}: rerun with KERAS_BACKEND={there} to resume it, "
             "--overwrite to start afresh, or choose another --directory")
+    missing = [key for key in _flatten(json.loads(json.dumps(settings)))
+               if key not in _flatten(saved) and key not in _MAY_CHANGE
+               and key not in pending]
+    if missing:
+        raise SettingsMismatch(
+            f"{directory} holds a search from an older version whose "
+            f"settings lack {', '.join(missing)}: it cannot resume under "
+            "these settings. Rerun with --overwrite to start afresh, or "
+            "choose another --directory (`report` still reads it with its "
+            "own settings)")
     differences = settings_differences(saved, settings, pending)
     if settings.get("max_trials", 0) < saved.get("max_trials", 0):
         differences.append(f"max_trials {saved['max_trials']} there, "
