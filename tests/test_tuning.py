@@ -429,9 +429,31 @@ def test_max_trials_may_grow_other_settings_may_not(tmp_path):
         r"--overwrite")):
         sweep(max_trials=2, directory=tmp_path, verbose=0,
               **dict(QUICK, epochs=2))
+    # --overwrite removes what the search wrote (its manifest), no more: a
+    # user's own PNG and folder beside it stay (were deleted).
+    (tmp_path / "mine.png").write_text("user's")
+    (tmp_path / "confirm_runs").mkdir()  # a name the search could write
+    (tmp_path / "confirm_runs" / "notes.txt").write_text("user's")
+    assert (tmp_path / "trials.csv").exists()
     fresh = sweep(max_trials=1, directory=tmp_path, verbose=0, overwrite=True,
                   **dict(QUICK, epochs=2))
     assert [t["epochs"] for t in fresh.trials] == [2]
+    assert (tmp_path / "mine.png").read_text() == "user's"
+    assert (tmp_path / "confirm_runs" / "notes.txt").read_text() == "user's"
+
+
+def test_overwrite_refuses_a_folder_no_search_wrote(tmp_path):
+    from tuning.rundir import DirectoryUnusable
+
+    (tmp_path / "photo.png").write_text("user's")
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(DirectoryUnusable) as err:
+        sweep(max_trials=1, directory=tmp_path, overwrite=True, **QUICK)
+    assert str(err.value) == (
+        f"{tmp_path} holds files that no search wrote (no settings.json): "
+        "--overwrite removes only a search's files; choose another "
+        "--directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.png", "sub"]
 
 
 def test_the_lock_is_exclusive_and_reentrant(tmp_path):

@@ -113,6 +113,8 @@ def _train_all(directory, settings, configs, seed_list, idx_dir, arrays,
     import keras
 
     runs_dir = directory / RUNS
+    rundir.note_written(directory, RUNS, report.CONFIRM, "confirm.csv",
+                        "confirm.png")
     runs_dir.mkdir(exist_ok=True)
     data = hypermodel = None
     progress = (keras.utils.Progbar(len(configs) * len(seed_list),

@@ -8,6 +8,8 @@ import matplotlib.ticker
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from tuning import rundir  # noqa: E402
+
 AXES = {  # optimizer argument -> (axis label, value shown on a log axis)
     "learning_rate": ("learning rate alpha", lambda v: v),
     "beta_1": ("1 - beta_1", lambda v: 1 - v),
@@ -62,7 +64,7 @@ def scores(path, trials, objective, direction="min"):
         ax.set_ylabel(objective)
     axes[0][0].legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    rundir.write_figure(fig, path, dpi=90)
     plt.close(fig)
 
 
@@ -84,7 +86,7 @@ def curves(path, trials, objective, direction="min", top=5):
     ax.set_title(f"best {len(good)} trials")
     ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    rundir.write_figure(fig, path, dpi=90)
     plt.close(fig)
 
 
@@ -106,7 +108,7 @@ def default_vs_best(path, default, best):
     ax.set_ylabel("loss")
     ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    rundir.write_figure(fig, path, dpi=90)
     plt.close(fig)
 
 
@@ -131,5 +133,5 @@ def confirmation(path, confirmed):
     ax.set_ylabel(f"{confirmed['objective']} ({confirmed['epochs']} epochs)")
     ax.set_title(f"{len(confirmed['seeds'])} seeds each; bar: mean ± std")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    rundir.write_figure(fig, path, dpi=90)
     plt.close(fig)

@@ -30,6 +30,7 @@ from tuning.search_space import (
 PACKAGES = ("keras", "keras-tuner", "keras-adam-plus", "numpy", "tensorflow",
             "tensorflow-cpu", "jax", "torch")
 CONFIRM = "confirm.json"
+PLOTS = ("scores.png", "learning_curves.png", "default_vs_best.png")
 
 
 @dataclasses.dataclass
@@ -215,6 +216,12 @@ def write(directory, plots=True):
     directory = Path(directory)
     trials, settings = collect(directory)
     result = sweep_result(directory, trials, settings)
+    names = ["trials.json", "trials.csv", "summary.txt"]
+    if result.best_config:
+        names.append("best.json")
+    if plots:
+        names += PLOTS
+    rundir.note_written(directory, *names)
     rundir.write_json(directory / "trials.json",
                       {"settings": settings, "trials": trials})
     _write_csv(directory / "trials.csv", trials, settings["objective"])

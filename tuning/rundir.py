@@ -33,6 +33,9 @@ from tuning.search_space import TUNABLE
 
 SETTINGS = "settings.json"
 LOCK = ".lock"
+# What a search wrote in its folder (names, top level): all that
+# `--overwrite` removes.
+MANIFEST = ".manifest.json"
 # Our record of one trial, beside keras-tuner's trial.json.
 SIDECAR = "adam_plus.json"
 TEMP_SUFFIX = ".tmp"
@@ -118,6 +121,33 @@ def remove_temporary(directory, project=None):
             if _TEMPORARY.match(path.name) and path.is_file():
                 with contextlib.suppress(OSError):
                     path.unlink()
+
+
+def write_figure(figure, path, **kwargs):
+    """Saves a matplotlib `figure` to `path` atomically."""
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
+    try:
+        figure.savefig(temp, format=path.suffix.lstrip("."), **kwargs)
+        os.replace(temp, path)
+    except OSError as err:
+        raise unusable(path, err) from None
+    finally:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+
+
+def note_written(directory, *names):
+    """Adds `names` (entries of `directory`, files or folders, that a search
+    wrote) to the folder's manifest, the list `clear` removes."""
+    path = Path(directory) / MANIFEST
+    try:
+        saved = json.loads(path.read_text()).get("written", [])
+    except (OSError, ValueError, AttributeError):
+        saved = []
+    written = sorted(set(saved) | set(names))
+    if written != saved:
+        write_json(path, {"written": written})
 
 
 def write_json(path, obj, indent=1):
@@ -369,20 +399,48 @@ def _flatten(settings):
     return flat
 
 
+def check_overwritable(directory):
+    """Refuses (`DirectoryUnusable`, one line naming it) to `--overwrite` a
+    folder that holds files but no search (no settings.json, no manifest):
+    the user's files are not a search's to remove."""
+    directory = Path(directory)
+    if not directory.is_dir() or (directory / SETTINGS).exists() or (
+            directory / MANIFEST).exists():
+        return
+    theirs = [p.name for p in directory.iterdir()
+              if p.name != LOCK and not _TEMPORARY.match(p.name)]
+    if theirs:
+        raise DirectoryUnusable(
+            f"{directory} holds files that no search wrote (no {SETTINGS}): "
+            "--overwrite removes only a search's files; choose another "
+            "--directory")
+
+
 def clear(directory, outputs):
     """Removes a previous search's files from `directory` (`--overwrite`).
 
-    Removes only what a search writes: the keras-tuner project folder named
-    in its settings, and `outputs` (names or glob patterns). Other files in
-    the directory are left alone.
+    Removes only what the search wrote: the names its manifest lists (or,
+    in a folder of a version that kept none, the keras-tuner project folder
+    named in its settings and `outputs`, names or glob patterns). Other
+    files in the directory are left alone.
     """
     directory = Path(directory)
+    manifest = read_json(directory / MANIFEST, "it is removed") or {}
+    listed = manifest.get("written") if isinstance(manifest, dict) else None
     saved = read_json(directory / SETTINGS, "it is removed") or {}
-    doomed = [directory / saved["project"]] if saved.get("project") else []
-    for pattern in outputs:
-        doomed.extend(directory.glob(pattern))
+    names = [SETTINGS, MANIFEST]
+    if isinstance(saved, dict) and isinstance(saved.get("project"), str):
+        names.append(saved["project"])
+    doomed = []
+    if isinstance(listed, list):
+        names += [n for n in listed if isinstance(n, str)]
+    else:
+        for pattern in outputs:
+            doomed.extend(directory.glob(pattern))
+    doomed += [directory / n for n in names
+               if n not in ("", ".", "..") and "/" not in n]
     for path in doomed:
-        if path.is_dir():
+        if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
-        elif path.exists():
+        elif path.exists() or path.is_symlink():
             path.unlink()

@@ -36,7 +36,8 @@ MINIMUMS = {"max_trials": 1, "epochs": 1, "batch_size": 1, "grid_steps": 1,
 # (TensorFlow's and keras-tuner's own counters).
 MAXIMUMS = {"seed": MAX_SEED, "max_trials": 2**31 - 1, "epochs": 2**31 - 1,
             "batch_size": 2**31 - 1, "grid_steps": 2**31 - 1}
-# What a search writes besides keras-tuner's project (`--overwrite` clears).
+# What a search wrote besides keras-tuner's project, in a folder of a
+# version that kept no manifest (`--overwrite` clears it).
 OUTPUTS = (rundir.SETTINGS, "trials.csv", "trials.json", "best.json",
            "summary.txt", "*.png", "confirm.csv", "confirm.json",
            "confirm_runs")
@@ -214,6 +215,8 @@ def sweep(benchmark="digits", tuner="random", max_trials=10, epochs=None,
     if not joined and (child or not overwrite):  # a joiner checks the chief
         rundir.check_settings(directory, settings,
                               pending=() if direction else ("direction",))
+    if overwrite and not child:
+        rundir.check_overwritable(directory)
     with contextlib.nullcontext() if child else rundir.lock(directory):
         if not child:  # what a killed run left; no writer of ours is left
             rundir.remove_temporary(directory)
@@ -268,6 +271,7 @@ def _search(settings, directory, overwrite, space, idx_dir, arrays, plots,
         seed=settings["seed"], overwrite=overwrite,
         max_epochs=settings["epochs"])
     if role != "worker":
+        rundir.note_written(directory, rundir.SETTINGS, search.project_name)
         rundir.write_json(directory / rundir.SETTINGS, dict(
             settings, data=data.source, project=search.project_name))
     if role == "chief":
