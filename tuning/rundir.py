@@ -74,13 +74,29 @@ def write_text(path, text):
     An OS error (a full disk, a read-only folder) raises
     `DirectoryUnusable`: one line naming `path`.
     """
-    path = Path(path)
-    temp = path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
-    try:
+    def write(temp):
         with open(temp, "w", newline="") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+
+    _atomic(path, write)
+
+
+def write_figure(figure, path, **kwargs):
+    """Saves a matplotlib `figure` to `path` atomically."""
+    path = Path(path)
+    _atomic(path, lambda temp: figure.savefig(
+        temp, format=path.suffix.lstrip("."), **kwargs))
+
+
+def _atomic(path, write):
+    """Calls `write(temp)`, then renames the temporary file over `path`;
+    an OS error is `DirectoryUnusable` naming `path`."""
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
+    try:
+        write(temp)
         os.replace(temp, path)
     except OSError as err:
         raise unusable(path, err) from None
@@ -121,20 +137,6 @@ def remove_temporary(directory, project=None):
             if _TEMPORARY.match(path.name) and path.is_file():
                 with contextlib.suppress(OSError):
                     path.unlink()
-
-
-def write_figure(figure, path, **kwargs):
-    """Saves a matplotlib `figure` to `path` atomically."""
-    path = Path(path)
-    temp = path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
-    try:
-        figure.savefig(temp, format=path.suffix.lstrip("."), **kwargs)
-        os.replace(temp, path)
-    except OSError as err:
-        raise unusable(path, err) from None
-    finally:
-        with contextlib.suppress(OSError):
-            temp.unlink()
 
 
 def note_written(directory, *names):
