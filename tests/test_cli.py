@@ -85,9 +85,9 @@ BAD_OPTIONS = [
     (["--batch-size", "0"],
      "argument --batch-size: must be an integer >= 1, got '0'"),
     (["--subset", "2.5"], "argument --subset: must be a fraction in (0, 1] "
-     "or a whole count >= 1, got '2.5'"),
+     "or a whole count in [1, 2147483647], got '2.5'"),
     (["--subset", "0"], "argument --subset: must be a fraction in (0, 1] or "
-     "a whole count >= 1, got '0'"),
+     "a whole count in [1, 2147483647], got '0'"),
     (["--workers", "-1"],
      "argument --workers: must be an integer >= 0 or auto, got '-1'"),
     (["--seed", "-3"], "argument --seed: must be an integer >= 0, got '-3'"),

@@ -606,9 +606,11 @@ def test_a_subset_without_validation_examples_is_refused_before_training(
     (dict(seed=2**32), "Argument `seed` must be an integer in "
      "[0, 4294967295]. Received: seed=4294967296"),
     (dict(subset=float("inf")), "Argument `subset` must be a fraction in "
-     "(0, 1] or a whole count >= 1. Received: subset=inf"),
+     "(0, 1] or a whole count in [1, 2147483647]. Received: subset=inf"),
     (dict(subset=2.5), "Argument `subset` must be a fraction in (0, 1] or a "
-     "whole count >= 1. Received: subset=2.5"),
+     "whole count in [1, 2147483647]. Received: subset=2.5"),
+    (dict(subset=1e20), "Argument `subset` must be a fraction in (0, 1] or "
+     "a whole count in [1, 2147483647]. Received: subset=1e+20"),
     (dict(objective="nope"), "Argument `objective` must be one of loss, "
      "accuracy, val_loss, val_accuracy (what benchmark digits logs). "
      "Received: objective='nope'"),
@@ -625,6 +627,41 @@ def test_sweep_refuses_invalid_arguments_before_writing(kwargs, message,
         sweep(directory=tmp_path / "run", **kwargs)
     assert str(err.value) == message
     assert not (tmp_path / "run").exists()
+
+
+def test_the_api_takes_numpy_integers_as_ints():
+    # Was: workers=np.int64(0) refused; a NumPy grid_steps reached
+    # settings.json and json could not write it.
+    from tuning.sweep import search_settings
+    from tuning.workers import check_workers
+
+    settings = search_settings(
+        tuner="grid", max_trials=np.int64(3), epochs=np.int32(2),
+        batch_size=np.int64(16), seed=np.uint32(5), subset=np.int64(50),
+        space=SearchSpace(grid_steps=np.int64(2), modes=np.bool_(True)))
+    assert json.loads(json.dumps(settings))["space"]["grid_steps"] == 2
+    assert [type(settings[k]) for k in ("max_trials", "epochs", "batch_size",
+                                        "seed", "subset")] == [int] * 5
+    assert type(check_workers(np.int64(0))) is int
+
+
+@pytest.mark.parametrize("argv0,shown", [
+    ("/venv/bin/adam-plus-tune", "adam-plus-tune"),
+    ("/repo/tuning/__main__.py", "python -m tuning")])
+def test_usage_and_errors_name_the_command_typed(argv0, shown, monkeypatch,
+                                                  capsys):
+    # Was: adam-plus-tune said `usage: python -m tuning`.
+    monkeypatch.setattr(sys, "argv", [argv0])
+    with pytest.raises(SystemExit):
+        cli_main(["--help"])
+    assert capsys.readouterr().out.startswith(f"usage: {shown} [-h]")
+    with pytest.raises(SystemExit):
+        cli_main(["report", "--help"])
+    assert capsys.readouterr().out.startswith(f"usage: {shown} report")
+    with pytest.raises(SystemExit) as exit:
+        cli_main(["--max-trials", "0"])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.startswith(f"{shown}: error: ")
 
 
 def test_the_cli_offers_every_oracle():

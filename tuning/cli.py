@@ -26,12 +26,12 @@ from tuning.errors import (
     Stopped,
     TuningError,
     catch_interrupts,
+    command,
     folder_path,
 )
 from tuning.search_space import TUNABLE, SearchSpace
 from tuning.sweep import MAXIMUMS, MINIMUMS, TUNERS, search_settings
 
-PROG = "python -m tuning"
 INTERRUPTED = "interrupted; rerun the same command to resume"
 CONFIRM_TOP, CONFIRM_SEEDS = 3, 5
 
@@ -98,15 +98,16 @@ def _subset(text):
 
 def sweep_parser():
     """The parser of `python -m tuning [options]` (a search)."""
+    prog = command()
     p = Parser(
-        prog=PROG,
+        prog=prog,
         description="Sweep AdamPlus's learning_rate, beta_1, beta_2 and "
         "epsilon through keras-tuner on a benchmark model; rerun the same "
         "command to resume.",
         epilog="subcommands:\n"
-        f"  {PROG} report DIR [--no-plots]   rebuild the tables, summary and "
+        f"  {prog} report DIR [--no-plots]   rebuild the tables, summary and "
         "plots of DIR\n"
-        f"  {PROG} replicate [options]       the Adam paper's experiments "
+        f"  {prog} replicate [options]       the Adam paper's experiments "
         "(see its --help)",
     )
     p.add_argument("--benchmark", default="digits",
@@ -191,7 +192,7 @@ def sweep_parser():
 
 def report_parser():
     """The parser of `python -m tuning report DIR`."""
-    p = Parser(prog=f"{PROG} report",
+    p = Parser(prog=f"{command()} report",
                description="Rebuild trials.csv, trials.json, best.json, "
                "summary.txt and the plots of a search's directory.")
     p.add_argument("directory", metavar="DIR", type=folder_path)
@@ -216,11 +217,12 @@ def main(argv=None):
             return _report(report_parser().parse_args(argv[1:]))
         return _sweep(sweep_parser(), argv)
     except TuningError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
+        print(f"{command()}: error: {err}", file=sys.stderr, flush=True)
         return 1
     except OSError as err:  # what no layer below could name better
         where = f"{err.filename}: " if err.filename else ""
-        print(f"{PROG}: error: {where}{err.strerror or err}", file=sys.stderr,
+        print(f"{command()}: error: {where}{err.strerror or err}",
+              file=sys.stderr,
               flush=True)
         return 1
     except Stopped as stop:

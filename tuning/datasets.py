@@ -66,7 +66,9 @@ class Data:
                     f"{self.source} (subset {keep}/{n})")
 
 
-SUBSET_RULE = "a fraction in (0, 1] or a whole count >= 1"
+# The largest count: what fits a C int, as for every other count.
+MAX_COUNT = 2**31 - 1
+SUBSET_RULE = f"a fraction in (0, 1] or a whole count in [1, {MAX_COUNT}]"
 
 
 def check_subset(subset):
@@ -83,7 +85,7 @@ def check_subset(subset):
     ):
         if 0 < subset <= 1 and not isinstance(subset, numbers.Integral):
             return float(subset)
-        if subset >= 1 and subset == int(subset):
+        if 1 <= subset <= MAX_COUNT and subset == int(subset):
             return int(subset)
     raise ValueError(f"Argument `subset` must be {SUBSET_RULE}. "
                      f"Received: subset={subset!r}")

@@ -36,7 +36,7 @@ from keras import layers, ops
 from keras_adam_plus import AdamPlus
 from tuning import benchmarks, claims, paper_report, report, rundir
 from tuning.datasets import DatasetUnavailable
-from tuning.errors import Parser, folder_path
+from tuning.errors import Parser, command, folder_path
 from tuning.hypermodel import AdamPlusHyperModel
 from tuning.seeds import MAX_SEED
 from tuning.tuners import make_tuner
@@ -700,7 +700,7 @@ def _seed(text):
 def main(argv=None):
     """`python -m tuning replicate ...`."""
     p = Parser(
-        prog="python -m tuning replicate",
+        prog=f"{command()} replicate",
         description="Reproduce the Adam paper's experiments: figures, "
         "claims PASS/FAIL, one markdown report.")
     p.add_argument("--figure", default="all", choices=[*FIGURES, "all"])

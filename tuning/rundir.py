@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from tuning.errors import TuningError
+from tuning.errors import TuningError, command
 from tuning.search_space import TUNABLE
 
 SETTINGS = "settings.json"
@@ -309,7 +309,7 @@ def read_settings(directory):
     if settings is None:
         raise NoRun(
             f"{directory} holds no tuning run (no readable {SETTINGS}); run "
-            f"`python -m tuning --directory {directory}` first"
+            f"`{command()} --directory {directory}` first"
         )
     return settings
 

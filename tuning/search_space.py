@@ -11,6 +11,7 @@ default values is Adam as published.
 
 import dataclasses
 import math
+import numbers
 
 TUNABLE = ("learning_rate", "beta_1", "beta_2", "epsilon")
 PAPER_DEFAULTS = {"learning_rate": 1e-3, "beta_1": 0.9, "beta_2": 0.999,
@@ -66,6 +67,12 @@ class SearchSpace:
                 f"Argument `tune` must name only {', '.join(TUNABLE)}. "
                 f"Received: tune={list(self.tune)!r}"
             )
+        if not isinstance(self.grid_steps, numbers.Integral) or isinstance(
+                self.grid_steps, bool) or self.grid_steps < 0:
+            raise ValueError("Argument `grid_steps` must be an integer >= 0."
+                             f" Received: grid_steps={self.grid_steps!r}")
+        self.grid_steps = int(self.grid_steps)  # NumPy integers too
+        self.modes = bool(self.modes)
         # One order (TUNABLE's) whatever the order given: the same space
         # declares, draws and compares the same way.
         self.tune = tuple(name for name in TUNABLE if name in self.tune)
