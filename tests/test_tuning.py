@@ -136,6 +136,19 @@ def test_diverging_trials_fail_and_are_never_best(tmp_path):
     assert "failed with an error" not in text
     rows = (tmp_path / "trials.csv").read_text().splitlines()
     assert sum(",DIVERGED," in r for r in rows) == len(failed)
+    # Strict JSON: a diverged trial's NaN is the string "NaN", never a
+    # bare NaN (was); it reads back as a float.
+    from tuning import rundir
+
+    def bare(name):
+        raise ValueError(f"bare {name}")
+
+    for path in [tmp_path / "trials.json",
+                 *tmp_path.glob("*/trial_*/adam_plus.json")]:
+        json.loads(path.read_text(), parse_constant=bare)
+    histories = [t["history"]["loss"] for t in rundir.read_json(
+        tmp_path / "trials.json")["trials"] if t["status"] == "DIVERGED"]
+    assert any(not math.isfinite(v) for h in histories for v in h)
 
 
 def test_report_rebuilds_tables_and_plots(tmp_path, capsys):
@@ -473,6 +486,23 @@ def test_the_lock_is_exclusive_and_reentrant(tmp_path):
                                      f"use by pid {os.getpid()} on ")
     # Released, and the folder it made (holding nothing else) removed.
     assert not (tmp_path / "run").exists()
+
+
+def test_json_is_strict_and_reads_both_forms(tmp_path):
+    from tuning import rundir
+
+    rundir.write_json(tmp_path / "a.json",
+                      {"x": [math.nan, math.inf, -math.inf, 1.5, "paper"]})
+    text = (tmp_path / "a.json").read_text()
+    assert json.loads(text) == {"x": ["NaN", "Infinity", "-Infinity", 1.5,
+                                      "paper"]}
+    for path in (tmp_path / "a.json", tmp_path / "old.json"):
+        (tmp_path / "old.json").write_text(  # an older version's bare form
+            '{"x": [NaN, Infinity, -Infinity, 1.5, "paper"]}')
+        x = rundir.read_json(path)["x"]
+        assert math.isnan(x[0]) and x[1:] == [math.inf, -math.inf, 1.5,
+                                              "paper"]
+        assert rundir.read_json_strict(path, "")["x"][1] == math.inf
 
 
 def test_files_are_replaced_atomically(tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ import csv
 import fcntl
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -152,9 +153,38 @@ def note_written(directory, *names):
         write_json(path, {"written": written})
 
 
+# Non-finite floats as strict JSON holds them: as strings (bare NaN and
+# Infinity are not JSON; other readers refuse them).
+_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
 def write_json(path, obj, indent=1):
-    """Writes `obj` as JSON to `path` atomically."""
-    write_text(path, json.dumps(obj, indent=indent))
+    """Writes `obj` as strict JSON to `path` atomically: a NaN or infinite
+    float is written as the string "NaN", "Infinity" or "-Infinity"."""
+    write_text(path, json.dumps(_encode(obj), indent=indent, allow_nan=False))
+
+
+def _encode(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "NaN" if math.isnan(obj) else (
+            "Infinity" if obj > 0 else "-Infinity")
+    if isinstance(obj, dict):
+        return {k: _encode(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_encode(v) for v in obj]
+    return obj
+
+
+def _decode(obj):
+    """`obj` read back: "NaN", "Infinity", "-Infinity" as floats (files of
+    older versions hold bare NaN, which `json` reads as floats itself)."""
+    if isinstance(obj, str):
+        return _NONFINITE.get(obj, obj)
+    if isinstance(obj, dict):
+        return {k: _decode(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode(v) for v in obj]
+    return obj
 
 
 def write_csv(path, header, rows):
@@ -175,7 +205,7 @@ def read_json(path, what="its contents are ignored"):
     """
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        return _decode(json.loads(path.read_text()))
     except (FileNotFoundError, NotADirectoryError):
         return None  # also a path under a file: nothing there
     except OSError as err:
@@ -191,7 +221,7 @@ def read_json_strict(path, remedy):
     read or parsed raises `DamagedFile`: one line naming it and `remedy`."""
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        return _decode(json.loads(path.read_text()))
     except (FileNotFoundError, NotADirectoryError):
         return None
     except (OSError, UnicodeDecodeError, ValueError) as err:
