@@ -488,6 +488,36 @@ def test_the_lock_is_exclusive_and_reentrant(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_report_on_a_running_search_says_running_not_interrupted(
+        tmp_path):
+    import fcntl
+
+    from tuning import report, rundir
+
+    trials = [_trial("0", 0.5, 2), _trial("1", None, None,
+                                          status="RUNNING")]
+    settings = {"objective": "val_loss", "direction": "min"}
+    result = report.sweep_result(tmp_path, trials, settings)
+    assert rundir.running(tmp_path) is None
+    # Another open file description holding the lock: as another process.
+    fd = os.open(tmp_path / rundir.LOCK, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, json.dumps({"pid": 7, "host": "h", "since": "noon",
+                                 "command": "tune"}).encode())
+        holder = rundir.running(tmp_path)
+        assert holder == "pid 7 on h since noon (tune)"
+        text = report.summary(result, settings, running=holder)
+        # Was: "trial 1 was interrupted; rerun the same command".
+        assert ("trial 1 is running (the search runs: pid 7 on h since "
+                "noon (tune))") in text
+        assert "interrupted" not in text
+    finally:
+        os.close(fd)
+    assert rundir.running(tmp_path) is None
+    assert "trial 1 was interrupted" in report.summary(result, settings)
+
+
 def test_json_is_strict_and_reads_both_forms(tmp_path):
     from tuning import rundir
 
@@ -551,7 +581,7 @@ def test_a_truncated_trial_is_named_and_run_again(tmp_path, capsys):
 
 @once_on("jax")
 def test_confirm_retrains_the_best_and_the_defaults_over_seeds(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, capsys):
     from scipy import stats
 
     confirmation = importlib.import_module("tuning.confirm")  # not the
@@ -562,8 +592,16 @@ def test_confirm_retrains_the_best_and_the_defaults_over_seeds(
     best = json.loads((tmp_path / "best.json").read_text())
     trials = json.loads((tmp_path / "trials.json").read_text())["trials"]
     top = sorted(trials, key=lambda t: t["score"])[:2]
+    capsys.readouterr()
     result = confirmation.confirm(tmp_path, top=2, seeds=3, verbose=0)
     assert result["seeds"] == [3, 4, 5]
+    # Says what it will run before the first run (was silent until then).
+    n = len(result["configs"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"confirm: {n} configurations x 3 seeds = {3 * n} " \
+        "runs of 1 epoch"
+    assert len([line for line in out if line.startswith("confirm trial")
+                or line.startswith("confirm paper")]) == 3 * n
     assert [c["label"] for c in result["configs"]] == [
         f"trial {t['trial_id']}" for t in top] + (
         [] if any(t["is_default"] for t in top) else ["paper default"])

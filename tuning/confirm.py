@@ -117,8 +117,13 @@ def _train_all(directory, settings, configs, seed_list, idx_dir, arrays,
                         "confirm.png")
     runs_dir.mkdir(exist_ok=True)
     data = hypermodel = None
-    progress = (keras.utils.Progbar(len(configs) * len(seed_list),
-                                    unit_name="run") if verbose else None)
+    total = len(configs) * len(seed_list)
+    print(f"confirm: {report.count_text(len(configs), 'configuration')} x "
+          f"{report.count_text(len(seed_list), 'seed')} = "
+          f"{report.count_text(total, 'run')} of "
+          f"{report.epochs_text(settings['epochs'])}", flush=True)
+    progress = (keras.utils.Progbar(total, unit_name="run") if verbose
+                else None)
     scores = {}
     for config in configs:
         scores[config["label"]] = []

@@ -227,7 +227,8 @@ def write(directory, plots=True):
     _write_csv(directory / "trials.csv", trials, settings["objective"])
     if result.best_config:
         rundir.write_json(directory / "best.json", result.best_config)
-    rundir.write_text(directory / "summary.txt", summary(result, settings))
+    rundir.write_text(directory / "summary.txt", summary(
+        result, settings, running=rundir.running(directory)))
     if plots:
         from tuning import plots as plotting
 
@@ -301,9 +302,10 @@ def count_text(n, noun):
     return f"{n} {noun}{'s' if n != 1 else ''}"
 
 
-def summary(result, settings):
+def summary(result, settings, running=None):
     """A human-readable summary: best vs the paper's defaults, failures,
-    and the confirmation over seeds if one ran."""
+    and the confirmation over seeds if one ran. `running`: who runs the
+    search now (`tuning.rundir.running`), if it runs."""
     trials = result.trials
     counts = {}
     for t in trials:
@@ -337,6 +339,9 @@ def summary(result, settings):
             lines.append(f"trial {t['trial_id']} failed with an error (not "
                          f"divergence): {t['error_type']}: "
                          f"{one_line(t['error'], 200)}")
+        elif t["status"] == "RUNNING" and running:
+            lines.append(f"trial {t['trial_id']} is running (the search "
+                         f"runs: {running})")
         elif t["status"] in ("RUNNING", "INTERRUPTED"):
             lines.append(f"trial {t['trial_id']} was interrupted; rerun the "
                          "same command to finish it")

@@ -291,6 +291,26 @@ def lock(directory):
             _remove_empty(created)
 
 
+def running(directory):
+    """Who runs a search in `directory` now (another process holding its
+    lock: "pid N on HOST since ..."), or None."""
+    directory = Path(directory)
+    path = directory / LOCK
+    if str(directory.resolve()) in _HELD:
+        return None  # this process: its search is not running a trial now
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _holder(path)
+    finally:
+        os.close(fd)  # releases a lock it took
+    return None
+
+
 def _holder(path):
     try:
         info = json.loads(Path(path).read_text())
