@@ -732,6 +732,26 @@ def test_usage_and_errors_name_the_command_typed(argv0, shown, monkeypatch,
     assert capsys.readouterr().err.startswith(f"{shown}: error: ")
 
 
+def test_sweep_and_the_cli_share_their_defaults(tmp_path, monkeypatch):
+    # Was: sweep() ran 10 trials into tuning_runs/ (the CLI: 12 into
+    # tuning_runs/<benchmark>): a default sweep() after the CLI wrote
+    # keras-tuner's files into the CLI's search folder.
+    import inspect
+
+    from tuning.cli import sweep_parser
+
+    module = importlib.import_module("tuning.sweep")
+    assert inspect.signature(sweep).parameters["max_trials"].default == (
+        sweep_parser().get_default("max_trials")) == 12
+    seen = []
+    monkeypatch.setattr(module, "_search",
+                        lambda settings, directory, *a: seen.append(
+                            (settings["max_trials"], directory)))
+    monkeypatch.chdir(tmp_path)
+    sweep(benchmark="mnist_logreg")
+    assert seen == [(12, Path("tuning_runs/mnist_logreg"))]
+
+
 def test_the_cli_offers_every_oracle():
     from tuning.sweep import TUNERS
     from tuning.tuners import ORACLES

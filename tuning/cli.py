@@ -30,7 +30,14 @@ from tuning.errors import (
     folder_path,
 )
 from tuning.search_space import TUNABLE, SearchSpace
-from tuning.sweep import MAXIMUMS, MINIMUMS, TUNERS, search_settings
+from tuning.sweep import (
+    DEFAULT_TRIALS,
+    MAXIMUMS,
+    MINIMUMS,
+    TUNERS,
+    default_directory,
+    search_settings,
+)
 
 INTERRUPTED = "interrupted; rerun the same command to resume"
 CONFIRM_TOP, CONFIRM_SEEDS = 3, 5
@@ -122,7 +129,8 @@ def sweep_parser():
                    "$KERAS_HOME/datasets/mnist-idx)")
     p.add_argument("--tuner", default="random", choices=TUNERS,
                    help="keras-tuner's search algorithm")
-    p.add_argument("--max-trials", type=_count("max_trials"), default=12,
+    p.add_argument("--max-trials", type=_count("max_trials"),
+                   default=DEFAULT_TRIALS,
                    help="trials in all (not Hyperband: it plans its own "
                    "from --epochs); may grow on a resume")
     p.add_argument("--epochs", type=_count("epochs"), default=None,
@@ -249,7 +257,7 @@ def _sweep(parser, argv):
 
     args = parser.parse_args(argv)
     _check(parser, args)
-    directory = args.directory or f"tuning_runs/{args.benchmark}"
+    directory = args.directory or default_directory(args.benchmark)
     result = sweep(
         benchmark=args.benchmark, tuner=args.tuner,
         max_trials=args.max_trials, epochs=args.epochs, subset=args.subset,

@@ -28,6 +28,14 @@ from tuning.search_space import SearchSpace
 from tuning.seeds import MAX_SEED
 
 TUNERS = ("random", "bayesian", "hyperband", "grid")
+# The defaults `sweep()` and the command line share (one place).
+DEFAULT_TRIALS = 12
+RUNS_FOLDER = "tuning_runs"
+
+
+def default_directory(benchmark):
+    """Where a search of `benchmark` goes by default: tuning_runs/<name>."""
+    return Path(RUNS_FOLDER) / benchmark
 DIRECTIONS = ("min", "max")
 # The smallest value of each integer argument.
 MINIMUMS = {"max_trials": 1, "epochs": 1, "batch_size": 1, "grid_steps": 1,
@@ -42,7 +50,8 @@ OUTPUTS = (rundir.SETTINGS, "trials.csv", "trials.json", "best.json",
            "summary.txt", "*.png", "confirm.csv", "confirm.json",
            "confirm_runs")
 
-__all__ = ["SweepFailed", "check_int", "load", "search_settings", "sweep"]
+__all__ = ["DEFAULT_TRIALS", "SweepFailed", "check_int", "default_directory",
+           "load", "search_settings", "sweep"]
 
 
 def check_int(name, value, minimum=None, maximum=None):
@@ -63,7 +72,8 @@ def check_int(name, value, minimum=None, maximum=None):
     return value
 
 
-def search_settings(benchmark="digits", tuner="random", max_trials=10,
+def search_settings(benchmark="digits", tuner="random",
+                    max_trials=DEFAULT_TRIALS,
                     epochs=None, subset=None, seed=0, space=None,
                     dataset=None, batch_size=None, objective="val_loss",
                     direction=None, scale="quick"):
@@ -116,8 +126,8 @@ def search_settings(benchmark="digits", tuner="random", max_trials=10,
     }
 
 
-def sweep(benchmark="digits", tuner="random", max_trials=10, epochs=None,
-          subset=None, directory="tuning_runs", seed=0, overwrite=False,
+def sweep(benchmark="digits", tuner="random", max_trials=DEFAULT_TRIALS,
+          epochs=None, subset=None, directory=None, seed=0, overwrite=False,
           space=None, dataset=None, idx_dir=None, batch_size=None,
           objective="val_loss", direction=None, scale="quick", workers=0,
           arrays=None, plots=True, child_argv=None, verbose=1, chief=None,
@@ -129,13 +139,15 @@ def sweep(benchmark="digits", tuner="random", max_trials=10, epochs=None,
             embedded `"digits"`.
         tuner: `"random"`, `"bayesian"`, `"hyperband"` or `"grid"`.
         max_trials: Number of trials (Hyperband: its own budget from
-            `epochs`). On a resume it may grow, not shrink.
+            `epochs`). On a resume it may grow, not shrink. Defaults to
+            `12`, as the command line's.
         epochs: Epochs per trial (Hyperband: the most a trial trains);
             defaults to the scale's setting.
         subset: Fraction in (0, 1] or count of training examples; defaults
             to the scale's setting.
         directory: Output directory (keras-tuner's project, trials.csv,
-            trials.json, best.json, summary.txt, PNG plots).
+            trials.json, best.json, summary.txt, PNG plots). Defaults to
+            `tuning_runs/<benchmark>`, as the command line's.
         seed: Seed of the oracle, of the data subset and of every trial's
             initial weights.
         overwrite: Start afresh instead of resuming: removes the previous
@@ -210,7 +222,7 @@ def sweep(benchmark="digits", tuner="random", max_trials=10, epochs=None,
             KERASTUNER_ORACLE_IP=joined[0], KERASTUNER_ORACLE_PORT=str(
                 joined[1]),
             KERASTUNER_TUNER_ID=machine.joiner_id())
-    directory = Path(directory)
+    directory = Path(directory or default_directory(benchmark))
     child = rundir.is_distributed_child()
     if not joined and (child or not overwrite):  # a joiner checks the chief
         rundir.check_settings(directory, settings,
