@@ -752,6 +752,30 @@ def test_sweep_and_the_cli_share_their_defaults(tmp_path, monkeypatch):
     assert seen == [(12, Path("tuning_runs/mnist_logreg"))]
 
 
+def test_the_end_of_a_search_prints_how_to_use_best_json(tmp_path,
+                                                         monkeypatch):
+    # Was: a table and a file list, no next step.
+    from keras_adam_plus import InverseSqrtDecay
+    from tuning import rundir
+    from tuning.cli import next_steps
+    from tuning.search_space import optimizer_config
+
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/adam-plus-tune"])
+    assert next_steps(tmp_path, [], False) == []  # no best: nothing to use
+    rundir.write_json(tmp_path / "best.json", optimizer_config(
+        dict(PAPER_DEFAULTS, learning_rate=0.02), "inverse_sqrt"))
+    lines = next_steps(tmp_path, ["--benchmark", "mnist_logreg"], False)
+    assert lines[-1] == ("    adam-plus-tune --benchmark mnist_logreg "
+                         "--confirm")
+    assert not any("--confirm" in line
+                   for line in next_steps(tmp_path, [], True))
+    scope = {}
+    exec("\n".join(line.strip() for line in lines[2:4]), scope)  # as shown
+    schedule = scope["optimizer"]._learning_rate
+    assert isinstance(schedule, InverseSqrtDecay)
+    assert schedule.initial_learning_rate == 0.02
+
+
 def test_the_cli_offers_every_oracle():
     from tuning.sweep import TUNERS
     from tuning.tuners import ORACLES

@@ -12,6 +12,7 @@ Ctrl-C stops with one line and status 130, and the same command resumes.
 import argparse
 import os
 import re
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -275,7 +276,27 @@ def _sweep(parser, argv):
                 seeds=args.seeds or CONFIRM_SEEDS, plots=not args.no_plots,
                 idx_dir=args.mnist_idx)
     _print_outputs(Path(directory))
+    print("\n".join(next_steps(Path(directory), argv, bool(args.confirm))))
     return 0
+
+
+def next_steps(directory, argv, confirmed):
+    """The lines printed after a search: how to use best.json, and
+    `--confirm` when it did not run."""
+    if not (directory / "best.json").is_file():
+        return []
+    lines = ["next steps:",
+             "  train with the best configuration (its learning-rate "
+             "schedule included):",
+             "    import json; from keras_adam_plus import AdamPlus",
+             "    optimizer = AdamPlus.from_config(json.load(open("
+             f"{str(directory / 'best.json')!r})))"]
+    if not confirmed:
+        rerun = " ".join([command(), *map(shlex.quote, argv)])
+        lines += ["  check that it beats the paper's defaults beyond seed "
+                  "noise (retrains the best and the defaults over new "
+                  "seeds):", f"    {rerun} --confirm"]
+    return lines
 
 
 def _space(args):
