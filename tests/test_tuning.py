@@ -366,6 +366,38 @@ def test_summary_keeps_betas_apart_from_one(tmp_path):
     assert "val_loss, 2 epochs             0.2000         0.5000" in text
 
 
+def test_the_final_epoch_is_shown_beside_the_best_and_a_gap_is_named(
+        tmp_path):
+    # Was: only the best epoch's value (0.041 at epoch 6 hid 0.083 at 8).
+    from tuning import report
+
+    trials = [_trial("0", 0.50, 2), _trial("1", 0.40, 2, learning_rate=0.01),
+              _trial("2", 0.45, 2, learning_rate=0.02)]
+    finals = {"0": 0.52, "1": 0.60, "2": 0.45}
+    for t in trials:
+        t.update(history={"val_loss": [t["score"], finals[t["trial_id"]]]},
+                 worker=None, device=None)
+        t["final"] = report.final_value(t, "val_loss")
+    settings = {"objective": "val_loss", "direction": "min"}
+    text = report.summary(report.sweep_result(tmp_path, trials, settings),
+                          settings)
+    assert ("the best trial's val_loss at its last epoch, 0.6000, is 0.2000 "
+            "from its best epoch's 0.4000: more than the trials' spread "
+            "(0.0500, sample std); its score is optimistic: --confirm "
+            "retrains it over new seeds") in text
+    report._write_csv(tmp_path / "t.csv", trials, "val_loss")
+    rows = [r.split(",") for r in (tmp_path / "t.csv").read_text().split()]
+    assert rows[0][3:5] == ["val_loss_at_best_epoch",
+                            "val_loss_at_final_epoch"]
+    assert [r[3:5] for r in rows[1:]] == [["0.5", "0.52"], ["0.4", "0.6"],
+                                          ["0.45", "0.45"]]
+    finals["1"] = 0.43  # within the spread: nothing to say
+    trials[1]["history"]["val_loss"][-1] = 0.43
+    trials[1]["final"] = 0.43
+    assert "last epoch" not in report.summary(
+        report.sweep_result(tmp_path, trials, settings), settings)
+
+
 def test_grid_points_count_every_combination():
     from tuning.tuners import grid_points
 
@@ -420,10 +452,10 @@ def test_summary_and_csv_show_every_mode_and_the_schedule(tmp_path):
         "schedule=inverse_sqrt")  # the trial line's modes
     report._write_csv(tmp_path / "t.csv", trials, "val_loss")
     header, first, second = (tmp_path / "t.csv").read_text().splitlines()
-    assert header.split(",")[4:12] == [
+    assert header.split(",")[5:13] == [
         "amsgrad", "beta_1", "beta_2", "epsilon", "epsilon_mode",
         "learning_rate", "weight_decay", "weight_decay_mode"]
-    assert second.split(",")[4:13] == [
+    assert second.split(",")[5:14] == [
         "True", "0.9", "0.999", "1e-08", "hat", "0.01", "0.0001", "l2",
         "inverse_sqrt"]
 

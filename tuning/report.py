@@ -92,7 +92,8 @@ def collect(directory):
     again by a resume), score, epochs (trained in all), optimizer (AdamPlus
     kwargs), hyperparameters (keras-tuner's values), seed, duration_s,
     history (per-epoch metrics), error_type, error, rss_mb, worker and
-    device (which process and GPU trained it: `tuning.workers`), schedule
+    device (which process and GPU trained it: `tuning.workers`), final
+    (the objective at the last epoch; the score is at the best), schedule
     (the learning-rate schedule it trained with, a key of
     `tuning.search_space.SCHEDULES`, or None), is_default (every argument
     at the paper's value, modes included).
@@ -117,8 +118,18 @@ def collect(directory):
     schedule = _schedule(settings)
     for t in trials:
         t["schedule"] = schedule
+        t["final"] = final_value(t, settings["objective"])
         t["is_default"] = is_paper_default(t["optimizer"])
     return trials, settings
+
+
+def final_value(trial, objective):
+    """A trial's `objective` at its last epoch (its score is at its best
+    epoch), or None if it has no finite value there."""
+    values = trial["history"].get(objective) or [None]
+    last = values[-1]
+    return last if isinstance(last, (int, float)) and math.isfinite(
+        last) else None
 
 
 def _schedule(settings):
@@ -259,13 +270,14 @@ def score_column(objective):
 def _write_csv(path, trials, objective):
     keys = sorted({k for t in trials for k in t["optimizer"]})
     rows = [[t["trial_id"], t["status"], t["epochs"], t["score"],
-             *[t["optimizer"].get(k) for k in keys],
+             t.get("final"), *[t["optimizer"].get(k) for k in keys],
              t.get("schedule") or "constant", t["seed"],
              t["duration_s"], t["is_default"], t["error_type"] or "",
              one_line(t["error"]), t["worker"] or "", t["device"] or ""]
             for t in trials]
     rundir.write_csv(path, ["trial_id", "status", "epochs",
-                            score_column(objective), *keys,
+                            score_column(objective),
+                            f"{objective}_at_final_epoch", *keys,
                             "learning_rate_schedule", "seed",
                             "duration_s", "is_default", "error_type",
                             "error", "worker", "device"], rows)
@@ -330,6 +342,7 @@ def summary(result, settings, running=None):
                      f"{max(durations):.1f} s")
     if result.best_config:
         lines += _best_vs_default(result, trials)
+        lines += _final_vs_best(result, trials)
     region = diverged_region(trials)
     if region:
         lines.append("diverged (NaN/Inf loss) trials span:")
@@ -380,6 +393,27 @@ def _best_vs_default(result, trials):
                          f"{epochs_text(t['epochs'])} only (not comparable "
                          f"with {epochs_text(result.epochs)})")
     return lines
+
+
+def _final_vs_best(result, trials):
+    """A line when the best trial's last epoch is further from its best
+    epoch than the scores of the trials are from each other."""
+    best = choose(trials, result.direction)[0]
+    level = [t["score"] for t in trials if t["status"] == "COMPLETED"
+             and t["score"] is not None and t["epochs"] == result.epochs]
+    if best.get("final") is None or len(level) < 2:
+        return []
+    mean = sum(level) / len(level)
+    spread = math.sqrt(sum((s - mean) ** 2 for s in level)
+                       / (len(level) - 1))
+    gap = abs(best["final"] - best["score"])
+    if gap <= spread:
+        return []
+    return [f"the best trial's {result.objective} at its last epoch, "
+            f"{best['final']:.4f}, is {gap:.4f} from its best epoch's "
+            f"{best['score']:.4f}: more than the trials' spread ({spread:.4f}"
+            ", sample std); its score is optimistic: --confirm retrains "
+            "it over new seeds"]
 
 
 def _shown(key, kwargs):

@@ -244,7 +244,11 @@ class _Bookkeeping:
         objective = self.oracle.objective.name
         epochs = self.hypermodel.last_epochs
         if done.score is not None and math.isfinite(done.score):
-            result = f"{objective}={done.score:.4f} ({epochs_text(epochs)})"
+            final = report.final_value(
+                {"history": self.hypermodel.last_history}, objective)
+            result = (f"{objective}={done.score:.4f} at its best epoch"
+                      + ("" if final is None else f", {final:.4f} at its last")
+                      + f" ({epochs_text(epochs)})")
         else:
             side = rundir.read_json(
                 Path(self.get_trial_dir(trial.trial_id)) / SIDECAR) or {}
