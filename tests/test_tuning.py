@@ -398,6 +398,46 @@ def test_the_final_epoch_is_shown_beside_the_best_and_a_gap_is_named(
         report.sweep_result(tmp_path, trials, settings), settings)
 
 
+def test_plots_are_titled_mark_the_best_and_read_in_grey(tmp_path,
+                                                        monkeypatch):
+    # Was: no titles, the best trial unmarked, legends with the learning
+    # rate only, series told apart by colour alone.
+    from tuning import plots, report, rundir
+
+    trials = [_trial("0", 0.50, 2), _trial("1", 0.40, 2, learning_rate=0.01),
+              _trial("2", 0.45, 2, learning_rate=0.02, beta_2=0.9996)]
+    for t in trials:
+        t["history"] = {"loss": [0.9, 0.6], "val_loss": [t["score"], 0.7]}
+    trials[1]["optimizer"]["amsgrad"] = True
+    best, default = report.choose(trials, "min")
+    figures = {}
+    monkeypatch.setattr(rundir, "write_figure",
+                        lambda fig, path, **k: figures.update(
+                            {path.name: fig}))
+    monkeypatch.setattr(plots.plt, "close", lambda fig: None)
+    plots.draw_all(tmp_path, trials, best, default,
+                   {"objective": "val_loss"}, "min")
+    scores = figures["scores.png"]
+    assert scores._suptitle.get_text() == (
+        "val_loss of each trial at its best epoch (lower is better)")
+    legend = [t.get_text() for t in scores.axes[0].get_legend().get_texts()]
+    assert legend == ["completed, 2 epochs", "paper default",
+                      "best: trial 1"]
+    curves = figures["learning_curves.png"].axes[0]
+    assert curves.get_title() == "val_loss per epoch, the best 3 trials"
+    assert [t.get_text() for t in curves.get_legend().get_texts()] == [
+        "trial 1 (best): lr 0.01, b1 0.9, b2 0.999, eps 1e-08, amsgrad True",
+        "trial 2: lr 0.02, b1 0.9, b2 0.9996, eps 1e-08",
+        "trial 0: lr 0.001, b1 0.9, b2 0.999, eps 1e-08"]
+    styles = {(line.get_marker(), line.get_linestyle())
+              for line in curves.get_lines()}
+    assert len(styles) == 3  # apart without colour
+    versus = figures["default_vs_best.png"].axes[0]
+    assert versus.get_title().startswith("training (dashed) and validation")
+    assert len({(line.get_marker(), line.get_linestyle())
+                for line in versus.get_lines()}) == 4
+
+
 def test_grid_points_count_every_combination():
     from tuning.tuners import grid_points
 
