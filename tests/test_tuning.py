@@ -438,6 +438,20 @@ def test_plots_are_titled_mark_the_best_and_read_in_grey(tmp_path,
                 for line in versus.get_lines()}) == 4
 
 
+def test_progress_in_a_log_is_plain_lines(capsys, monkeypatch):
+    # Was: Keras's Progbar wrote \r, \b and colour codes into logs.
+    from tuning import progress
+
+    clock = iter([100.0, 130.0, 190.0])
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    display = progress.make(3, "trial")  # capsys: stdout is no terminal
+    display.add(1)
+    display.add(1)
+    assert capsys.readouterr().out == (
+        "progress: 1/3 trials, 0:00:30 elapsed, ETA 0:01:00\n"
+        "progress: 2/3 trials, 0:01:30 elapsed, ETA 0:00:45\n")
+
+
 def test_grid_points_count_every_combination():
     from tuning.tuners import grid_points
 

@@ -23,6 +23,7 @@ import json
 import math
 from pathlib import Path
 
+from tuning import progress as progress_display
 from tuning import report, rundir
 from tuning.errors import TuningError
 from tuning.search_space import SearchSpace
@@ -110,8 +111,6 @@ def _configs(trials, direction, top, settings):
 def _train_all(directory, settings, configs, seed_list, idx_dir, arrays,
                verbose, direction):
     """{label: [score per seed]}; saved runs are reused, not retrained."""
-    import keras
-
     runs_dir = directory / RUNS
     rundir.note_written(directory, RUNS, report.CONFIRM, "confirm.csv",
                         "confirm.png")
@@ -122,8 +121,7 @@ def _train_all(directory, settings, configs, seed_list, idx_dir, arrays,
           f"{report.count_text(len(seed_list), 'seed')} = "
           f"{report.count_text(total, 'run')} of "
           f"{report.epochs_text(settings['epochs'])}", flush=True)
-    progress = (keras.utils.Progbar(total, unit_name="run") if verbose
-                else None)
+    progress = progress_display.make(total, "run") if verbose else None
     scores = {}
     for config in configs:
         scores[config["label"]] = []
@@ -148,7 +146,6 @@ def _train_all(directory, settings, configs, seed_list, idx_dir, arrays,
                   flush=True)
             if progress is not None:
                 progress.add(1)
-                print(flush=True)
     return scores
 
 

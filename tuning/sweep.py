@@ -353,9 +353,8 @@ def load(settings, space=None, idx_dir=None, arrays=None):
 
 
 def _progress(oracle):
-    """Keras's progress bar over the trials this run has left, or None."""
-    import keras
-
+    """A progress display over the trials this run has left, or None."""
+    from tuning import progress
     from tuning.tuners import planned_trials
 
     done = len(oracle.end_order)
@@ -364,4 +363,4 @@ def _progress(oracle):
         return None
     if done:
         print(f"resuming: {done} trials done, {left} to run", flush=True)
-    return keras.utils.Progbar(left, unit_name="trial")
+    return progress.make(left, "trial")

@@ -8,7 +8,7 @@
 - Each trial gets an `adam_plus.json` sidecar (values, seed, epochs,
   duration, history, error class, memory, versions, the worker and device
   that trained it), a progress line, and a
-  step of Keras's `Progbar` over the whole search (elapsed time and ETA).
+  step of a progress display over the whole search (elapsed time and ETA).
 """
 
 import gc
@@ -164,7 +164,7 @@ def oracle_class(name):
 class _Bookkeeping:
     """Tuner mixin: sidecar, progress, atomic state and failure records."""
 
-    progress = None  # a keras.utils.Progbar over the search, or None
+    progress = None  # a `tuning.progress` display over the search, or None
     running = None  # the id of the trial this process trains, or None
 
     def run_trial(self, trial, *args, **kwargs):
@@ -259,7 +259,6 @@ class _Bookkeeping:
         print(f"trial {trial.trial_id}: {shown} -> {result}", flush=True)
         if self.progress is not None:
             self.progress.add(1)
-            print(flush=True)  # the next trial's lines start on a new line
 
 
 class AdamPlusTuner(_Bookkeeping, keras_tuner.Tuner):
