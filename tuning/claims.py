@@ -32,6 +32,17 @@ def _claim(text, passed, detail, *compared):
             "detail": detail}
 
 
+def undecided_at(claim, scale):
+    """`claim` at a `scale` too small to decide it: a PASS or FAIL becomes
+    UNDECIDED, saying what it would have been."""
+    if claim["result"] not in ("PASS", "FAIL"):
+        return claim
+    return {**claim, "result": "UNDECIDED",
+            "detail": f"scale {scale} cannot decide it (would read "
+                      f"{claim['result']}; run --scale quick or full): "
+                      f"{claim['detail']}"}
+
+
 def _both_diverged(a, b):
     return math.isinf(a) and math.isinf(b)
 
