@@ -492,8 +492,11 @@ def test_summary_and_csv_show_every_mode_and_the_schedule(tmp_path):
         t["optimizer"].update(amsgrad=t["optimizer"].get("amsgrad", False))
     settings = {"objective": "val_loss", "direction": "min"}
     result = report.sweep_result(tmp_path, trials, settings)
-    assert result.best_config["learning_rate"]["config"] == {
-        "initial_learning_rate": 0.01}
+    # best.json's schedule is exactly what Keras serializes.
+    from keras_adam_plus import InverseSqrtDecay
+
+    assert result.best_config["learning_rate"] == (
+        keras.saving.serialize_keras_object(InverseSqrtDecay(0.01)))
     assert result.best_config["weight_decay_mode"] == "l2"
     lines = report.summary(result, settings).splitlines()
     for row in (["amsgrad", "True", "False"], ["epsilon_mode", "hat", "paper"],

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tuning import benchmarks, rundir
 from tuning.search_space import (
+    MODE_DEFAULTS,
     TUNABLE,
     SearchSpace,
     format_value,
@@ -419,8 +420,6 @@ def _final_vs_best(result, trials):
 def _shown(key, kwargs):
     """AdamPlus argument `key` of `kwargs` for the summary's table; a mode
     not given is at its default."""
-    from tuning.search_space import MODE_DEFAULTS
-
     value = kwargs.get(key, MODE_DEFAULTS.get(key, "-"))
     return format_value(key, value)
 
