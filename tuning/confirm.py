@@ -31,7 +31,7 @@ from tuning.seeds import shifted
 from tuning.sweep import check_int, load
 
 ALPHA = 0.05
-RUNS = "confirm_runs"
+RUNS = report.CONFIRM_RUNS
 # The smallest value of each integer argument.
 MINIMUMS = {"top": 1, "seeds": 2}
 
@@ -112,8 +112,7 @@ def _train_all(directory, settings, configs, seed_list, idx_dir, arrays,
                verbose, direction):
     """{label: [score per seed]}; saved runs are reused, not retrained."""
     runs_dir = directory / RUNS
-    rundir.note_written(directory, RUNS, report.CONFIRM, "confirm.csv",
-                        "confirm.png")
+    rundir.note_written(directory, *report.CONFIRM_OUTPUTS)
     runs_dir.mkdir(exist_ok=True)
     data = hypermodel = None
     total = len(configs) * len(seed_list)

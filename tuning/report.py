@@ -32,6 +32,11 @@ PACKAGES = ("keras", "keras-tuner", "keras-adam-plus", "numpy", "tensorflow",
             "tensorflow-cpu", "jax", "torch")
 CONFIRM = "confirm.json"
 PLOTS = ("scores.png", "learning_curves.png", "default_vs_best.png")
+# What `write` writes (a search lists them in its manifest as it starts),
+# and what a confirmation writes (listed when it starts).
+TABLES = ("trials.json", "trials.csv", "summary.txt", "best.json")
+CONFIRM_RUNS = "confirm_runs"
+CONFIRM_OUTPUTS = (CONFIRM, "confirm.csv", "confirm.png", CONFIRM_RUNS)
 
 
 @dataclasses.dataclass
@@ -228,12 +233,8 @@ def write(directory, plots=True):
     directory = Path(directory)
     trials, settings = collect(directory)
     result = sweep_result(directory, trials, settings)
-    names = ["trials.json", "trials.csv", "summary.txt"]
-    if result.best_config:
-        names.append("best.json")
-    if plots:
-        names += PLOTS
-    rundir.note_written(directory, *names)
+    # A no-op where the search listed them (`report` on an older folder).
+    rundir.note_written(directory, *TABLES, *(PLOTS if plots else ()))
     rundir.write_json(directory / "trials.json",
                       {"settings": settings, "trials": trials})
     _write_csv(directory / "trials.csv", trials, settings["objective"])

@@ -283,7 +283,11 @@ def _search(settings, directory, overwrite, space, idx_dir, arrays, plots,
         seed=settings["seed"], overwrite=overwrite,
         max_epochs=settings["epochs"])
     if role != "worker":
-        rundir.note_written(directory, rundir.SETTINGS, search.project_name)
+        # What this search writes, listed before it writes any (one
+        # manifest write): --overwrite removes these and no more.
+        rundir.note_written(directory, rundir.SETTINGS, search.project_name,
+                            *report.TABLES,
+                            *(report.PLOTS if plots else ()))
         rundir.write_json(directory / rundir.SETTINGS, dict(
             settings, data=data.source, project=search.project_name))
     if role == "chief":
