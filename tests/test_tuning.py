@@ -452,6 +452,19 @@ def test_progress_in_a_log_is_plain_lines(capsys, monkeypatch):
         "progress: 2/3 trials, 0:01:30 elapsed, ETA 0:00:45\n")
 
 
+def test_confirm_calls_fixed_defaults_what_they_are():
+    # Was: a space with a fixed epsilon_mode="hat" (API) compared its best
+    # with "paper default", which the paper's is not.
+    confirmation = importlib.import_module("tuning.confirm")
+    trials = [_trial("1", 0.4, 2, learning_rate=0.01)]
+    trials[0]["is_default"] = False
+    labels = [[c["label"] for c in confirmation._configs(
+        trials, "min", 1, {"space": {"fixed": fixed}})]
+        for fixed in ({}, {"epsilon_mode": "hat"})]
+    assert labels == [["trial 1", "paper default"],
+                      ["trial 1", "space default"]]
+
+
 def test_grid_points_count_every_combination():
     from tuning.tuners import grid_points
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from tuning import progress as progress_display
 from tuning import report, rundir
 from tuning.errors import TuningError
-from tuning.search_space import SearchSpace
+from tuning.search_space import SearchSpace, is_paper_default
 from tuning.seeds import shifted
 from tuning.sweep import check_int, load
 
@@ -100,10 +100,11 @@ def _configs(trials, direction, top, settings):
                 "is_default": t["is_default"], "optimizer": t["optimizer"],
                 "hyperparameters": t["hyperparameters"]} for t in picks]
     if not any(c["is_default"] for c in configs):
-        space = SearchSpace(**settings["space"])
-        configs.append({"label": "paper default", "trial_id": None,
-                        "is_default": True,
-                        "optimizer": space.optimizer_kwargs({}),
+        # The space's defaults: the paper's, unless the API fixed others.
+        kwargs = SearchSpace(**settings["space"]).optimizer_kwargs({})
+        configs.append({"label": "paper default" if is_paper_default(kwargs)
+                        else "space default", "trial_id": None,
+                        "is_default": True, "optimizer": kwargs,
                         "hyperparameters": {}})
     return configs
 
