@@ -338,7 +338,15 @@ def test_best_is_chosen_in_the_objectives_direction_at_one_budget(
     assert (result.best_config, result.best_score, result.epochs) == (
         best["optimizer"], best["score"], 3)
     assert result.default_score is None  # not run at 3 epochs
+    assert "continued trial" not in report.summary(result, settings)
+    best["continued_from"] = "0"  # Hyperband carried its weights on
     lines = report.summary(result, settings).splitlines()
+    del best["continued_from"]
+    assert ("the best trial continued trial 0's weights (Hyperband): "
+            "best.json rebuilds its optimizer, but training from scratch "
+            "will not give its score exactly; --confirm retrains it from "
+            "scratch") in lines
+    lines = [line for line in lines if "continued" not in line]
     assert lines[1] == (f"objective val_loss, "
                         f"{dict(min='minimised', max='maximised')[direction]}"
                         "; score = its value at a trial's best epoch")

@@ -98,7 +98,9 @@ def collect(directory):
     again by a resume), score, epochs (trained in all), optimizer (AdamPlus
     kwargs), hyperparameters (keras-tuner's values), seed, duration_s,
     history (per-epoch metrics), error_type, error, rss_mb, worker and
-    device (which process and GPU trained it: `tuning.workers`), final
+    device (which process and GPU trained it: `tuning.workers`),
+    continued_from (Hyperband: the trial whose weights it went on from, or
+    None), final
     (the objective at the last epoch; the score is at the best), schedule
     (the learning-rate schedule it trained with, a key of
     `tuning.search_space.SCHEDULES`, or None), is_default (every argument
@@ -179,6 +181,7 @@ def _trial(trial_dir, space, settings):
             status = "DIVERGED"
     epochs = (side.get("epochs") or values.get("tuner/epochs")
               or settings.get("epochs"))
+    parent = values.get("tuner/trial_id")  # Hyperband: weights carried on
     values = {k: v for k, v in values.items() if not k.startswith("tuner/")}
     return {
         "trial_id": trial_dir.name.split("_", 1)[1],
@@ -197,6 +200,7 @@ def _trial(trial_dir, space, settings):
         "rss_mb": side.get("rss_mb"),
         "worker": side.get("worker"),
         "device": side.get("device"),
+        "continued_from": parent if isinstance(parent, str) else None,
     }
 
 
@@ -345,6 +349,13 @@ def summary(result, settings, running=None):
     if result.best_config:
         lines += _best_vs_default(result, trials)
         lines += _final_vs_best(result, trials)
+        best = choose(trials, result.direction)[0]
+        if best.get("continued_from"):
+            lines.append(
+                f"the best trial continued trial {best['continued_from']}'s "
+                "weights (Hyperband): best.json rebuilds its optimizer, but "
+                "training from scratch will not give its score exactly; "
+                "--confirm retrains it from scratch")
     region = diverged_region(trials)
     if region:
         lines.append("diverged (NaN/Inf loss) trials span:")
