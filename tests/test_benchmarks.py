@@ -127,6 +127,27 @@ def test_missing_dataset_gives_one_clear_error(monkeypatch, tmp_path):
     assert "place imdb.npz in" in message and str(tmp_path) in message
 
 
+def test_offline_no_download_is_attempted(monkeypatch, tmp_path, capsys):
+    # Was: Keras printed "Downloading data from ..." before each NOT RUN.
+    import socket
+
+    from keras.src.datasets import imdb
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    fetched = []
+    monkeypatch.setattr(imdb, "get_file", lambda *a, **k: fetched.append(a))
+
+    def unreachable(address, *args, **kwargs):
+        raise OSError(f"no route to {address[0]}")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    with pytest.raises(datasets.DatasetUnavailable) as err:
+        datasets.imdb_bag_of_words()
+    assert fetched == [] and capsys.readouterr().out == ""
+    assert ("(OSError: no route to storage.googleapis.com). Without a "
+            "network, place imdb.npz in") in str(err.value)
+
+
 @pytest.mark.quick
 def test_bad_subset_and_unknown_names_are_refused():
     data = datasets.digits()

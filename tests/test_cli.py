@@ -85,9 +85,9 @@ BAD_OPTIONS = [
     (["--batch-size", "0"],
      "argument --batch-size: must be an integer >= 1, got '0'"),
     (["--subset", "2.5"], "argument --subset: must be a fraction in (0, 1] "
-     "or a whole count >= 1, got '2.5'"),
+     "or a whole count in [1, 2147483647], got '2.5'"),
     (["--subset", "0"], "argument --subset: must be a fraction in (0, 1] or "
-     "a whole count >= 1, got '0'"),
+     "a whole count in [1, 2147483647], got '0'"),
     (["--workers", "-1"],
      "argument --workers: must be an integer >= 0 or auto, got '-1'"),
     (["--seed", "-3"], "argument --seed: must be an integer >= 0, got '-3'"),
@@ -334,13 +334,14 @@ def test_progress_direction_and_the_summary_of_an_accuracy_search(tmp_path):
     # No TensorFlow startup lines, no warnings: stderr is empty (item 15).
     assert out.stderr == ""
     lines = out.stdout.splitlines()
-    # Keras's epoch lines inside each trial, Keras's progress bar over the
-    # search with its ETA (item 13).
+    # Keras's epoch lines inside each trial, a progress line over the
+    # search with its ETA (item 13); into a pipe, no control characters
+    # (Keras's bar wrote \r, \b and colour codes).
     assert sum(line == "Epoch 2/2" for line in lines) == 3
-    bars = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in lines
-            if "s/trial" in line]
-    assert len(bars) == 3 and bars[0].startswith("1/3 ")
-    assert bars[2].startswith("3/3 ")
+    bars = [line for line in lines if line.startswith("progress: ")]
+    assert len(bars) == 3 and bars[0].startswith("progress: 1/3 trials, ")
+    assert bars[2].startswith("progress: 3/3 trials, ")
+    assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f]", out.stdout)
     table = json.loads((tmp_path / "trials.json").read_text())["trials"]
     scores = {t["trial_id"]: t["score"] for t in table}
     best = max(table, key=lambda t: t["score"])

@@ -113,6 +113,9 @@ def test_every_tuner_runs_defaults_first_and_writes_outputs(tuner, tmp_path):
     assert best == result.best_config
     AdamPlus(**best)
     assert all(t["seed"] == 1 and t["duration_s"] > 0 for t in trials)
+    if tuner == "grid":  # was silent about the 17 points never visited
+        assert ("grid: 3 of 20 points visited; --max-trials stopped it "
+                "before the other 17") in (tmp_path / "summary.txt").read_text()
 
 
 @once_on("jax")
@@ -137,6 +140,19 @@ def test_diverging_trials_fail_and_are_never_best(tmp_path):
     assert "failed with an error" not in text
     rows = (tmp_path / "trials.csv").read_text().splitlines()
     assert sum(",DIVERGED," in r for r in rows) == len(failed)
+    # Strict JSON: a diverged trial's NaN is the string "NaN", never a
+    # bare NaN (was); it reads back as a float.
+    from tuning import rundir
+
+    def bare(name):
+        raise ValueError(f"bare {name}")
+
+    for path in [tmp_path / "trials.json",
+                 *tmp_path.glob("*/trial_*/adam_plus.json")]:
+        json.loads(path.read_text(), parse_constant=bare)
+    histories = [t["history"]["loss"] for t in rundir.read_json(
+        tmp_path / "trials.json")["trials"] if t["status"] == "DIVERGED"]
+    assert any(not math.isfinite(v) for h in histories for v in h)
 
 
 def test_report_rebuilds_tables_and_plots(tmp_path, capsys):
@@ -276,15 +292,24 @@ def test_a_trial_that_fails_for_a_bug_is_not_diverged(tmp_path, monkeypatch):
     # error_type and error, then where it ran (worker, device).
     assert rows[2].endswith(",RuntimeError,boom: a bug second line,local,"
                             "cpu")
-    # Every trial failing stops with one line, the tables written.
-    monkeypatch.setattr(AdamPlusHyperModel, "fit", lambda *a, **k: 1 / 0)
-    with pytest.raises(SweepFailed) as err:
-        sweep(max_trials=3, directory=tmp_path / "all", verbose=0, **QUICK)
-    assert str(err.value) == (
-        "all 3 trials failed, the last with ZeroDivisionError: division by "
-        f"zero; see {tmp_path / 'all' / 'trials.csv'}")
-    rows = (tmp_path / "all" / "trials.csv").read_text().splitlines()
-    assert [r.split(",")[1] for r in rows[1:]] == ["FAILED"] * 3
+    # Every trial failing stops with one line, the first error, the tables
+    # written, for any number of trials (was: exit 0 and no best below 3).
+    errors = iter(range(10))
+
+    def fails(*args, **kwargs):
+        raise ValueError(f"failure {next(errors)}")
+
+    monkeypatch.setattr(AdamPlusHyperModel, "fit", fails)
+    for n in (1, 3):
+        errors = iter(range(10))
+        with pytest.raises(SweepFailed) as err:
+            sweep(max_trials=n, directory=tmp_path / f"all{n}", verbose=0,
+                  **QUICK)
+        assert str(err.value) == (
+            f"all {n} trials failed, the first with ValueError: failure 0; "
+            f"see {tmp_path / f'all{n}' / 'trials.csv'}")
+        rows = (tmp_path / f"all{n}" / "trials.csv").read_text().splitlines()
+        assert [r.split(",")[1] for r in rows[1:]] == ["FAILED"] * n
 
 
 def _trial(trial_id, score, epochs, learning_rate=1e-3, beta_2=0.999,
@@ -317,7 +342,15 @@ def test_best_is_chosen_in_the_objectives_direction_at_one_budget(
     assert (result.best_config, result.best_score, result.epochs) == (
         best["optimizer"], best["score"], 3)
     assert result.default_score is None  # not run at 3 epochs
+    assert "continued trial" not in report.summary(result, settings)
+    best["continued_from"] = "0"  # Hyperband carried its weights on
     lines = report.summary(result, settings).splitlines()
+    del best["continued_from"]
+    assert ("the best trial continued trial 0's weights (Hyperband): "
+            "best.json rebuilds its optimizer, but training from scratch "
+            "will not give its score exactly; --confirm retrains it from "
+            "scratch") in lines
+    lines = [line for line in lines if "continued" not in line]
     assert lines[1] == (f"objective val_loss, "
                         f"{dict(min='minimised', max='maximised')[direction]}"
                         "; score = its value at a trial's best epoch")
@@ -345,6 +378,170 @@ def test_summary_keeps_betas_apart_from_one(tmp_path):
     assert "val_loss, 2 epochs             0.2000         0.5000" in text
 
 
+def test_the_final_epoch_is_shown_beside_the_best_and_a_gap_is_named(
+        tmp_path):
+    # Was: only the best epoch's value (0.041 at epoch 6 hid 0.083 at 8).
+    from tuning import report
+
+    trials = [_trial("0", 0.50, 2), _trial("1", 0.40, 2, learning_rate=0.01),
+              _trial("2", 0.45, 2, learning_rate=0.02)]
+    finals = {"0": 0.52, "1": 0.60, "2": 0.45}
+    for t in trials:
+        t.update(history={"val_loss": [t["score"], finals[t["trial_id"]]]},
+                 worker=None, device=None)
+        t["final"] = report.final_value(t, "val_loss")
+    settings = {"objective": "val_loss", "direction": "min"}
+    text = report.summary(report.sweep_result(tmp_path, trials, settings),
+                          settings)
+    assert ("the best trial's val_loss at its last epoch, 0.6000, is 0.2000 "
+            "from its best epoch's 0.4000: more than the trials' spread "
+            "(0.0500, sample std); its score is optimistic: --confirm "
+            "retrains it over new seeds") in text
+    report._write_csv(tmp_path / "t.csv", trials, "val_loss")
+    rows = [r.split(",") for r in (tmp_path / "t.csv").read_text().split()]
+    assert rows[0][3:5] == ["val_loss_at_best_epoch",
+                            "val_loss_at_final_epoch"]
+    assert [r[3:5] for r in rows[1:]] == [["0.5", "0.52"], ["0.4", "0.6"],
+                                          ["0.45", "0.45"]]
+    finals["1"] = 0.43  # within the spread: nothing to say
+    trials[1]["history"]["val_loss"][-1] = 0.43
+    trials[1]["final"] = 0.43
+    assert "last epoch" not in report.summary(
+        report.sweep_result(tmp_path, trials, settings), settings)
+
+
+def test_plots_are_titled_mark_the_best_and_read_in_grey(tmp_path,
+                                                        monkeypatch):
+    # Was: no titles, the best trial unmarked, legends with the learning
+    # rate only, series told apart by colour alone.
+    from tuning import plots, report, rundir
+
+    trials = [_trial("0", 0.50, 2), _trial("1", 0.40, 2, learning_rate=0.01),
+              _trial("2", 0.45, 2, learning_rate=0.02, beta_2=0.9996)]
+    for t in trials:
+        t["history"] = {"loss": [0.9, 0.6], "val_loss": [t["score"], 0.7]}
+    trials[1]["optimizer"]["amsgrad"] = True
+    best, default = report.choose(trials, "min")
+    figures = {}
+    monkeypatch.setattr(rundir, "write_figure",
+                        lambda fig, path, **k: figures.update(
+                            {path.name: fig}))
+    monkeypatch.setattr(plots.plt, "close", lambda fig: None)
+    plots.draw_all(tmp_path, trials, best, default,
+                   {"objective": "val_loss"}, "min")
+    scores = figures["scores.png"]
+    assert scores._suptitle.get_text() == (
+        "val_loss of each trial at its best epoch (lower is better)")
+    legend = [t.get_text() for t in scores.axes[0].get_legend().get_texts()]
+    assert legend == ["completed, 2 epochs", "paper default",
+                      "best: trial 1"]
+    curves = figures["learning_curves.png"].axes[0]
+    assert curves.get_title() == "val_loss per epoch, the best 3 trials"
+    assert [t.get_text() for t in curves.get_legend().get_texts()] == [
+        "trial 1 (best): lr 0.01, b1 0.9, b2 0.999, eps 1e-08, amsgrad True",
+        "trial 2: lr 0.02, b1 0.9, b2 0.9996, eps 1e-08",
+        "trial 0: lr 0.001, b1 0.9, b2 0.999, eps 1e-08"]
+    styles = {(line.get_marker(), line.get_linestyle())
+              for line in curves.get_lines()}
+    assert len(styles) == 3  # apart without colour
+    versus = figures["default_vs_best.png"].axes[0]
+    assert versus.get_title().startswith("training (dashed) and validation")
+    assert len({(line.get_marker(), line.get_linestyle())
+                for line in versus.get_lines()}) == 4
+
+
+def test_progress_in_a_log_is_plain_lines(capsys, monkeypatch):
+    # Was: Keras's Progbar wrote \r, \b and colour codes into logs.
+    from tuning import progress
+
+    clock = iter([100.0, 130.0, 190.0])
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    display = progress.make(3, "trial")  # capsys: stdout is no terminal
+    display.add(1)
+    display.add(1)
+    assert capsys.readouterr().out == (
+        "progress: 1/3 trials, 0:00:30 elapsed, ETA 0:01:00\n"
+        "progress: 2/3 trials, 0:01:30 elapsed, ETA 0:00:45\n")
+
+
+def test_confirm_calls_fixed_defaults_what_they_are():
+    # Was: a space with a fixed epsilon_mode="hat" (API) compared its best
+    # with "paper default", which the paper's is not.
+    confirmation = importlib.import_module("tuning.confirm")
+    trials = [_trial("1", 0.4, 2, learning_rate=0.01)]
+    trials[0]["is_default"] = False
+    labels = [[c["label"] for c in confirmation._configs(
+        trials, "min", 1, {"space": {"fixed": fixed}})]
+        for fixed in ({}, {"epsilon_mode": "hat"})]
+    assert labels == [["trial 1", "paper default"],
+                      ["trial 1", "space default"]]
+
+
+def test_grid_points_count_every_combination():
+    from tuning.tuners import grid_points
+
+    # 1 - beta_2 in [1e-4, 0.1]: 4 decades' ends; alpha in [1e-5, 0.1]: 5.
+    assert grid_points(SearchSpace(tune=("learning_rate", "beta_2"),
+                                   grid_steps=1)) == 5 * 4
+    # amsgrad 2 x epsilon_mode 2 x (no decay + 2 modes x 10 decays).
+    assert grid_points(SearchSpace(tune=("learning_rate",), modes=True,
+                                   grid_steps=1)) == 5 * 2 * 2 * 21
+
+
+@pytest.mark.parametrize("modes,default", [
+    ({}, True),
+    ({"amsgrad": False, "epsilon_mode": "paper"}, True),
+    ({"amsgrad": True}, False),
+    ({"epsilon_mode": "hat"}, False),
+    # Was: weight decay was not compared, so this counted as the default.
+    ({"weight_decay_mode": "decoupled", "weight_decay": 1e-4}, False),
+    ({"weight_decay_mode": "l2", "weight_decay": 1e-4}, False),
+    ({"nesterov": True}, False),
+])
+def test_paper_default_means_every_mode_at_its_default(modes, default):
+    from tuning.search_space import is_paper_default
+
+    assert is_paper_default({**PAPER_DEFAULTS, **modes}) is default
+
+
+def test_summary_and_csv_show_every_mode_and_the_schedule(tmp_path):
+    from tuning import report
+    from tuning.search_space import modes_text
+
+    tuned = _trial("1", 0.2, 2, learning_rate=0.01)
+    tuned["optimizer"].update(amsgrad=True, epsilon_mode="hat",
+                              weight_decay_mode="l2", weight_decay=1e-4)
+    trials = [_trial("0", 0.5, 2), tuned]
+    for t in trials:
+        t.update(schedule="inverse_sqrt", worker=None, device=None)
+        t["optimizer"].update(amsgrad=t["optimizer"].get("amsgrad", False))
+    settings = {"objective": "val_loss", "direction": "min"}
+    result = report.sweep_result(tmp_path, trials, settings)
+    # best.json's schedule is exactly what Keras serializes.
+    from keras_adam_plus import InverseSqrtDecay
+
+    assert result.best_config["learning_rate"] == (
+        keras.saving.serialize_keras_object(InverseSqrtDecay(0.01)))
+    assert result.best_config["weight_decay_mode"] == "l2"
+    lines = report.summary(result, settings).splitlines()
+    for row in (["amsgrad", "True", "False"], ["epsilon_mode", "hat", "paper"],
+                ["weight_decay", "0.0001", "None"],
+                ["weight_decay_mode", "l2", "-"],
+                ["learning_rate", "schedule", "inverse_sqrt", "inverse_sqrt"]):
+        assert row in [line.split() for line in lines]
+    assert modes_text(tuned["optimizer"], "inverse_sqrt") == (
+        "amsgrad=True epsilon_mode=hat weight_decay_mode=l2 "
+        "schedule=inverse_sqrt")  # the trial line's modes
+    report._write_csv(tmp_path / "t.csv", trials, "val_loss")
+    header, first, second = (tmp_path / "t.csv").read_text().splitlines()
+    assert header.split(",")[5:13] == [
+        "amsgrad", "beta_1", "beta_2", "epsilon", "epsilon_mode",
+        "learning_rate", "weight_decay", "weight_decay_mode"]
+    assert second.split(",")[5:14] == [
+        "True", "0.9", "0.999", "1e-08", "hat", "0.01", "0.0001", "l2",
+        "inverse_sqrt"]
+
+
 @once_on("jax")
 def test_max_trials_may_grow_other_settings_may_not(tmp_path):
     from tuning.rundir import SettingsMismatch
@@ -359,9 +556,31 @@ def test_max_trials_may_grow_other_settings_may_not(tmp_path):
         r"--overwrite")):
         sweep(max_trials=2, directory=tmp_path, verbose=0,
               **dict(QUICK, epochs=2))
+    # --overwrite removes what the search wrote (its manifest), no more: a
+    # user's own PNG and folder beside it stay (were deleted).
+    (tmp_path / "mine.png").write_text("user's")
+    (tmp_path / "confirm_runs").mkdir()  # a name the search could write
+    (tmp_path / "confirm_runs" / "notes.txt").write_text("user's")
+    assert (tmp_path / "trials.csv").exists()
     fresh = sweep(max_trials=1, directory=tmp_path, verbose=0, overwrite=True,
                   **dict(QUICK, epochs=2))
     assert [t["epochs"] for t in fresh.trials] == [2]
+    assert (tmp_path / "mine.png").read_text() == "user's"
+    assert (tmp_path / "confirm_runs" / "notes.txt").read_text() == "user's"
+
+
+def test_overwrite_refuses_a_folder_no_search_wrote(tmp_path):
+    from tuning.rundir import DirectoryUnusable
+
+    (tmp_path / "photo.png").write_text("user's")
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(DirectoryUnusable) as err:
+        sweep(max_trials=1, directory=tmp_path, overwrite=True, **QUICK)
+    assert str(err.value) == (
+        f"{tmp_path} holds files that no search wrote (no settings.json): "
+        "--overwrite removes only a search's files; choose another "
+        "--directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.png", "sub"]
 
 
 def test_the_lock_is_exclusive_and_reentrant(tmp_path):
@@ -381,6 +600,53 @@ def test_the_lock_is_exclusive_and_reentrant(tmp_path):
                                      f"use by pid {os.getpid()} on ")
     # Released, and the folder it made (holding nothing else) removed.
     assert not (tmp_path / "run").exists()
+
+
+def test_report_on_a_running_search_says_running_not_interrupted(
+        tmp_path):
+    import fcntl
+
+    from tuning import report, rundir
+
+    trials = [_trial("0", 0.5, 2), _trial("1", None, None,
+                                          status="RUNNING")]
+    settings = {"objective": "val_loss", "direction": "min"}
+    result = report.sweep_result(tmp_path, trials, settings)
+    assert rundir.running(tmp_path) is None
+    # Another open file description holding the lock: as another process.
+    fd = os.open(tmp_path / rundir.LOCK, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, json.dumps({"pid": 7, "host": "h", "since": "noon",
+                                 "command": "tune"}).encode())
+        holder = rundir.running(tmp_path)
+        assert holder == "pid 7 on h since noon (tune)"
+        text = report.summary(result, settings, running=holder)
+        # Was: "trial 1 was interrupted; rerun the same command".
+        assert ("trial 1 is running (the search runs: pid 7 on h since "
+                "noon (tune))") in text
+        assert "interrupted" not in text
+    finally:
+        os.close(fd)
+    assert rundir.running(tmp_path) is None
+    assert "trial 1 was interrupted" in report.summary(result, settings)
+
+
+def test_json_is_strict_and_reads_both_forms(tmp_path):
+    from tuning import rundir
+
+    rundir.write_json(tmp_path / "a.json",
+                      {"x": [math.nan, math.inf, -math.inf, 1.5, "paper"]})
+    text = (tmp_path / "a.json").read_text()
+    assert json.loads(text) == {"x": ["NaN", "Infinity", "-Infinity", 1.5,
+                                      "paper"]}
+    for path in (tmp_path / "a.json", tmp_path / "old.json"):
+        (tmp_path / "old.json").write_text(  # an older version's bare form
+            '{"x": [NaN, Infinity, -Infinity, 1.5, "paper"]}')
+        x = rundir.read_json(path)["x"]
+        assert math.isnan(x[0]) and x[1:] == [math.inf, -math.inf, 1.5,
+                                              "paper"]
+        assert rundir.read_json_strict(path, "")["x"][1] == math.inf
 
 
 def test_files_are_replaced_atomically(tmp_path, monkeypatch):
@@ -429,7 +695,7 @@ def test_a_truncated_trial_is_named_and_run_again(tmp_path, capsys):
 
 @once_on("jax")
 def test_confirm_retrains_the_best_and_the_defaults_over_seeds(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, capsys):
     from scipy import stats
 
     confirmation = importlib.import_module("tuning.confirm")  # not the
@@ -440,8 +706,16 @@ def test_confirm_retrains_the_best_and_the_defaults_over_seeds(
     best = json.loads((tmp_path / "best.json").read_text())
     trials = json.loads((tmp_path / "trials.json").read_text())["trials"]
     top = sorted(trials, key=lambda t: t["score"])[:2]
+    capsys.readouterr()
     result = confirmation.confirm(tmp_path, top=2, seeds=3, verbose=0)
     assert result["seeds"] == [3, 4, 5]
+    # Says what it will run before the first run (was silent until then).
+    n = len(result["configs"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"confirm: {n} configurations x 3 seeds = {3 * n} " \
+        "runs of 1 epoch"
+    assert len([line for line in out if line.startswith("confirm trial")
+                or line.startswith("confirm paper")]) == 3 * n
     assert [c["label"] for c in result["configs"]] == [
         f"trial {t['trial_id']}" for t in top] + (
         [] if any(t["is_default"] for t in top) else ["paper default"])
@@ -493,6 +767,20 @@ def test_welch_comparison_in_the_objectives_direction():
         "verdict": "diverged on some seeds: not better"}
 
 
+def test_a_subset_without_validation_examples_is_refused_before_training(
+        tmp_path):
+    # Was: COMPLETED trials "failed with an error: None".
+    from tuning.errors import TuningError
+
+    with pytest.raises(TuningError) as err:
+        sweep(subset=1, max_trials=1, epochs=1, directory=tmp_path / "run",
+              plots=False, verbose=0)
+    assert str(err.value) == (
+        "subset 1 leaves 1 training example and no validation example to "
+        "score trials on; use a subset of 5 examples or more")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(max_trials=0), "Argument `max_trials` must be an integer in "
      "[1, 2147483647]. Received: max_trials=0"),
@@ -501,9 +789,11 @@ def test_welch_comparison_in_the_objectives_direction():
     (dict(seed=2**32), "Argument `seed` must be an integer in "
      "[0, 4294967295]. Received: seed=4294967296"),
     (dict(subset=float("inf")), "Argument `subset` must be a fraction in "
-     "(0, 1] or a whole count >= 1. Received: subset=inf"),
+     "(0, 1] or a whole count in [1, 2147483647]. Received: subset=inf"),
     (dict(subset=2.5), "Argument `subset` must be a fraction in (0, 1] or a "
-     "whole count >= 1. Received: subset=2.5"),
+     "whole count in [1, 2147483647]. Received: subset=2.5"),
+    (dict(subset=1e20), "Argument `subset` must be a fraction in (0, 1] or "
+     "a whole count in [1, 2147483647]. Received: subset=1e+20"),
     (dict(objective="nope"), "Argument `objective` must be one of loss, "
      "accuracy, val_loss, val_accuracy (what benchmark digits logs). "
      "Received: objective='nope'"),
@@ -521,6 +811,85 @@ def test_sweep_refuses_invalid_arguments_before_writing(kwargs, message,
         sweep(directory=tmp_path / "run", **kwargs)
     assert str(err.value) == message
     assert not (tmp_path / "run").exists()
+
+
+def test_the_api_takes_numpy_integers_as_ints():
+    # Was: workers=np.int64(0) refused; a NumPy grid_steps reached
+    # settings.json and json could not write it.
+    from tuning.sweep import search_settings
+    from tuning.workers import check_workers
+
+    settings = search_settings(
+        tuner="grid", max_trials=np.int64(3), epochs=np.int32(2),
+        batch_size=np.int64(16), seed=np.uint32(5), subset=np.int64(50),
+        space=SearchSpace(grid_steps=np.int64(2), modes=np.bool_(True)))
+    assert json.loads(json.dumps(settings))["space"]["grid_steps"] == 2
+    assert [type(settings[k]) for k in ("max_trials", "epochs", "batch_size",
+                                        "seed", "subset")] == [int] * 5
+    assert type(check_workers(np.int64(0))) is int
+
+
+@pytest.mark.parametrize("argv0,shown", [
+    ("/venv/bin/adam-plus-tune", "adam-plus-tune"),
+    ("/repo/tuning/__main__.py", "python -m tuning")])
+def test_usage_and_errors_name_the_command_typed(argv0, shown, monkeypatch,
+                                                  capsys):
+    # Was: adam-plus-tune said `usage: python -m tuning`.
+    monkeypatch.setattr(sys, "argv", [argv0])
+    with pytest.raises(SystemExit):
+        cli_main(["--help"])
+    assert capsys.readouterr().out.startswith(f"usage: {shown} [-h]")
+    with pytest.raises(SystemExit):
+        cli_main(["report", "--help"])
+    assert capsys.readouterr().out.startswith(f"usage: {shown} report")
+    with pytest.raises(SystemExit) as exit:
+        cli_main(["--max-trials", "0"])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.startswith(f"{shown}: error: ")
+
+
+def test_sweep_and_the_cli_share_their_defaults(tmp_path, monkeypatch):
+    # Was: sweep() ran 10 trials into tuning_runs/ (the CLI: 12 into
+    # tuning_runs/<benchmark>): a default sweep() after the CLI wrote
+    # keras-tuner's files into the CLI's search folder.
+    import inspect
+
+    from tuning.cli import sweep_parser
+
+    module = importlib.import_module("tuning.sweep")
+    assert inspect.signature(sweep).parameters["max_trials"].default == (
+        sweep_parser().get_default("max_trials")) == 12
+    seen = []
+    monkeypatch.setattr(module, "_search",
+                        lambda settings, directory, *a: seen.append(
+                            (settings["max_trials"], directory)))
+    monkeypatch.chdir(tmp_path)
+    sweep(benchmark="mnist_logreg")
+    assert seen == [(12, Path("tuning_runs/mnist_logreg"))]
+
+
+def test_the_end_of_a_search_prints_how_to_use_best_json(tmp_path,
+                                                         monkeypatch):
+    # Was: a table and a file list, no next step.
+    from keras_adam_plus import InverseSqrtDecay
+    from tuning import rundir
+    from tuning.cli import next_steps
+    from tuning.search_space import optimizer_config
+
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/adam-plus-tune"])
+    assert next_steps(tmp_path, [], False) == []  # no best: nothing to use
+    rundir.write_json(tmp_path / "best.json", optimizer_config(
+        dict(PAPER_DEFAULTS, learning_rate=0.02), "inverse_sqrt"))
+    lines = next_steps(tmp_path, ["--benchmark", "mnist_logreg"], False)
+    assert lines[-1] == ("    adam-plus-tune --benchmark mnist_logreg "
+                         "--confirm")
+    assert not any("--confirm" in line
+                   for line in next_steps(tmp_path, [], True))
+    scope = {}
+    exec("\n".join(line.strip() for line in lines[2:4]), scope)  # as shown
+    schedule = scope["optimizer"]._learning_rate
+    assert isinstance(schedule, InverseSqrtDecay)
+    assert schedule.initial_learning_rate == 0.02
 
 
 def test_the_cli_offers_every_oracle():

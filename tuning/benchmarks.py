@@ -62,6 +62,12 @@ class Benchmark:
                              f"{', '.join(SCALES)}. Received: scale={scale!r}")
         return {"quick": self.quick, "paper": self.paper}[scale]
 
+    @property
+    def schedule(self):
+        """The learning-rate schedule trials train with: a key of
+        `tuning.search_space.SCHEDULES`, or None for a constant rate."""
+        return "inverse_sqrt" if self.inverse_sqrt_lr else None
+
     def objectives(self):
         """The names `fit` logs with validation data: possible objectives."""
         names = ("loss", *self.metrics)

@@ -2,9 +2,12 @@
 
 Each `claims_*` function takes what `tuning.replicate` saved for one figure
 and returns one dict per claim: `{"claim": text, "result": "PASS" | "FAIL"
-| "NOT RUN", "detail": the numbers behind it}`. A figure whose data could
-not be had returns NOT RUN with the reason. Costs compare at the final
-epoch; a diverged run counts as an infinite cost.
+| "UNDECIDED" | "NOT RUN", "detail": the numbers behind it}`. A figure whose
+data could not be had returns NOT RUN with the reason. Costs compare at the
+final epoch; a diverged run counts as an infinite cost, worse than any
+finite one. Where every run a claim compares diverged, the numbers decide
+nothing: the claim is UNDECIDED (never PASS), and in a grid's tally such
+points are not counted.
 """
 
 import math
@@ -20,9 +23,28 @@ def _final(panel_result, name):
     return curve["loss"][-1] if curve.get("loss") else math.inf
 
 
-def _claim(text, passed, detail):
+def _claim(text, passed, detail, *compared):
+    """PASS or FAIL; UNDECIDED if every cost in `compared` diverged."""
+    if compared and all(math.isinf(c) for c in compared):
+        return {"claim": text, "result": "UNDECIDED",
+                "detail": f"every run compared diverged: {detail}"}
     return {"claim": text, "result": "PASS" if passed else "FAIL",
             "detail": detail}
+
+
+def undecided_at(claim, scale):
+    """`claim` at a `scale` too small to decide it: a PASS or FAIL becomes
+    UNDECIDED, saying what it would have been."""
+    if claim["result"] not in ("PASS", "FAIL"):
+        return claim
+    return {**claim, "result": "UNDECIDED",
+            "detail": f"scale {scale} cannot decide it (would read "
+                      f"{claim['result']}; run --scale quick or full): "
+                      f"{claim['detail']}"}
+
+
+def _both_diverged(a, b):
+    return math.isinf(a) and math.isinf(b)
 
 
 def _not_run(text, reason):
@@ -53,10 +75,11 @@ def claims_figure1(left, right):
                           for k in ("adam", "sgd_nesterov", "adagrad"))
         out += [
             _claim(texts[0], _close(adam, sgd),
-                   _vs(adam, sgd, "Adam", "SGDNesterov")),
-            _claim(texts[1], adam <= ada, _vs(adam, ada, "Adam", "AdaGrad")),
+                   _vs(adam, sgd, "Adam", "SGDNesterov"), adam, sgd),
+            _claim(texts[1], adam <= ada, _vs(adam, ada, "Adam", "AdaGrad"),
+                   adam, ada),
             _claim(texts[2], sgd <= ada,
-                   _vs(sgd, ada, "SGDNesterov", "AdaGrad")),
+                   _vs(sgd, ada, "SGDNesterov", "AdaGrad"), sgd, ada),
         ]
     texts = [
         "Fig. 1 right (IMDB): AdaGrad beats SGDNesterov by far (final cost "
@@ -71,9 +94,9 @@ def claims_figure1(left, right):
                           for k in ("adam", "sgd_nesterov", "adagrad"))
         out += [
             _claim(texts[0], ada <= (1 - BY_FAR) * sgd,
-                   _vs(ada, sgd, "AdaGrad", "SGDNesterov")),
+                   _vs(ada, sgd, "AdaGrad", "SGDNesterov"), ada, sgd),
             _claim(texts[1], adam <= (1 + SIMILAR) * ada,
-                   _vs(adam, ada, "Adam", "AdaGrad")),
+                   _vs(adam, ada, "Adam", "AdaGrad"), adam, ada),
         ]
     return out
 
@@ -87,7 +110,8 @@ def claims_figure2(mlp):
     finals = {c["label"]: _final(mlp, k) for k, c in mlp["curves"].items()}
     best = min(finals.values())
     detail = ", ".join(f"{k} {v:.4g}" for k, v in finals.items())
-    return [_claim(text, finals["Adam"] <= (1 + SIMILAR) * best, detail)]
+    return [_claim(text, finals["Adam"] <= (1 + SIMILAR) * best, detail,
+                   *finals.values())]
 
 
 def claims_figure3(cnn):
@@ -102,6 +126,7 @@ def claims_figure3(cnn):
     if "not_run" in cnn:
         return _all_not_run(cnn, texts)
     early, late, ok_early, ok_late = [], [], True, True
+    undecided_early = undecided_late = False
     for suffix in ("", "_dropout"):
         first = {k: (cnn["curves"][k + suffix]["loss"] or [math.inf])[0]
                  for k in ("adam", "adagrad", "sgd_nesterov")}
@@ -116,10 +141,18 @@ def claims_figure3(cnn):
                     f"{last['adagrad']:.4g}")
         ok_early &= max(first["adam"], first["adagrad"]) < first[
             "sgd_nesterov"]
+        undecided_early |= _both_diverged(
+            max(first["adam"], first["adagrad"]), first["sgd_nesterov"])
+        undecided_late |= _both_diverged(
+            max(last["adam"], last["sgd_nesterov"]), last["adagrad"])
         ok_late &= max(last["adam"], last["sgd_nesterov"]) <= (
             1 - BY_FAR) * last["adagrad"]
-    return [_claim(texts[0], ok_early, "; ".join(early)),
-            _claim(texts[1], ok_late, "; ".join(late))]
+    # Where one dropout setting's runs compared all diverged, it decides
+    # nothing, so the claim (about both settings) is undecided.
+    return [_claim(texts[0], ok_early, "; ".join(early),
+                   *([math.inf] if undecided_early else [])),
+            _claim(texts[1], ok_late, "; ".join(late),
+                   *([math.inf] if undecided_late else []))]
 
 
 def _close(a, b):
@@ -157,12 +190,15 @@ def claims_figure4(result):
     if "not_run" in result:
         return _all_not_run(result, texts)
     out = []
-    worse, total = [], 0
+    worse, total, both = [], 0, 0
     bad = {}  # (checkpoint, beta_2) -> points where uncorrected is bad
     for checkpoint in ("early", "late"):
         on, off = _grid(result, True, checkpoint), _grid(result, False,
                                                          checkpoint)
         for point, value in on.items():
+            if _both_diverged(value, off[point]):
+                both += 1  # decides nothing: not counted
+                continue
             total += 1
             if not _not_worse(value, off[point]):
                 worse.append(f"{checkpoint} b1={point[0]} b2={point[1]} "
@@ -170,11 +206,14 @@ def claims_figure4(result):
                              f"{off[point]:.4g}")
             if not _not_worse(off[point], value):
                 bad.setdefault((checkpoint, point[1]), set()).add(point)
+    uncounted = (f"; {both} points where both diverged not counted"
+                 if both else "")
     out.append(_claim(
         texts[0], not worse,
         f"{total - len(worse)}/{total} points hold"
         + (f"; exceptions: {'; '.join(worse[:6])}"
-           + (" ..." if len(worse) > 6 else "") if worse else ""),
+           + (" ..." if len(worse) > 6 else "") if worse else "")
+        + uncounted, *([math.inf] if not total else []),
     ))
     beta_2s = sorted({r["beta_2"] for r in result["runs"]})
     beta_1s = sorted({r["beta_1"] for r in result["runs"]})
@@ -182,10 +221,14 @@ def claims_figure4(result):
     early_high = bad.get(("early", high), set())
     per_beta_1 = {b1: sum(1 for p in early_high if p[0] == b1)
                   for b1 in beta_1s}
+    on, off = _grid(result, True, "early"), _grid(result, False, "early")
+    decided_high = [p for p in on if p[1] == high
+                    and not _both_diverged(on[p], off[p])]
     out.append(_claim(
         texts[1], all(per_beta_1.values()),
         "points where uncorrected diverges or is worse, per beta_1: "
-        + ", ".join(f"beta_1={k}: {v}" for k, v in per_beta_1.items()),
+        + ", ".join(f"beta_1={k}: {v}" for k, v in per_beta_1.items())
+        + uncounted, *([math.inf] if not decided_high else []),
     ))
     counts = {f"{c} b2={b2}": len(bad.get((c, b2), ()))
               for c in ("early", "late") for b2 in (low, high)}
@@ -194,7 +237,8 @@ def claims_figure4(result):
         counts[f"early b2={high}"] >= counts[f"late b2={high}"]
         and counts[f"early b2={high}"] >= counts[f"early b2={low}"]
         and counts[f"early b2={high}"] > 0,
-        ", ".join(f"{k}: {v}" for k, v in counts.items()),
+        ", ".join(f"{k}: {v}" for k, v in counts.items()) + uncounted,
+        *([math.inf] if not total else []),
     ))
     key = (0.9, high, -3)
     on, off = _grid(result, True, "early"), _grid(result, False, "early")
@@ -204,7 +248,7 @@ def claims_figure4(result):
         out.append(_claim(texts[3], on[key] < off[key],
                           f"corrected {on[key]:.4g} vs uncorrected "
                           f"{off[key]:.4g} (public reproduction, 10 epochs: "
-                          "106.3 vs 129.8)"))
+                          "106.3 vs 129.8)", on[key], off[key]))
     best, lost = [], []
     for checkpoint in ("early", "late"):
         on, off = _grid(result, True, checkpoint), _grid(result, False,
@@ -214,6 +258,8 @@ def claims_figure4(result):
                 a = min(v for p, v in on.items() if p[:2] == (beta_1, beta_2))
                 b = min(v for p, v in off.items()
                         if p[:2] == (beta_1, beta_2))
+                if _both_diverged(a, b):
+                    continue  # decides nothing: not counted
                 best.append(f"{checkpoint} b1={beta_1} b2={beta_2}: "
                             f"{a:.4g} vs {b:.4g}")
                 if not _not_worse(a, b):
@@ -221,14 +267,14 @@ def claims_figure4(result):
     out.append(_claim(texts[4], not lost,
                       f"{len(best) - len(lost)}/{len(best)} hold"
                       + (f"; exceptions: {'; '.join(lost)}" if lost
-                         else f"; e.g. {best[-1]}")))
+                         else f"; e.g. {best[-1]}" if best else ""),
+                      *([math.inf] if not best else [])))
     return out
 
 
 def _not_worse(a, b):
-    """a <= b within the margin; infinities (diverged) compare as equal."""
-    if math.isinf(a) and math.isinf(b):
-        return True
+    """a <= b within the margin (a diverged run, inf, is worse than any
+    finite one; callers leave out points where both diverged)."""
     return a <= b + SIMILAR * abs(b)
 
 

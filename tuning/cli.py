@@ -12,6 +12,7 @@ Ctrl-C stops with one line and status 130, and the same command resumes.
 import argparse
 import os
 import re
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -26,12 +27,19 @@ from tuning.errors import (
     Stopped,
     TuningError,
     catch_interrupts,
+    command,
     folder_path,
 )
 from tuning.search_space import TUNABLE, SearchSpace
-from tuning.sweep import MAXIMUMS, MINIMUMS, TUNERS, search_settings
+from tuning.sweep import (
+    DEFAULT_TRIALS,
+    MAXIMUMS,
+    MINIMUMS,
+    TUNERS,
+    default_directory,
+    search_settings,
+)
 
-PROG = "python -m tuning"
 INTERRUPTED = "interrupted; rerun the same command to resume"
 CONFIRM_TOP, CONFIRM_SEEDS = 3, 5
 
@@ -98,15 +106,16 @@ def _subset(text):
 
 def sweep_parser():
     """The parser of `python -m tuning [options]` (a search)."""
+    prog = command()
     p = Parser(
-        prog=PROG,
+        prog=prog,
         description="Sweep AdamPlus's learning_rate, beta_1, beta_2 and "
         "epsilon through keras-tuner on a benchmark model; rerun the same "
         "command to resume.",
         epilog="subcommands:\n"
-        f"  {PROG} report DIR [--no-plots]   rebuild the tables, summary and "
+        f"  {prog} report DIR [--no-plots]   rebuild the tables, summary and "
         "plots of DIR\n"
-        f"  {PROG} replicate [options]       the Adam paper's experiments "
+        f"  {prog} replicate [options]       the Adam paper's experiments "
         "(see its --help)",
     )
     p.add_argument("--benchmark", default="digits",
@@ -121,7 +130,8 @@ def sweep_parser():
                    "$KERAS_HOME/datasets/mnist-idx)")
     p.add_argument("--tuner", default="random", choices=TUNERS,
                    help="keras-tuner's search algorithm")
-    p.add_argument("--max-trials", type=_count("max_trials"), default=12,
+    p.add_argument("--max-trials", type=_count("max_trials"),
+                   default=DEFAULT_TRIALS,
                    help="trials in all (not Hyperband: it plans its own "
                    "from --epochs); may grow on a resume")
     p.add_argument("--epochs", type=_count("epochs"), default=None,
@@ -191,7 +201,7 @@ def sweep_parser():
 
 def report_parser():
     """The parser of `python -m tuning report DIR`."""
-    p = Parser(prog=f"{PROG} report",
+    p = Parser(prog=f"{command()} report",
                description="Rebuild trials.csv, trials.json, best.json, "
                "summary.txt and the plots of a search's directory.")
     p.add_argument("directory", metavar="DIR", type=folder_path)
@@ -216,11 +226,12 @@ def main(argv=None):
             return _report(report_parser().parse_args(argv[1:]))
         return _sweep(sweep_parser(), argv)
     except TuningError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
+        print(f"{command()}: error: {err}", file=sys.stderr, flush=True)
         return 1
     except OSError as err:  # what no layer below could name better
         where = f"{err.filename}: " if err.filename else ""
-        print(f"{PROG}: error: {where}{err.strerror or err}", file=sys.stderr,
+        print(f"{command()}: error: {where}{err.strerror or err}",
+              file=sys.stderr,
               flush=True)
         return 1
     except Stopped as stop:
@@ -247,7 +258,7 @@ def _sweep(parser, argv):
 
     args = parser.parse_args(argv)
     _check(parser, args)
-    directory = args.directory or f"tuning_runs/{args.benchmark}"
+    directory = args.directory or default_directory(args.benchmark)
     result = sweep(
         benchmark=args.benchmark, tuner=args.tuner,
         max_trials=args.max_trials, epochs=args.epochs, subset=args.subset,
@@ -265,7 +276,27 @@ def _sweep(parser, argv):
                 seeds=args.seeds or CONFIRM_SEEDS, plots=not args.no_plots,
                 idx_dir=args.mnist_idx)
     _print_outputs(Path(directory))
+    print("\n".join(next_steps(Path(directory), argv, bool(args.confirm))))
     return 0
+
+
+def next_steps(directory, argv, confirmed):
+    """The lines printed after a search: how to use best.json, and
+    `--confirm` when it did not run."""
+    if not (directory / "best.json").is_file():
+        return []
+    lines = ["next steps:",
+             "  train with the best configuration (its learning-rate "
+             "schedule included):",
+             "    import json; from keras_adam_plus import AdamPlus",
+             "    optimizer = AdamPlus.from_config(json.load(open("
+             f"{str(directory / 'best.json')!r})))"]
+    if not confirmed:
+        rerun = " ".join([command(), *map(shlex.quote, argv)])
+        lines += ["  check that it beats the paper's defaults beyond seed "
+                  "noise (retrains the best and the defaults over new "
+                  "seeds):", f"    {rerun} --confirm"]
+    return lines
 
 
 def _space(args):

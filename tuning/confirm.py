@@ -23,14 +23,15 @@ import json
 import math
 from pathlib import Path
 
+from tuning import progress as progress_display
 from tuning import report, rundir
 from tuning.errors import TuningError
-from tuning.search_space import SearchSpace
+from tuning.search_space import SearchSpace, is_paper_default
 from tuning.seeds import shifted
 from tuning.sweep import check_int, load
 
 ALPHA = 0.05
-RUNS = "confirm_runs"
+RUNS = report.CONFIRM_RUNS
 # The smallest value of each integer argument.
 MINIMUMS = {"top": 1, "seeds": 2}
 
@@ -99,10 +100,11 @@ def _configs(trials, direction, top, settings):
                 "is_default": t["is_default"], "optimizer": t["optimizer"],
                 "hyperparameters": t["hyperparameters"]} for t in picks]
     if not any(c["is_default"] for c in configs):
-        space = SearchSpace(**settings["space"])
-        configs.append({"label": "paper default", "trial_id": None,
-                        "is_default": True,
-                        "optimizer": space.optimizer_kwargs({}),
+        # The space's defaults: the paper's, unless the API fixed others.
+        kwargs = SearchSpace(**settings["space"]).optimizer_kwargs({})
+        configs.append({"label": "paper default" if is_paper_default(kwargs)
+                        else "space default", "trial_id": None,
+                        "is_default": True, "optimizer": kwargs,
                         "hyperparameters": {}})
     return configs
 
@@ -110,13 +112,16 @@ def _configs(trials, direction, top, settings):
 def _train_all(directory, settings, configs, seed_list, idx_dir, arrays,
                verbose, direction):
     """{label: [score per seed]}; saved runs are reused, not retrained."""
-    import keras
-
     runs_dir = directory / RUNS
+    rundir.note_written(directory, *report.CONFIRM_OUTPUTS)
     runs_dir.mkdir(exist_ok=True)
     data = hypermodel = None
-    progress = (keras.utils.Progbar(len(configs) * len(seed_list),
-                                    unit_name="run") if verbose else None)
+    total = len(configs) * len(seed_list)
+    print(f"confirm: {report.count_text(len(configs), 'configuration')} x "
+          f"{report.count_text(len(seed_list), 'seed')} = "
+          f"{report.count_text(total, 'run')} of "
+          f"{report.epochs_text(settings['epochs'])}", flush=True)
+    progress = progress_display.make(total, "run") if verbose else None
     scores = {}
     for config in configs:
         scores[config["label"]] = []
@@ -141,7 +146,6 @@ def _train_all(directory, settings, configs, seed_list, idx_dir, arrays,
                   flush=True)
             if progress is not None:
                 progress.add(1)
-                print(flush=True)
     return scores
 
 

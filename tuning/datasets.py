@@ -66,7 +66,9 @@ class Data:
                     f"{self.source} (subset {keep}/{n})")
 
 
-SUBSET_RULE = "a fraction in (0, 1] or a whole count >= 1"
+# The largest count: what fits a C int, as for every other count.
+MAX_COUNT = 2**31 - 1
+SUBSET_RULE = f"a fraction in (0, 1] or a whole count in [1, {MAX_COUNT}]"
 
 
 def check_subset(subset):
@@ -83,7 +85,7 @@ def check_subset(subset):
     ):
         if 0 < subset <= 1 and not isinstance(subset, numbers.Integral):
             return float(subset)
-        if subset >= 1 and subset == int(subset):
+        if 1 <= subset <= MAX_COUNT and subset == int(subset):
             return int(subset)
     raise ValueError(f"Argument `subset` must be {SUBSET_RULE}. "
                      f"Received: subset={subset!r}")
@@ -104,18 +106,38 @@ def _socket_timeout(seconds):
         socket.setdefaulttimeout(previous)
 
 
+# Keras's datasets: what its cache holds once downloaded (glob patterns
+# under $KERAS_HOME/datasets/), and the host it downloads from.
+KERAS_CACHE = {
+    "mnist": (("mnist.npz",), "storage.googleapis.com"),
+    "fashion_mnist": (("fashion-mnist/train-images-idx3-ubyte.gz",),
+                      "storage.googleapis.com"),
+    "imdb": (("imdb.npz",), "storage.googleapis.com"),
+    "cifar10": (("cifar-10-batches-py*", "cifar-10-python.tar.gz*"),
+                "www.cs.toronto.edu"),
+}
+
+
 def keras_dataset(name, files, **kwargs):
     """Calls `keras.datasets.<name>.load_data(**kwargs)` or explains.
 
-    `files` names what must sit under `$KERAS_HOME/datasets/` offline.
+    `files` names what must sit under `$KERAS_HOME/datasets/` offline. A
+    dataset that is not cached, when its host cannot be reached, is
+    refused at once: no download is attempted (Keras would print
+    "Downloading data from ..." and fail).
     """
     import keras
 
+    where = keras_home() / "datasets"
+    patterns, host = KERAS_CACHE.get(name, ((), None))
+    cached = any(any(where.glob(p)) for p in patterns)
     try:
+        if host and not cached:
+            with _socket_timeout(5):
+                socket.create_connection((host, 443)).close()
         with _socket_timeout(60):
             return getattr(keras.datasets, name).load_data(**kwargs)
     except Exception as err:  # keras raises bare Exception on fetch failure
-        where = keras_home() / "datasets"
         raise DatasetUnavailable(
             f"Dataset '{name}' is not cached and could not be downloaded "
             f"({type(err).__name__}: {str(err).splitlines()[0][:200]}). "

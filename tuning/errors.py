@@ -6,12 +6,23 @@ and exits non-zero; any other exception is a bug and keeps its traceback.
 """
 
 import argparse
+import os
 import signal
 import sys
 
 
 class TuningError(Exception):
     """A problem the user can act on; its message is one line that says how."""
+
+
+SCRIPT = "adam-plus-tune"  # the console script pyproject.toml installs
+
+
+def command():
+    """The command the user typed: `adam-plus-tune` when run through the
+    console script, else `python -m tuning`."""
+    name = os.path.basename(sys.argv[0]) if sys.argv else ""
+    return SCRIPT if name == SCRIPT else "python -m tuning"
 
 
 class Parser(argparse.ArgumentParser):

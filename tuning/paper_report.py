@@ -168,8 +168,9 @@ def write_report(directory, figures, settings):
                                          sorted(counts.items())), ""]
     if any(r["scale"] == "tiny" for r in results):
         lines += ["**Scale `tiny` is a smoke test of the machinery: a few "
-                  "hundred examples, one or two epochs, one trial. Its "
-                  "PASS/FAIL decide nothing about the paper; run `--scale "
+                  "hundred examples, one or two epochs, one trial. It "
+                  "decides none of the Adam paper's claims (figures 1-4 read "
+                  "UNDECIDED, with what they would read); run `--scale "
                   "quick` or `--scale full`.**", ""]
     caveats = [f"- Figure {r['figure']} (scale `{r['scale']}`): "
                f"{r['caveat']}" for r in results if r.get("caveat")]

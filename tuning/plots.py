@@ -1,5 +1,11 @@
-"""PNG plots of a sweep: score vs each hyperparameter, learning curves."""
+"""PNG plots of a sweep: score vs each hyperparameter, learning curves.
 
+Every plot has a title, marks the best trial, names configurations in its
+legends, and tells series apart by marker and line style as well as by
+colour, so that it reads when printed in grey.
+"""
+
+import itertools
 import math
 
 import matplotlib
@@ -7,6 +13,8 @@ import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from tuning import rundir  # noqa: E402
 
 AXES = {  # optimizer argument -> (axis label, value shown on a log axis)
     "learning_rate": ("learning rate alpha", lambda v: v),
@@ -16,22 +24,43 @@ AXES = {  # optimizer argument -> (axis label, value shown on a log axis)
 }
 
 
+MARKERS = ("o", "s", "^", "v", "P", "h")
+STYLES = ("-", "--", ":", "-.")
+
+
 def draw_all(directory, trials, best, default, settings, direction="min"):
     """Writes scores.png, learning_curves.png and default_vs_best.png."""
     objective = settings.get("objective", "val_loss")
-    scores(directory / "scores.png", trials, objective, direction)
+    scores(directory / "scores.png", trials, objective, direction, best)
     curves(directory / "learning_curves.png", trials, objective, direction)
     if best:
         default_vs_best(directory / "default_vs_best.png", default, best)
 
 
-def scores(path, trials, objective, direction="min"):
-    """Score against each hyperparameter on log axes, one colour per
-    budget (epochs); diverged and failed trials marked x at the worst end."""
+def config_text(trial):
+    """A trial's configuration for a legend: the tuned values, short."""
+    from tuning.search_space import format_value
+
+    names = {"learning_rate": "lr", "beta_1": "b1", "beta_2": "b2",
+             "epsilon": "eps", "weight_decay": "wd"}
+    parts = [f"{names.get(k, k)} {format_value(k, v)}"
+             for k, v in trial["optimizer"].items()
+             if isinstance(v, float) or (v not in (None, False, "paper")
+                                         and k != "weight_decay_mode")]
+    if trial["optimizer"].get("weight_decay_mode") and trial[
+            "optimizer"].get("weight_decay") is not None:
+        parts.append(trial["optimizer"]["weight_decay_mode"])
+    return ", ".join(parts)
+
+
+def scores(path, trials, objective, direction="min", best=None):
+    """Score against each hyperparameter on log axes, one marker and colour
+    per budget (epochs); diverged and failed trials marked x at the worst
+    end; the paper's defaults a star, the best trial a ringed diamond."""
     keys = [k for k in AXES
             if len({t["optimizer"].get(k) for t in trials}) > 1]
     keys = keys or ["learning_rate"]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5),
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.8),
                              squeeze=False)
     good = [t for t in trials if t["score"] is not None]
     failed = [t for t in trials if t["status"] in ("DIVERGED", "FAILED")]
@@ -40,10 +69,10 @@ def scores(path, trials, objective, direction="min"):
     budgets = sorted({t["epochs"] for t in good})
     for ax, key in zip(axes[0], keys):
         label, show = AXES[key]
-        for epochs in budgets:
+        for epochs, marker in zip(budgets, itertools.cycle(MARKERS)):
             level = [t for t in good if t["epochs"] == epochs]
             ax.scatter([show(t["optimizer"][key]) for t in level],
-                       [t["score"] for t in level],
+                       [t["score"] for t in level], marker=marker,
                        label=f"completed, {epochs} epochs")
         if failed:
             ax.scatter([show(t["optimizer"][key]) for t in failed],
@@ -53,7 +82,12 @@ def scores(path, trials, objective, direction="min"):
             if t.get("is_default"):
                 ax.scatter([show(t["optimizer"][key])], [t["score"]],
                            marker="*", s=150, color="orange",
-                           label="paper default")
+                           edgecolors="black", label="paper default")
+        if best is not None:
+            ax.scatter([show(best["optimizer"][key])], [best["score"]],
+                       marker="D", s=110, facecolors="none",
+                       edgecolors="black", linewidths=2,
+                       label=f"best: trial {best['trial_id']}")
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         if good and min(t["score"] for t in good) > 0:
@@ -61,8 +95,10 @@ def scores(path, trials, objective, direction="min"):
         ax.set_xlabel(label)
         ax.set_ylabel(objective)
     axes[0][0].legend(fontsize="small")
+    fig.suptitle(f"{objective} of each trial at its best epoch "
+                 f"({'lower' if direction == 'min' else 'higher'} is better)")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    rundir.write_figure(fig, path, dpi=90)
     plt.close(fig)
 
 
@@ -72,19 +108,22 @@ def curves(path, trials, objective, direction="min", top=5):
 
     good = ranked(trials, direction)[:top]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for t in good:
+    for i, t in enumerate(good):
         values = t["history"].get(objective, [])
-        ax.plot(range(1, len(values) + 1), values, marker=".",
-                label=f"trial {t['trial_id']} "
-                      f"(lr {t['optimizer']['learning_rate']:.2g})")
+        ax.plot(range(1, len(values) + 1), values,
+                marker=MARKERS[i % len(MARKERS)],
+                linestyle=STYLES[i % len(STYLES)],
+                linewidth=2.5 if i == 0 else 1.2,
+                label=f"trial {t['trial_id']}{' (best)' if i == 0 else ''}"
+                      f": {config_text(t)}")
     _log_if_positive(ax, [v for t in good
                           for v in t["history"].get(objective, [])])
     ax.set_xlabel("epoch")
     ax.set_ylabel(objective)
-    ax.set_title(f"best {len(good)} trials")
+    ax.set_title(f"{objective} per epoch, the best {len(good)} trials")
     ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    rundir.write_figure(fig, path, dpi=90)
     plt.close(fig)
 
 
@@ -92,26 +131,32 @@ def default_vs_best(path, default, best):
     """Training and validation loss: the paper's defaults vs the best."""
     fig, ax = plt.subplots(figsize=(6, 4))
     values = []
-    for trial, name, color in ((default, "paper default", "tab:orange"),
-                               (best, "best", "tab:blue")):
+    for trial, name, color, marker in (
+            (default, "paper default", "tab:orange", "s"),
+            (best, f"best (trial {best['trial_id']}: {config_text(best)})",
+             "tab:blue", "o")):
         if trial is None:
             continue
         for key, style in (("loss", "--"), ("val_loss", "-")):
             series = trial["history"].get(key, [])
             values += series
             ax.plot(range(1, len(series) + 1), series, style, color=color,
-                    label=f"{name} {key}")
+                    marker=marker, label=f"{name} {key}")
     _log_if_positive(ax, values)
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
+    ax.set_title("training (dashed) and validation (solid) loss: paper "
+                 "default vs best" if default else
+                 "training (dashed) and validation (solid) loss of the best")
     ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    rundir.write_figure(fig, path, dpi=90)
     plt.close(fig)
 
 
 def _log_if_positive(ax, values):
-    finite = [v for v in values if math.isfinite(v)]
+    finite = [v for v in values
+              if isinstance(v, (int, float)) and math.isfinite(v)]
     if finite and min(finite) > 0:
         ax.set_yscale("log")
 
@@ -131,5 +176,5 @@ def confirmation(path, confirmed):
     ax.set_ylabel(f"{confirmed['objective']} ({confirmed['epochs']} epochs)")
     ax.set_title(f"{len(confirmed['seeds'])} seeds each; bar: mean ± std")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    rundir.write_figure(fig, path, dpi=90)
     plt.close(fig)

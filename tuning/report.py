@@ -18,12 +18,25 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from tuning import rundir
-from tuning.search_space import TUNABLE, SearchSpace, format_value
+from tuning import benchmarks, rundir
+from tuning.search_space import (
+    MODE_DEFAULTS,
+    TUNABLE,
+    SearchSpace,
+    format_value,
+    is_paper_default,
+    optimizer_config,
+)
 
 PACKAGES = ("keras", "keras-tuner", "keras-adam-plus", "numpy", "tensorflow",
             "tensorflow-cpu", "jax", "torch")
 CONFIRM = "confirm.json"
+PLOTS = ("scores.png", "learning_curves.png", "default_vs_best.png")
+# What `write` writes (a search lists them in its manifest as it starts),
+# and what a confirmation writes (listed when it starts).
+TABLES = ("trials.json", "trials.csv", "summary.txt", "best.json")
+CONFIRM_RUNS = "confirm_runs"
+CONFIRM_OUTPUTS = (CONFIRM, "confirm.csv", "confirm.png", CONFIRM_RUNS)
 
 
 @dataclasses.dataclass
@@ -33,8 +46,12 @@ class SweepResult:
     Attributes:
         directory: The output directory.
         trials: One dict per trial, in trial order (see `collect`).
-        best_config: AdamPlus keyword arguments of the best completed trial
-            among those trained the most epochs.
+        best_config: The AdamPlus arguments of the best completed trial
+            among those trained the most epochs, every one it trained with
+            (best.json): `AdamPlus.from_config(best_config)` rebuilds its
+            optimizer, learning-rate schedule included (a schedule is in
+            Keras's serialized form; without one `AdamPlus(**best_config)`
+            works too).
         best_score: Its objective value (at its best epoch).
         default_score: The score of the paper's defaults at the same
             number of epochs, if such a trial ran.
@@ -81,7 +98,13 @@ def collect(directory):
     again by a resume), score, epochs (trained in all), optimizer (AdamPlus
     kwargs), hyperparameters (keras-tuner's values), seed, duration_s,
     history (per-epoch metrics), error_type, error, rss_mb, worker and
-    device (which process and GPU trained it: `tuning.workers`), is_default.
+    device (which process and GPU trained it: `tuning.workers`),
+    continued_from (Hyperband: the trial whose weights it went on from, or
+    None), final
+    (the objective at the last epoch; the score is at the best), schedule
+    (the learning-rate schedule it trained with, a key of
+    `tuning.search_space.SCHEDULES`, or None), is_default (every argument
+    at the paper's value, modes included).
     Raises `tuning.rundir.NoRun` if `directory` holds no search.
     """
     directory = Path(directory)
@@ -100,13 +123,28 @@ def collect(directory):
         trial = _trial(trial_dir, space, settings)
         if trial:
             trials.append(trial)
-    defaults = space.optimizer_kwargs({})
+    schedule = _schedule(settings)
     for t in trials:
-        t["is_default"] = all(
-            math.isclose(t["optimizer"].get(k, v), v, rel_tol=1e-9)
-            for k, v in defaults.items() if isinstance(v, float)
-        )
+        t["schedule"] = schedule
+        t["final"] = final_value(t, settings["objective"])
+        t["is_default"] = is_paper_default(t["optimizer"])
     return trials, settings
+
+
+def final_value(trial, objective):
+    """A trial's `objective` at its last epoch (its score is at its best
+    epoch), or None if it has no finite value there."""
+    values = trial["history"].get(objective) or [None]
+    last = values[-1]
+    return last if isinstance(last, (int, float)) and math.isfinite(
+        last) else None
+
+
+def _schedule(settings):
+    """The learning-rate schedule the benchmark of `settings` trains with."""
+    name = settings.get("benchmark")
+    return (benchmarks.BENCHMARKS[name].schedule
+            if name in benchmarks.BENCHMARKS else None)
 
 
 def _trial(trial_dir, space, settings):
@@ -143,6 +181,7 @@ def _trial(trial_dir, space, settings):
             status = "DIVERGED"
     epochs = (side.get("epochs") or values.get("tuner/epochs")
               or settings.get("epochs"))
+    parent = values.get("tuner/trial_id")  # Hyperband: weights carried on
     values = {k: v for k, v in values.items() if not k.startswith("tuner/")}
     return {
         "trial_id": trial_dir.name.split("_", 1)[1],
@@ -161,6 +200,7 @@ def _trial(trial_dir, space, settings):
         "rss_mb": side.get("rss_mb"),
         "worker": side.get("worker"),
         "device": side.get("device"),
+        "continued_from": parent if isinstance(parent, str) else None,
     }
 
 
@@ -197,12 +237,15 @@ def write(directory, plots=True):
     directory = Path(directory)
     trials, settings = collect(directory)
     result = sweep_result(directory, trials, settings)
+    # A no-op where the search listed them (`report` on an older folder).
+    rundir.note_written(directory, *TABLES, *(PLOTS if plots else ()))
     rundir.write_json(directory / "trials.json",
                       {"settings": settings, "trials": trials})
     _write_csv(directory / "trials.csv", trials, settings["objective"])
     if result.best_config:
         rundir.write_json(directory / "best.json", result.best_config)
-    rundir.write_text(directory / "summary.txt", summary(result, settings))
+    rundir.write_text(directory / "summary.txt", summary(
+        result, settings, running=rundir.running(directory)))
     if plots:
         from tuning import plots as plotting
 
@@ -217,7 +260,8 @@ def sweep_result(directory, trials, settings):
     direction = direction_of(settings)
     best, default = choose(trials, direction)
     return SweepResult(Path(directory), trials,
-                       best["optimizer"] if best else {},
+                       optimizer_config(best["optimizer"], best.get("schedule"))
+                       if best else {},
                        best["score"] if best else None,
                        default["score"] if default else None,
                        settings["objective"], direction,
@@ -232,12 +276,15 @@ def score_column(objective):
 def _write_csv(path, trials, objective):
     keys = sorted({k for t in trials for k in t["optimizer"]})
     rows = [[t["trial_id"], t["status"], t["epochs"], t["score"],
-             *[t["optimizer"].get(k) for k in keys], t["seed"],
+             t.get("final"), *[t["optimizer"].get(k) for k in keys],
+             t.get("schedule") or "constant", t["seed"],
              t["duration_s"], t["is_default"], t["error_type"] or "",
              one_line(t["error"]), t["worker"] or "", t["device"] or ""]
             for t in trials]
     rundir.write_csv(path, ["trial_id", "status", "epochs",
-                            score_column(objective), *keys, "seed",
+                            score_column(objective),
+                            f"{objective}_at_final_epoch", *keys,
+                            "learning_rate_schedule", "seed",
                             "duration_s", "is_default", "error_type",
                             "error", "worker", "device"], rows)
 
@@ -265,12 +312,18 @@ def one_line(text, limit=300):
 
 def epochs_text(n):
     """"1 epoch", "3 epochs"."""
-    return f"{n} epoch{'s' if n != 1 else ''}"
+    return count_text(n, "epoch")
 
 
-def summary(result, settings):
+def count_text(n, noun):
+    """"1 trial", "3 trials"."""
+    return f"{n} {noun}{'s' if n != 1 else ''}"
+
+
+def summary(result, settings, running=None):
     """A human-readable summary: best vs the paper's defaults, failures,
-    and the confirmation over seeds if one ran."""
+    and the confirmation over seeds if one ran. `running`: who runs the
+    search now (`tuning.rundir.running`), if it runs."""
     trials = result.trials
     counts = {}
     for t in trials:
@@ -284,12 +337,25 @@ def summary(result, settings):
         "score = its value at a trial's best epoch",
         "trials: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())),
     ]
+    points = settings.get("grid_points")
+    if points:
+        lines.append(f"grid: {len(trials)} of {points} points visited" + (
+            f"; --max-trials stopped it before the other "
+            f"{points - len(trials)}" if len(trials) < points else ""))
     if durations:
         lines.append(f"wall time per trial: mean "
                      f"{sum(durations) / len(durations):.1f} s, max "
                      f"{max(durations):.1f} s")
     if result.best_config:
         lines += _best_vs_default(result, trials)
+        lines += _final_vs_best(result, trials)
+        best = choose(trials, result.direction)[0]
+        if best.get("continued_from"):
+            lines.append(
+                f"the best trial continued trial {best['continued_from']}'s "
+                "weights (Hyperband): best.json rebuilds its optimizer, but "
+                "training from scratch will not give its score exactly; "
+                "--confirm retrains it from scratch")
     region = diverged_region(trials)
     if region:
         lines.append("diverged (NaN/Inf loss) trials span:")
@@ -299,6 +365,9 @@ def summary(result, settings):
             lines.append(f"trial {t['trial_id']} failed with an error (not "
                          f"divergence): {t['error_type']}: "
                          f"{one_line(t['error'], 200)}")
+        elif t["status"] == "RUNNING" and running:
+            lines.append(f"trial {t['trial_id']} is running (the search "
+                         f"runs: {running})")
         elif t["status"] in ("RUNNING", "INTERRUPTED"):
             lines.append(f"trial {t['trial_id']} was interrupted; rerun the "
                          "same command to finish it")
@@ -311,12 +380,19 @@ def summary(result, settings):
 def _best_vs_default(result, trials):
     fmt = "{:<24} {:>12} {:>14}"
     default = next((t for t in trials if t["is_default"]), None)
+    best = choose(trials, result.direction)[0]
     lines = [fmt.format("", "best", "paper default")]
-    for key in TUNABLE:
-        value = result.best_config.get(key, math.nan)
+    shown = [*TUNABLE, *sorted(
+        {k for k in best["optimizer"] if k not in TUNABLE}
+        | {k for k in (default or {"optimizer": {}})["optimizer"]
+           if k not in TUNABLE})]
+    for key in shown:
         lines.append(fmt.format(
-            key, format_value(key, value),
-            format_value(key, default["optimizer"][key]) if default else "-"))
+            key, _shown(key, best["optimizer"]),
+            _shown(key, default["optimizer"]) if default else "-"))
+    if best.get("schedule"):
+        lines.append(fmt.format("learning_rate schedule", best["schedule"],
+                                best["schedule"] if default else "-"))
     lines.append(fmt.format(
         f"{result.objective}, {epochs_text(result.epochs)}",
         f"{result.best_score:.4f}",
@@ -330,6 +406,34 @@ def _best_vs_default(result, trials):
                          f"{epochs_text(t['epochs'])} only (not comparable "
                          f"with {epochs_text(result.epochs)})")
     return lines
+
+
+def _final_vs_best(result, trials):
+    """A line when the best trial's last epoch is further from its best
+    epoch than the scores of the trials are from each other."""
+    best = choose(trials, result.direction)[0]
+    level = [t["score"] for t in trials if t["status"] == "COMPLETED"
+             and t["score"] is not None and t["epochs"] == result.epochs]
+    if best.get("final") is None or len(level) < 2:
+        return []
+    mean = sum(level) / len(level)
+    spread = math.sqrt(sum((s - mean) ** 2 for s in level)
+                       / (len(level) - 1))
+    gap = abs(best["final"] - best["score"])
+    if gap <= spread:
+        return []
+    return [f"the best trial's {result.objective} at its last epoch, "
+            f"{best['final']:.4f}, is {gap:.4f} from its best epoch's "
+            f"{best['score']:.4f}: more than the trials' spread ({spread:.4f}"
+            ", sample std); its score is optimistic: --confirm retrains "
+            "it over new seeds"]
+
+
+def _shown(key, kwargs):
+    """AdamPlus argument `key` of `kwargs` for the summary's table; a mode
+    not given is at its default."""
+    value = kwargs.get(key, MODE_DEFAULTS.get(key, "-"))
+    return format_value(key, value)
 
 
 def confirm_lines(confirmed):

@@ -20,6 +20,7 @@ import csv
 import fcntl
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -28,18 +29,21 @@ import sys
 import time
 from pathlib import Path
 
-from tuning.errors import TuningError
+from tuning.errors import TuningError, command
 from tuning.search_space import TUNABLE
 
 SETTINGS = "settings.json"
 LOCK = ".lock"
+# What a search wrote in its folder (names, top level): all that
+# `--overwrite` removes.
+MANIFEST = ".manifest.json"
 # Our record of one trial, beside keras-tuner's trial.json.
 SIDECAR = "adam_plus.json"
 TEMP_SUFFIX = ".tmp"
 # Settings that may change on a resume: max_trials may grow; the others
 # describe rather than decide the trials (each trial's sidecar records the
 # package versions that trained it).
-_MAY_CHANGE = ("max_trials", "data", "project", "versions")
+_MAY_CHANGE = ("max_trials", "data", "project", "versions", "grid_points")
 
 
 class DirectoryBusy(TuningError):
@@ -71,13 +75,29 @@ def write_text(path, text):
     An OS error (a full disk, a read-only folder) raises
     `DirectoryUnusable`: one line naming `path`.
     """
-    path = Path(path)
-    temp = path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
-    try:
+    def write(temp):
         with open(temp, "w", newline="") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+
+    _atomic(path, write)
+
+
+def write_figure(figure, path, **kwargs):
+    """Saves a matplotlib `figure` to `path` atomically."""
+    path = Path(path)
+    _atomic(path, lambda temp: figure.savefig(
+        temp, format=path.suffix.lstrip("."), **kwargs))
+
+
+def _atomic(path, write):
+    """Calls `write(temp)`, then renames the temporary file over `path`;
+    an OS error is `DirectoryUnusable` naming `path`."""
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
+    try:
+        write(temp)
         os.replace(temp, path)
     except OSError as err:
         raise unusable(path, err) from None
@@ -120,9 +140,51 @@ def remove_temporary(directory, project=None):
                     path.unlink()
 
 
+def note_written(directory, *names):
+    """Adds `names` (entries of `directory`, files or folders, that a search
+    wrote) to the folder's manifest, the list `clear` removes."""
+    path = Path(directory) / MANIFEST
+    try:
+        saved = json.loads(path.read_text()).get("written", [])
+    except (OSError, ValueError, AttributeError):
+        saved = []
+    written = sorted(set(saved) | set(names))
+    if written != saved:
+        write_json(path, {"written": written})
+
+
+# Non-finite floats as strict JSON holds them: as strings (bare NaN and
+# Infinity are not JSON; other readers refuse them).
+_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
 def write_json(path, obj, indent=1):
-    """Writes `obj` as JSON to `path` atomically."""
-    write_text(path, json.dumps(obj, indent=indent))
+    """Writes `obj` as strict JSON to `path` atomically: a NaN or infinite
+    float is written as the string "NaN", "Infinity" or "-Infinity"."""
+    write_text(path, json.dumps(_encode(obj), indent=indent, allow_nan=False))
+
+
+def _encode(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "NaN" if math.isnan(obj) else (
+            "Infinity" if obj > 0 else "-Infinity")
+    if isinstance(obj, dict):
+        return {k: _encode(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_encode(v) for v in obj]
+    return obj
+
+
+def _decode(obj):
+    """`obj` read back: "NaN", "Infinity", "-Infinity" as floats (files of
+    older versions hold bare NaN, which `json` reads as floats itself)."""
+    if isinstance(obj, str):
+        return _NONFINITE.get(obj, obj)
+    if isinstance(obj, dict):
+        return {k: _decode(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode(v) for v in obj]
+    return obj
 
 
 def write_csv(path, header, rows):
@@ -143,7 +205,7 @@ def read_json(path, what="its contents are ignored"):
     """
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        return _decode(json.loads(path.read_text()))
     except (FileNotFoundError, NotADirectoryError):
         return None  # also a path under a file: nothing there
     except OSError as err:
@@ -159,7 +221,7 @@ def read_json_strict(path, remedy):
     read or parsed raises `DamagedFile`: one line naming it and `remedy`."""
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        return _decode(json.loads(path.read_text()))
     except (FileNotFoundError, NotADirectoryError):
         return None
     except (OSError, UnicodeDecodeError, ValueError) as err:
@@ -229,6 +291,26 @@ def lock(directory):
             _remove_empty(created)
 
 
+def running(directory):
+    """Who runs a search in `directory` now (another process holding its
+    lock: "pid N on HOST since ..."), or None."""
+    directory = Path(directory)
+    path = directory / LOCK
+    if str(directory.resolve()) in _HELD:
+        return None  # this process: its search is not running a trial now
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _holder(path)
+    finally:
+        os.close(fd)  # releases a lock it took
+    return None
+
+
 def _holder(path):
     try:
         info = json.loads(Path(path).read_text())
@@ -277,7 +359,7 @@ def read_settings(directory):
     if settings is None:
         raise NoRun(
             f"{directory} holds no tuning run (no readable {SETTINGS}); run "
-            f"`python -m tuning --directory {directory}` first"
+            f"`{command()} --directory {directory}` first"
         )
     return settings
 
@@ -286,10 +368,11 @@ def check_settings(directory, settings, pending=()):
     """Refuses to resume a search saved with other settings.
 
     Compares `settings` with `<directory>/settings.json` key by key (keys
-    in `pending` are not known yet and are skipped; a key the saved file
-    lacks, written by an older version, is not compared). `max_trials` may
-    grow. Raises `SettingsMismatch` naming every difference and the two ways
-    out.
+    in `pending` are not known yet and are skipped). A saved file that
+    lacks a key that decides trials (an older version's layout) is refused:
+    its trials would be labelled with settings they did not train with.
+    `max_trials` may grow. Raises `SettingsMismatch` naming every
+    difference and the two ways out.
     """
     directory = Path(directory)
     saved = read_json_strict(directory / SETTINGS,
@@ -304,6 +387,16 @@ def check_settings(directory, settings, pending=()):
             f"{directory} holds a search trained with KERAS_BACKEND={there}"
             f", not {now}: rerun with KERAS_BACKEND={there} to resume it, "
             "--overwrite to start afresh, or choose another --directory")
+    missing = [key for key in _flatten(json.loads(json.dumps(settings)))
+               if key not in _flatten(saved) and key not in _MAY_CHANGE
+               and key not in pending]
+    if missing:
+        raise SettingsMismatch(
+            f"{directory} holds a search from an older version whose "
+            f"settings lack {', '.join(missing)}: it cannot resume under "
+            "these settings. Rerun with --overwrite to start afresh, or "
+            "choose another --directory (`report` still reads it with its "
+            "own settings)")
     differences = settings_differences(saved, settings, pending)
     if settings.get("max_trials", 0) < saved.get("max_trials", 0):
         differences.append(f"max_trials {saved['max_trials']} there, "
@@ -358,20 +451,48 @@ def _flatten(settings):
     return flat
 
 
+def check_overwritable(directory):
+    """Refuses (`DirectoryUnusable`, one line naming it) to `--overwrite` a
+    folder that holds files but no search (no settings.json, no manifest):
+    the user's files are not a search's to remove."""
+    directory = Path(directory)
+    if not directory.is_dir() or (directory / SETTINGS).exists() or (
+            directory / MANIFEST).exists():
+        return
+    theirs = [p.name for p in directory.iterdir()
+              if p.name != LOCK and not _TEMPORARY.match(p.name)]
+    if theirs:
+        raise DirectoryUnusable(
+            f"{directory} holds files that no search wrote (no {SETTINGS}): "
+            "--overwrite removes only a search's files; choose another "
+            "--directory")
+
+
 def clear(directory, outputs):
     """Removes a previous search's files from `directory` (`--overwrite`).
 
-    Removes only what a search writes: the keras-tuner project folder named
-    in its settings, and `outputs` (names or glob patterns). Other files in
-    the directory are left alone.
+    Removes only what the search wrote: the names its manifest lists (or,
+    in a folder of a version that kept none, the keras-tuner project folder
+    named in its settings and `outputs`, names or glob patterns). Other
+    files in the directory are left alone.
     """
     directory = Path(directory)
+    manifest = read_json(directory / MANIFEST, "it is removed") or {}
+    listed = manifest.get("written") if isinstance(manifest, dict) else None
     saved = read_json(directory / SETTINGS, "it is removed") or {}
-    doomed = [directory / saved["project"]] if saved.get("project") else []
-    for pattern in outputs:
-        doomed.extend(directory.glob(pattern))
+    names = [SETTINGS, MANIFEST]
+    if isinstance(saved, dict) and isinstance(saved.get("project"), str):
+        names.append(saved["project"])
+    doomed = []
+    if isinstance(listed, list):
+        names += [n for n in listed if isinstance(n, str)]
+    else:
+        for pattern in outputs:
+            doomed.extend(directory.glob(pattern))
+    doomed += [directory / n for n in names
+               if n not in ("", ".", "..") and "/" not in n]
     for path in doomed:
-        if path.is_dir():
+        if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
-        elif path.exists():
+        elif path.exists() or path.is_symlink():
             path.unlink()

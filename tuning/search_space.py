@@ -11,6 +11,7 @@ default values is Adam as published.
 
 import dataclasses
 import math
+import numbers
 
 TUNABLE = ("learning_rate", "beta_1", "beta_2", "epsilon")
 PAPER_DEFAULTS = {"learning_rate": 1e-3, "beta_1": 0.9, "beta_2": 0.999,
@@ -22,6 +23,18 @@ DEFAULT_RANGES = {
     "epsilon": (1e-10, 1e-3),
 }
 MODE_HPS = ("amsgrad", "epsilon_mode", "weight_decay_mode", "weight_decay")
+# AdamPlus's own defaults of its modes: a trial is "the paper default" only
+# if every argument it was given (tuned or fixed) is at its paper value.
+MODE_DEFAULTS = {"amsgrad": False, "epsilon_mode": "paper",
+                 "weight_decay": None}
+# Learning-rate schedules a benchmark may train with, as best.json holds
+# them: Keras's serialized form, which `AdamPlus.from_config` reads.
+SCHEDULES = {
+    "inverse_sqrt": {"module": "keras_adam_plus.schedules",
+                     "class_name": "InverseSqrtDecay",
+                     "registered_name": "keras_adam_plus>InverseSqrtDecay",
+                     "argument": "initial_learning_rate"},
+}
 
 
 @dataclasses.dataclass
@@ -54,6 +67,12 @@ class SearchSpace:
                 f"Argument `tune` must name only {', '.join(TUNABLE)}. "
                 f"Received: tune={list(self.tune)!r}"
             )
+        if not isinstance(self.grid_steps, numbers.Integral) or isinstance(
+                self.grid_steps, bool) or self.grid_steps < 0:
+            raise ValueError("Argument `grid_steps` must be an integer >= 0."
+                             f" Received: grid_steps={self.grid_steps!r}")
+        self.grid_steps = int(self.grid_steps)  # NumPy integers too
+        self.modes = bool(self.modes)
         # One order (TUNABLE's) whatever the order given: the same space
         # declares, draws and compares the same way.
         self.tune = tuple(name for name in TUNABLE if name in self.tune)
@@ -120,6 +139,54 @@ class SearchSpace:
             elif hp_name in TUNABLE or hp_name in MODE_HPS:
                 kwargs[hp_name] = value
         return kwargs
+
+
+def is_paper_default(kwargs):
+    """Whether AdamPlus `kwargs` are the paper's Algorithm 1 throughout:
+    the four hyperparameters at `PAPER_DEFAULTS` and every mode (amsgrad,
+    epsilon mode, weight decay, any other argument given) at its default."""
+    for key in set(kwargs) | set(PAPER_DEFAULTS) | set(MODE_DEFAULTS):
+        value = kwargs.get(key, MODE_DEFAULTS.get(key))
+        if key in PAPER_DEFAULTS:
+            if not (isinstance(value, (int, float)) and math.isclose(
+                    value, PAPER_DEFAULTS[key], rel_tol=1e-9)):
+                return False
+        elif key == "weight_decay_mode":
+            continue  # without a weight decay, no mode applies
+        elif key not in MODE_DEFAULTS or value != MODE_DEFAULTS[key]:
+            return False
+    return True
+
+
+def optimizer_config(kwargs, schedule=None):
+    """What best.json holds: AdamPlus arguments that rebuild a trial with
+    `AdamPlus.from_config(config)`.
+
+    `kwargs` are a trial's AdamPlus arguments with the learning rate as a
+    number (alpha); with a `schedule` (a key of `SCHEDULES`), the learning
+    rate is the schedule in Keras's serialized form, as `get_config` writes
+    it. Without one, `AdamPlus(**config)` works too.
+    """
+    config = dict(kwargs)
+    if schedule is not None:
+        spec = SCHEDULES[schedule]
+        config["learning_rate"] = {
+            "module": spec["module"], "class_name": spec["class_name"],
+            "config": {spec["argument"]: kwargs["learning_rate"]},
+            "registered_name": spec["registered_name"]}
+    return config
+
+
+def modes_text(kwargs, schedule=None):
+    """The modes of AdamPlus `kwargs` for people: every argument given that
+    is not a number (amsgrad, epsilon_mode, weight_decay_mode, tuned or
+    fixed) and the learning-rate schedule, if any."""
+    parts = [f"{k}={v}" for k, v in kwargs.items()
+             if v is not None and not isinstance(v, (int, float))
+             or isinstance(v, bool)]
+    if schedule is not None:
+        parts.append(f"schedule={schedule}")
+    return " ".join(parts)
 
 
 def format_value(name, value):

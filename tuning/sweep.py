@@ -22,11 +22,20 @@ from pathlib import Path
 from tuning import benchmarks, launcher, report, rundir
 from tuning import workers as machine
 from tuning.datasets import check_subset
+from tuning.errors import TuningError
 from tuning.launcher import SweepFailed
 from tuning.search_space import SearchSpace
 from tuning.seeds import MAX_SEED
 
 TUNERS = ("random", "bayesian", "hyperband", "grid")
+# The defaults `sweep()` and the command line share (one place).
+DEFAULT_TRIALS = 12
+RUNS_FOLDER = "tuning_runs"
+
+
+def default_directory(benchmark):
+    """Where a search of `benchmark` goes by default: tuning_runs/<name>."""
+    return Path(RUNS_FOLDER) / benchmark
 DIRECTIONS = ("min", "max")
 # The smallest value of each integer argument.
 MINIMUMS = {"max_trials": 1, "epochs": 1, "batch_size": 1, "grid_steps": 1,
@@ -35,12 +44,14 @@ MINIMUMS = {"max_trials": 1, "epochs": 1, "batch_size": 1, "grid_steps": 1,
 # (TensorFlow's and keras-tuner's own counters).
 MAXIMUMS = {"seed": MAX_SEED, "max_trials": 2**31 - 1, "epochs": 2**31 - 1,
             "batch_size": 2**31 - 1, "grid_steps": 2**31 - 1}
-# What a search writes besides keras-tuner's project (`--overwrite` clears).
+# What a search wrote besides keras-tuner's project, in a folder of a
+# version that kept no manifest (`--overwrite` clears it).
 OUTPUTS = (rundir.SETTINGS, "trials.csv", "trials.json", "best.json",
            "summary.txt", "*.png", "confirm.csv", "confirm.json",
            "confirm_runs")
 
-__all__ = ["SweepFailed", "check_int", "load", "search_settings", "sweep"]
+__all__ = ["DEFAULT_TRIALS", "SweepFailed", "check_int", "default_directory",
+           "load", "search_settings", "sweep"]
 
 
 def check_int(name, value, minimum=None, maximum=None):
@@ -61,7 +72,8 @@ def check_int(name, value, minimum=None, maximum=None):
     return value
 
 
-def search_settings(benchmark="digits", tuner="random", max_trials=10,
+def search_settings(benchmark="digits", tuner="random",
+                    max_trials=DEFAULT_TRIALS,
                     epochs=None, subset=None, seed=0, space=None,
                     dataset=None, batch_size=None, objective="val_loss",
                     direction=None, scale="quick"):
@@ -114,8 +126,8 @@ def search_settings(benchmark="digits", tuner="random", max_trials=10,
     }
 
 
-def sweep(benchmark="digits", tuner="random", max_trials=10, epochs=None,
-          subset=None, directory="tuning_runs", seed=0, overwrite=False,
+def sweep(benchmark="digits", tuner="random", max_trials=DEFAULT_TRIALS,
+          epochs=None, subset=None, directory=None, seed=0, overwrite=False,
           space=None, dataset=None, idx_dir=None, batch_size=None,
           objective="val_loss", direction=None, scale="quick", workers=0,
           arrays=None, plots=True, child_argv=None, verbose=1, chief=None,
@@ -127,13 +139,15 @@ def sweep(benchmark="digits", tuner="random", max_trials=10, epochs=None,
             embedded `"digits"`.
         tuner: `"random"`, `"bayesian"`, `"hyperband"` or `"grid"`.
         max_trials: Number of trials (Hyperband: its own budget from
-            `epochs`). On a resume it may grow, not shrink.
+            `epochs`). On a resume it may grow, not shrink. Defaults to
+            `12`, as the command line's.
         epochs: Epochs per trial (Hyperband: the most a trial trains);
             defaults to the scale's setting.
         subset: Fraction in (0, 1] or count of training examples; defaults
             to the scale's setting.
         directory: Output directory (keras-tuner's project, trials.csv,
-            trials.json, best.json, summary.txt, PNG plots).
+            trials.json, best.json, summary.txt, PNG plots). Defaults to
+            `tuning_runs/<benchmark>`, as the command line's.
         seed: Seed of the oracle, of the data subset and of every trial's
             initial weights.
         overwrite: Start afresh instead of resuming: removes the previous
@@ -208,11 +222,13 @@ def sweep(benchmark="digits", tuner="random", max_trials=10, epochs=None,
             KERASTUNER_ORACLE_IP=joined[0], KERASTUNER_ORACLE_PORT=str(
                 joined[1]),
             KERASTUNER_TUNER_ID=machine.joiner_id())
-    directory = Path(directory)
+    directory = Path(directory or default_directory(benchmark))
     child = rundir.is_distributed_child()
     if not joined and (child or not overwrite):  # a joiner checks the chief
         rundir.check_settings(directory, settings,
                               pending=() if direction else ("direction",))
+    if overwrite and not child:
+        rundir.check_overwritable(directory)
     with contextlib.nullcontext() if child else rundir.lock(directory):
         if not child:  # what a killed run left; no writer of ours is left
             rundir.remove_temporary(directory)
@@ -220,7 +236,9 @@ def sweep(benchmark="digits", tuner="random", max_trials=10, epochs=None,
             if overwrite:
                 rundir.clear(directory, OUTPUTS)
             launcher.run(workers, child_argv, address)
-            return report.write(directory, plots=plots)
+            result = report.write(directory, plots=plots)
+            check_not_all_failed(result, directory)
+            return result
         return _search(settings, directory, overwrite and not child,
                        space or SearchSpace(), idx_dir, arrays, plots,
                        verbose)
@@ -248,6 +266,8 @@ def _search(settings, directory, overwrite, space, idx_dir, arrays, plots,
     # What decides a trial's numbers besides the options (Keras is loaded
     # now): a resume under another backend is refused.
     settings.update(backend=keras_backend(), versions=report.versions())
+    if settings["tuner"] == "grid":  # the summary says how much it visited
+        settings["grid_points"] = tuners.grid_points(space)
     if not overwrite and role != "worker":
         rundir.check_settings(directory, settings)
     if role == "worker":
@@ -263,6 +283,11 @@ def _search(settings, directory, overwrite, space, idx_dir, arrays, plots,
         seed=settings["seed"], overwrite=overwrite,
         max_epochs=settings["epochs"])
     if role != "worker":
+        # What this search writes, listed before it writes any (one
+        # manifest write): --overwrite removes these and no more.
+        rundir.note_written(directory, rundir.SETTINGS, search.project_name,
+                            *report.TABLES,
+                            *(report.PLOTS if plots else ()))
         rundir.write_json(directory / rundir.SETTINGS, dict(
             settings, data=data.source, project=search.project_name))
     if role == "chief":
@@ -279,15 +304,27 @@ def _search(settings, directory, overwrite, space, idx_dir, arrays, plots,
         if not str(err).startswith("Number of consecutive failures"):
             raise
         search.oracle.save_all()
-        result = report.write(directory, plots=plots)
-        last = result.trials[-1]
-        raise SweepFailed(
-            f"all {len(result.trials)} trials failed, the last with "
-            f"{last['error_type']}: {last['error']}; see "
-            f"{directory / 'trials.csv'}") from None
     if rundir.is_distributed_child():
         return None  # a chief or worker of a distributed search
-    return report.write(directory, plots=plots)
+    result = report.write(directory, plots=plots)
+    check_not_all_failed(result, directory)
+    return result
+
+
+def check_not_all_failed(result, directory):
+    """Raises `SweepFailed` (one line, the first error) if every trial of
+    `result` ended and none completed, whatever their number."""
+    trials = result.trials
+    if trials and all(t["status"] in ("FAILED", "DIVERGED") for t in trials):
+        first = trials[0]
+        raise SweepFailed(
+            f"all {len(trials)} trials failed, the first with "
+            f"{first['error_type']}: {report.one_line(first['error'], 200)}"
+            f"; see {Path(directory) / 'trials.csv'}")
+
+
+class EmptyValidation(TuningError, ValueError):
+    """The data subset leaves no validation examples to score trials on."""
 
 
 def keras_backend():
@@ -305,6 +342,12 @@ def load(settings, space=None, idx_dir=None, arrays=None):
     data = bench.load(dataset=settings["dataset"], idx_dir=idx_dir,
                       arrays=arrays)
     data = data.subset(settings["subset"], seed=settings["seed"])
+    if not len(data.x_val):
+        raise EmptyValidation(
+            f"subset {settings['subset']!r} leaves "
+            f"{report.count_text(len(data.x_train), 'training example')} "
+            "and no validation example to score trials on; use a subset of "
+            "5 examples or more")
     hypermodel = AdamPlusHyperModel(
         bench, data.x_train.shape[1:],
         space=space or SearchSpace(**settings["space"]),
@@ -314,9 +357,8 @@ def load(settings, space=None, idx_dir=None, arrays=None):
 
 
 def _progress(oracle):
-    """Keras's progress bar over the trials this run has left, or None."""
-    import keras
-
+    """A progress display over the trials this run has left, or None."""
+    from tuning import progress
     from tuning.tuners import planned_trials
 
     done = len(oracle.end_order)
@@ -325,4 +367,4 @@ def _progress(oracle):
         return None
     if done:
         print(f"resuming: {done} trials done, {left} to run", flush=True)
-    return keras.utils.Progbar(left, unit_name="trial")
+    return progress.make(left, "trial")

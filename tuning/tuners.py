@@ -8,7 +8,7 @@
 - Each trial gets an `adam_plus.json` sidecar (values, seed, epochs,
   duration, history, error class, memory, versions, the worker and device
   that trained it), a progress line, and a
-  step of Keras's `Progbar` over the whole search (elapsed time and ETA).
+  step of a progress display over the whole search (elapsed time and ETA).
 """
 
 import gc
@@ -30,7 +30,7 @@ from tuning.distributed import Leases
 from tuning.errors import check_interrupt
 from tuning.hypermodel import Diverged
 from tuning.report import epochs_text
-from tuning.search_space import format_value
+from tuning.search_space import format_value, modes_text
 
 SIDECAR = rundir.SIDECAR
 ORACLES = {
@@ -164,7 +164,7 @@ def oracle_class(name):
 class _Bookkeeping:
     """Tuner mixin: sidecar, progress, atomic state and failure records."""
 
-    progress = None  # a keras.utils.Progbar over the search, or None
+    progress = None  # a `tuning.progress` display over the search, or None
     running = None  # the id of the trial this process trains, or None
 
     def run_trial(self, trial, *args, **kwargs):
@@ -236,12 +236,19 @@ class _Bookkeeping:
         values = self.hypermodel.space.optimizer_kwargs(
             {k: v for k, v in done.hyperparameters.values.items()
              if not k.startswith("tuner/")})
-        shown = " ".join(f"{k}={format_value(k, v)}"
-                         for k, v in values.items() if isinstance(v, float))
+        shown = " ".join([
+            *(f"{k}={format_value(k, v)}" for k, v in values.items()
+              if isinstance(v, float)),
+            modes_text(values, "inverse_sqrt"
+                       if self.hypermodel.inverse_sqrt_lr else None)]).strip()
         objective = self.oracle.objective.name
         epochs = self.hypermodel.last_epochs
         if done.score is not None and math.isfinite(done.score):
-            result = f"{objective}={done.score:.4f} ({epochs_text(epochs)})"
+            final = report.final_value(
+                {"history": self.hypermodel.last_history}, objective)
+            result = (f"{objective}={done.score:.4f} at its best epoch"
+                      + ("" if final is None else f", {final:.4f} at its last")
+                      + f" ({epochs_text(epochs)})")
         else:
             side = rundir.read_json(
                 Path(self.get_trial_dir(trial.trial_id)) / SIDECAR) or {}
@@ -252,7 +259,6 @@ class _Bookkeeping:
         print(f"trial {trial.trial_id}: {shown} -> {result}", flush=True)
         if self.progress is not None:
             self.progress.add(1)
-            print(flush=True)  # the next trial's lines start on a new line
 
 
 class AdamPlusTuner(_Bookkeeping, keras_tuner.Tuner):
@@ -306,6 +312,30 @@ def infer_direction(objective):
             "pass direction='min' or 'max' (--direction)"
         )
     return direction
+
+
+def grid_points(space):
+    """How many points GridSearch visits in `space` in all: the product of
+    each hyperparameter's values, a conditional one (weight_decay) counted
+    under the parent values that activate it."""
+    hp = keras_tuner.HyperParameters()
+    hp.values["weight_decay_mode"] = "l2"  # declares its child too
+    space.declare(hp)
+    children = {}
+    for h in hp.space:
+        for condition in h.conditions:
+            children.setdefault(condition.name, []).append(
+                (condition.values, len(list(h.values))))
+    points = 1
+    for h in hp.space:
+        if h.conditions:
+            continue
+        values = list(h.values)
+        count = len(values)
+        for active, n in children.get(h.name, ()):
+            count += sum(1 for v in values if v in active) * (n - 1)
+        points *= count
+    return points
 
 
 def planned_trials(oracle):

@@ -19,6 +19,7 @@ started and nothing written.
 """
 
 import ctypes
+import numbers
 import os
 import re
 import shutil
@@ -138,6 +139,9 @@ def check_workers(workers, devices=None, cores=None, memory_mib=None):
             raise ValueError(f"Argument `workers` cannot be 'auto' here: no "
                              f"worker fits ({why}). Received: workers='auto'")
         return most
+    if isinstance(workers, numbers.Integral) and not isinstance(workers,
+                                                                 bool):
+        workers = int(workers)  # NumPy integers too
     if isinstance(workers, bool) or not isinstance(workers, int) or (
         workers < 0
     ):
