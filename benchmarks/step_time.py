@@ -61,7 +61,7 @@ GPU_CASES = {
 # On a GPU the rows that the issues' GPU tables ask for (the others are
 # CPU-only to keep the run inside a short lease).
 GPU_VARIANTS = ("keras Adam", "AdamPlus", "AdamPlus skip_nonfinite",
-                "AdamPlus grouped")
+                "AdamPlus grouped", "AdamPlus 4 groups")
 # Steps per timed sample on a GPU: one synchronisation per sample, so
 # that the host's wait is not counted in every step.
 GPU_BATCH = 10
@@ -240,7 +240,32 @@ def keras_variants():
         # ratio is to AdamPlus (one slot per variable).
         "AdamPlus grouped": (
             lambda: AdamPlus(group_small_variables=True), "AdamPlus"),
+        # variable_groups: the variables in 4 groups of other settings
+        # (a quarter each); its ratio is to AdamPlus (one group).
+        "AdamPlus 4 groups": (_four_groups, "AdamPlus"),
     }
+
+
+def _four_groups():
+    """AdamPlus whose variables (by position) form 4 `variable_groups`."""
+    import re
+
+    from keras_adam_plus import AdamPlus, groups
+
+    class FourGroups(AdamPlus):
+        def build(self, var_list):
+            quarters = [var_list[i::4] for i in range(1, 4)]
+            settings = ({"learning_rate_multiplier": 0.5},
+                        {"weight_decay": 0.01},
+                        {"beta_2": 0.99, "epsilon": 1e-6})
+            self.variable_groups = groups.check([
+                {"match": "^(" + "|".join(re.escape(v.path)
+                                          for v in quarter) + ")$", **extra}
+                for quarter, extra in zip(quarters, settings) if quarter],
+                False)
+            super().build(var_list)
+
+    return FourGroups()
 
 
 def peer_of(label, labels):

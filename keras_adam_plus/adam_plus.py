@@ -171,7 +171,9 @@ class AdamPlus(keras.optimizers.Optimizer):
 
     def _face(self):
         """The state as every saving route sees it (`storage.Face`)."""
-        scalars = {"iteration": self.iterations}
+        # The variable: under gradient accumulation `iterations` is a tensor
+        # (real steps); the saved count is Keras's `_iterations`.
+        scalars = {"iteration": self._iterations}
         if isinstance(self._learning_rate, keras.Variable):
             scalars["learning_rate"] = self._learning_rate
         own, store = list(self.variables), getattr(self, "_store", None)
@@ -221,13 +223,16 @@ class AdamPlus(keras.optimizers.Optimizer):
             with keras.name_scope(self.name, caller=self):
                 self.build(list(trainable_variables))
             self.built = True
+        if not self.built:
+            return super().apply(grads, trainable_variables)  # its error
         nonfinite.apply(self._skip(), lambda g: super(AdamPlus, self).apply(
             g, trainable_variables), list(grads))
 
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):
         """`Optimizer.stateless_apply`, with the skip of `apply`."""
         args = (optimizer_variables, grads, trainable_variables)
-        if not self.skip_nonfinite or self._store.checked:
+        store = getattr(self, "_store", None)  # unbuilt: Keras's error
+        if not self.skip_nonfinite or store is None or store.checked:
             return super().stateless_apply(*args)
         return nonfinite.stateless_apply(self._skip(), lambda: super(
             AdamPlus, self).stateless_apply(*args), *args)
@@ -281,16 +286,16 @@ class AdamPlus(keras.optimizers.Optimizer):
     def average_weights(self, var_list=None):
         """theta_bar / (1 - b**t) (Section 7.2) per variable of `var_list`
         (default: those of build); before the first step, their values."""
-        variables = self._trainable_variables if var_list is None else var_list
-        return averaging.corrected(getattr(self, "_store", None),
-                                   self.iterations, list(variables),
-                                   self._get_variable_index)
+        return averaging.corrected(
+            getattr(self, "_store", None), self.average_decay,
+            self.iterations, var_list if var_list is not None else getattr(
+                self, "_trainable_variables", None), self._get_variable_index)
 
     def use_average_weights(self, var_list=None):
         """Context manager: the variables hold their averages inside it
         (`with opt.use_average_weights(): model.evaluate(...)`)."""
-        return averaging.Swap(self.average_weights, self._trainable_variables
-                              if var_list is None else var_list)
+        return averaging.Swap(self.average_weights, getattr(
+            self, "_trainable_variables", []) if var_list is None else var_list)
 
     @property
     def skipped_steps(self):
@@ -324,7 +329,9 @@ class AdamPlus(keras.optimizers.Optimizer):
     def get_weights(self):
         """The state as NumPy arrays in the per-variable layout (the step
         count, then the slots in Keras's order), whatever the grouping."""
-        return storage.numpy_values(self._face().entries)
+        face = self._face()
+        return storage.logical(face, storage.numpy_values(face.entries),
+                               storage.kinds(face))
 
     def set_weights(self, weights):
         """Assigns `get_weights()`'s arrays (or the legacy `.h5` layout of
@@ -344,6 +351,9 @@ class AdamPlus(keras.optimizers.Optimizer):
 def _unpickle(cls, config, state):
     optimizer = cls.from_config(config)
     if isinstance(state, tuple):
-        storage.assign_scalars(optimizer._face().scalars, *state)
+        face = optimizer._face()
+        if len(state) > 2:  # pickled with its format's name
+            storage.check_format(face, state[2])
+        storage.assign_scalars(face.scalars, *state[:2])
     optimizer._pending_state = state
     return optimizer

@@ -23,11 +23,20 @@ def update(store, variables, index):
         store.assign(average, ops.cast(new, average.dtype))
 
 
-def corrected(store, iterations, variables, index):
-    """theta_bar / (1 - b**t) per variable; before any step, theta."""
-    if store is None or store.plan.average_decay is None:
+def corrected(store, decay, iterations, variables, index):
+    """theta_bar / (1 - b**t) per variable; before any step, theta.
+
+    `store` None: the optimizer is not built (no step yet): the variables'
+    values, or an error without `variables`.
+    """
+    if decay is None:
         raise ValueError("average_weights() needs AdamPlus(average_decay"
                          "=...). Received: average_decay=None")
+    if store is None:
+        if not variables:
+            raise ValueError("average_weights() of an optimizer not built "
+                             "yet needs `var_list`.")
+        return [ops.convert_to_tensor(v) for v in variables]
     result = []
     for variable in variables:
         average = store.averages[index(variable)]

@@ -513,7 +513,7 @@ def kinds(face):
 
 
 def snapshot(face):
-    """`(values, kinds)` of the state, built or still pending.
+    """`(values, kinds, format name)` of the state, built or pending.
 
     A pending state (loaded before build) is returned with the current
     step count and learning rate, which were assigned at load and may have
@@ -521,10 +521,10 @@ def snapshot(face):
     """
     pending = face.pending
     if pending is None:
-        return numpy_values(face.entries), kinds(face)
+        return numpy_values(face.entries), kinds(face), face.format.name
     # Plain lists: Keras tracks an optimizer's list attributes (the pending
     # state) as TrackedList, which does not pickle.
-    values, saved_kinds = pending
+    values, saved_kinds = pending[:2]
     values = list(values)
     if saved_kinds is not None:
         saved_kinds = list(saved_kinds)
@@ -532,7 +532,7 @@ def snapshot(face):
         for i, kind in enumerate(saved_kinds):
             if kind in scalars:
                 values[i] = np.array(ops.convert_to_numpy(scalars[kind]))
-    return values, saved_kinds
+    return values, saved_kinds, face.format.name
 
 
 def assign_scalars(scalars, values, saved_kinds):
@@ -549,7 +549,7 @@ def save(face, store):
 
     An optimizer not built yet saves the state it was given (pending).
     """
-    values, saved_kinds = snapshot(face)
+    values, saved_kinds, _ = snapshot(face)
     for i, value in enumerate(values):
         store[str(i)] = value
     if saved_kinds is not None:
@@ -634,6 +634,27 @@ def assign(face, values, saved_kinds, skip_scalars=False):
         variable.assign(value)
 
 
+def logical(face, values, kinds_, encode=False):
+    """`values` of the moment kinds decoded from (or, `encode`, into) the
+    face's format: what `get_weights`/`set_weights` exchange, so that they
+    do not depend on the format (the default's values are as stored)."""
+    fmt = face.format
+    if fmt.native:
+        return list(values)
+    result = []
+    for value, entry, kind in zip(values, face.entries, kinds_):
+        if kind in MOMENTS:
+            slot_dtype = dtype_of(entry)
+            dtype = "float64" if slot_dtype == "float64" else "float32"
+            tensor = ops.convert_to_tensor(np.asarray(value, dtype if encode
+                                                      else slot_dtype))
+            value = np.asarray(ops.convert_to_numpy(
+                fmt.encode(tensor, slot_dtype) if encode
+                else fmt.decode(tensor, dtype)))
+        result.append(value)
+    return result
+
+
 def set_weights(face, weights):
     """`AdamPlus.set_weights`: all the values, or none of them.
 
@@ -651,7 +672,8 @@ def set_weights(face, weights):
                 for variable, value in zip(layout, weights):
                     variable.assign(value)
             else:
-                assign(face, weights, None)
+                assign(face, logical(face, weights, kinds(face),
+                                     encode=True), None)
             return
     mine = face.entries
     first = next((i for i, (v, w) in enumerate(zip(mine, weights))
@@ -668,6 +690,16 @@ def set_weights(face, weights):
     )
 
 
+def check_format(face, saved):
+    """Refuses a state saved in another format than the face's."""
+    if saved != face.format.name:
+        raise ValueError(
+            f"Cannot load the state of optimizer '{face.name}': it was "
+            f"saved in state format {saved!r}, this optimizer keeps "
+            f"{face.format.name!r}. Load it into an optimizer of the saved "
+            "format.")
+
+
 def load(face, store, plan, use_ema, accumulates):
     """`AdamPlus.load_own_variables`: returns the state left pending.
 
@@ -679,14 +711,8 @@ def load(face, store, plan, use_ema, accumulates):
     assigned at build (`assign_pending`).
     """
     values, saved_kinds = read_store(store)
-    saved = (_decode(store[FORMAT_KEY]) if FORMAT_KEY in store.keys()
-             else NATIVE.name)
-    if saved != face.format.name:
-        raise ValueError(
-            f"Cannot load the state of optimizer '{face.name}': it was "
-            f"saved in state format {saved!r}, this optimizer keeps "
-            f"{face.format.name!r}. Load it into an optimizer of the saved "
-            "format.")
+    check_format(face, _decode(store[FORMAT_KEY])
+                 if FORMAT_KEY in store.keys() else NATIVE.name)
     if face.built:
         assign(face, values, saved_kinds)
         return None
@@ -717,6 +743,7 @@ def assign_pending(face, pending):
         return
     if isinstance(pending, list):  # pickled by 0.1.0: values only
         pending = (pending, None)
+    pending = pending[:2]  # (values, kinds[, format name])
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 

@@ -132,8 +132,8 @@ def test_groups_give_the_per_variable_numbers(mode, execution):
     assert plain_opt.fast_path == "generic"
     assert len(opt.variables) < len(plain_opt.variables)
     _close(grouped, plain)
-    values, kinds = storage.snapshot(opt._face())
-    plain_values, plain_kinds = storage.snapshot(plain_opt._face())
+    values, kinds, _ = storage.snapshot(opt._face())
+    plain_values, plain_kinds, _ = storage.snapshot(plain_opt._face())
     assert kinds == plain_kinds
     for a, b in zip(values, plain_values):
         assert a.shape == b.shape and a.dtype == b.dtype

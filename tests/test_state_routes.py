@@ -32,6 +32,10 @@ MODES = {
     "amsgrad_skip_decay": dict(amsgrad=True, skip_nonfinite=True,
                                weight_decay=0.01),
     "loss_scale": {},  # wrapped in keras's LossScaleOptimizer
+    # Keras's `iterations` is then a tensor (real steps): the saved count
+    # is the micro-step variable (found by review: pickle and a load
+    # before build raised).
+    "accumulate": dict(gradient_accumulation_steps=2),
 }
 ROUTES = ("keras_file", "weights_h5", "legacy_h5", "pickle", "set_weights",
           "state_tree", "backup_and_restore") + (
@@ -70,6 +74,12 @@ def _model(mode, layout, optimizer=None):
                                                         name="lso")
     model.compile(optimizer=optimizer, loss=keras.losses.MeanSquaredError())
     return model
+
+
+def _steps(model):
+    """The optimizer's step count (real steps under accumulation)."""
+    inner = getattr(model.optimizer, "inner_optimizer", model.optimizer)
+    return int(keras.ops.convert_to_numpy(inner.iterations))
 
 
 def _fit(model, first, last):
@@ -163,8 +173,7 @@ def test_a_moved_state_continues_as_the_uninterrupted_run(
     _fit(target, 1, 2)
     for got, want in zip(target.get_weights(), straight.get_weights()):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    inner = getattr(target.optimizer, "inner_optimizer", target.optimizer)
-    assert int(keras.ops.convert_to_numpy(inner.iterations)) == 2
+    assert _steps(target) == _steps(straight)
     if mode == "loss_scale":  # its own state: the scale and its counter
         for name in ("dynamic_scale", "step_counter"):
             assert float(getattr(target.optimizer, name)) == float(
@@ -254,5 +263,4 @@ def test_a_state_saved_on_another_backend_continues(route, mode,
     _fit(target, 1, 2)
     for got, want in zip(target.get_weights(), straight.get_weights()):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    inner = getattr(target.optimizer, "inner_optimizer", target.optimizer)
-    assert int(keras.ops.convert_to_numpy(inner.iterations)) == 2
+    assert _steps(target) == _steps(straight)
