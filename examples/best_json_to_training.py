@@ -5,7 +5,9 @@
     python examples/best_json_to_training.py --small   # a 2-trial search (CI)
 
 `python -m tuning` writes the best configuration it found to best.json in
-its folder, as AdamPlus keyword arguments: `AdamPlus(**json.load(f))`.
+its folder: every AdamPlus argument the best trial used, its learning-rate
+schedule (if any) in Keras's serialized form, so
+`AdamPlus.from_config(json.load(f))` rebuilds it on every benchmark.
 Without `--best`, this runs a small search into a temporary folder first
 (removed at the end), then trains with its result and with the paper's
 defaults. One seed's best is partly luck: `python -m tuning --confirm`
@@ -40,14 +42,14 @@ def search(folder, small):
     return Path(folder) / "best.json"
 
 
-def train(kwargs, x, y, epochs):
+def train(config, x, y, epochs):
     keras.utils.set_random_seed(0)
     model = keras.Sequential([
         keras.Input((64,)),
         keras.layers.Dense(64, activation="relu"),
         keras.layers.Dense(10, activation="softmax"),
     ])
-    model.compile(optimizer=AdamPlus(**kwargs),
+    model.compile(optimizer=AdamPlus.from_config(config),
                   loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"])
     history = model.fit(x, y, validation_split=0.2, epochs=epochs,
@@ -59,13 +61,13 @@ def main(best=None, small=False):
     with tempfile.TemporaryDirectory() as folder:
         path = Path(best) if best else search(folder, small)
         with open(path) as f:
-            kwargs = json.load(f)
-    print("best.json:", kwargs)
+            config = json.load(f)
+    print("best.json:", config)
     x, y = load_digits(return_X_y=True)
     x = (x / 16.0).astype("float32")
     epochs = 2 if small else 8
     print(f"val_loss after {epochs} epochs: tuned "
-          f"{train(kwargs, x, y, epochs):.4f}, paper defaults "
+          f"{train(config, x, y, epochs):.4f}, paper defaults "
           f"{train({}, x, y, epochs):.4f}")
 
 

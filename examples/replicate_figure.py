@@ -5,8 +5,9 @@
     python examples/replicate_figure.py --keep out/  # keep figure, report
 
 The run's folder is temporary unless `--keep DIR` is given. The script
-prints each claim's PASS/FAIL line from report.md. `--small` runs the
-counterexample figure (Reddi et al.'s, no data) at the quick scale, which
+prints each claim's PASS, FAIL, UNDECIDED or NOT RUN line from report.md.
+`--small` runs the counterexample figure (Reddi et al.'s, no data) at the
+quick scale, which
 takes seconds; the other figures at the quick scale take minutes each and
 need their data (see docs/replicate.md).
 """
@@ -31,7 +32,8 @@ def main(figure, scale, keep=None):
                        stdout=subprocess.DEVNULL)
         report = (folder / "report.md").read_text()
         claims = [line for line in report.splitlines()
-                  if any(w in line for w in ("PASS", "FAIL", "NOT RUN"))]
+                  if any(w in line for w in ("PASS", "FAIL", "NOT RUN",
+                                             "UNDECIDED"))]
         print(f"figure {figure}, {scale} scale:")
         print("\n".join(claims))
         if keep:
