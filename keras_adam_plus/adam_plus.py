@@ -171,8 +171,7 @@ class AdamPlus(keras.optimizers.Optimizer):
 
     def _face(self):
         """The state as every saving route sees it (`storage.Face`)."""
-        # The variable: under gradient accumulation `iterations` is a tensor
-        # (real steps); the saved count is Keras's `_iterations`.
+        # Not `iterations`: a tensor of real steps under accumulation.
         scalars = {"iteration": self._iterations}
         if isinstance(self._learning_rate, keras.Variable):
             scalars["learning_rate"] = self._learning_rate
@@ -217,14 +216,13 @@ class AdamPlus(keras.optimizers.Optimizer):
         """`Optimizer.apply`; with `skip_nonfinite`, a step with a NaN or
         Inf gradient (any replica) changes nothing but `skipped_steps`."""
         store = getattr(self, "_store", None)
-        if not self.skip_nonfinite or (store is not None and store.checked):
-            return super().apply(grads, trainable_variables)
-        if trainable_variables is not None and not self.built:
+        if not self.skip_nonfinite or (store is not None and store.checked) \
+                or (not self.built and trainable_variables is None):
+            return super().apply(grads, trainable_variables)  # or its error
+        if not self.built:
             with keras.name_scope(self.name, caller=self):
                 self.build(list(trainable_variables))
             self.built = True
-        if not self.built:
-            return super().apply(grads, trainable_variables)  # its error
         nonfinite.apply(self._skip(), lambda g: super(AdamPlus, self).apply(
             g, trainable_variables), list(grads))
 
@@ -238,9 +236,9 @@ class AdamPlus(keras.optimizers.Optimizer):
             AdamPlus, self).stateless_apply(*args), *args)
 
     def _skip(self):
-        by_keras = bool(self.use_ema and self.ema_overwrite_frequency)
         return nonfinite.Skip(self._store, self._trainable_variables,
-                              self.variables, by_keras)
+                              self.variables, bool(self.use_ema and (
+                                  self.ema_overwrite_frequency)))
 
     # Keras's checks of each step's variable list, run once per list (each
     # is a Python loop over the variables); both are fixed at build.
@@ -329,9 +327,7 @@ class AdamPlus(keras.optimizers.Optimizer):
     def get_weights(self):
         """The state as NumPy arrays in the per-variable layout (the step
         count, then the slots in Keras's order), whatever the grouping."""
-        face = self._face()
-        return storage.logical(face, storage.numpy_values(face.entries),
-                               storage.kinds(face))
+        return storage.get_weights(self._face())
 
     def set_weights(self, weights):
         """Assigns `get_weights()`'s arrays (or the legacy `.h5` layout of
@@ -341,8 +337,7 @@ class AdamPlus(keras.optimizers.Optimizer):
         storage.set_weights(self._face(), weights)
 
     def __reduce__(self):
-        # Pickle keeps the config and, once built, the state; the state is
-        # assigned when the unpickled optimizer is built.
+        # The config and the state, assigned when the copy is built.
         state = storage.snapshot(self._face()) if (
             self.built or self._pending_state is not None) else None
         return _unpickle, (self.__class__, self.get_config(), state)
@@ -350,10 +345,5 @@ class AdamPlus(keras.optimizers.Optimizer):
 
 def _unpickle(cls, config, state):
     optimizer = cls.from_config(config)
-    if isinstance(state, tuple):
-        face = optimizer._face()
-        if len(state) > 2:  # pickled with its format's name
-            storage.check_format(face, state[2])
-        storage.assign_scalars(face.scalars, *state[:2])
-    optimizer._pending_state = state
+    optimizer._pending_state = storage.unpickled(optimizer._face(), state)
     return optimizer

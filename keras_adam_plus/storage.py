@@ -655,6 +655,21 @@ def logical(face, values, kinds_, encode=False):
     return result
 
 
+def get_weights(face):
+    """`AdamPlus.get_weights`: the per-variable layout, decoded."""
+    return logical(face, numpy_values(face.entries), kinds(face))
+
+
+def unpickled(face, state):
+    """The state of a pickle (`snapshot`), checked and left pending; the
+    step count and learning rate are assigned now."""
+    if isinstance(state, tuple):
+        if len(state) > 2:  # pickled with its format's name
+            check_format(face, state[2])
+        assign_scalars(face.scalars, *state[:2])
+    return state
+
+
 def set_weights(face, weights):
     """`AdamPlus.set_weights`: all the values, or none of them.
 
