@@ -179,6 +179,13 @@ def test_report_without_a_run_is_one_line(tmp_path):
     assert (out.returncode, out.stderr) == (
         1, f"{PROG}: error: {tmp_path} holds no tuning run (no readable "
         f"settings.json); run `{PROG} --directory {tmp_path}` first\n")
+    # The suggested command runs as pasted (a new user's 'a b' did not).
+    spaced = tmp_path / "a b"
+    spaced.mkdir()
+    out = run("report", str(spaced))
+    spaced.rmdir()
+    assert out.stderr.endswith(f"run `{PROG} --directory '{spaced}'` "
+                               "first\n")
     out = run("report")
     assert (out.returncode, out.stderr) == (
         2, f"{PROG} report: error: the following arguments are required: "

@@ -885,6 +885,9 @@ def test_the_end_of_a_search_prints_how_to_use_best_json(tmp_path,
                          "--confirm")
     assert not any("--confirm" in line
                    for line in next_steps(tmp_path, [], True))
+    # Never with --overwrite: that rerun deleted the search it was to check.
+    assert next_steps(tmp_path, ["--overwrite", "--epochs", "4"], False)[
+        -1] == "    adam-plus-tune --epochs 4 --confirm"
     scope = {}
     exec("\n".join(line.strip() for line in lines[2:4]), scope)  # as shown
     schedule = scope["optimizer"]._learning_rate

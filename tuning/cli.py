@@ -292,7 +292,10 @@ def next_steps(directory, argv, confirmed):
              "    optimizer = AdamPlus.from_config(json.load(open("
              f"{str(directory / 'best.json')!r})))"]
     if not confirmed:
-        rerun = " ".join([command(), *map(shlex.quote, argv)])
+        # Never --overwrite: rerun with it, the search would be deleted
+        # and run again before the confirmation (found by a new user).
+        kept = [a for a in argv if a != "--overwrite"]
+        rerun = " ".join([command(), *map(shlex.quote, kept)])
         lines += ["  check that it beats the paper's defaults beyond seed "
                   "noise (retrains the best and the defaults over new "
                   "seeds):", f"    {rerun} --confirm"]

@@ -7,6 +7,7 @@ colour, so that it reads when printed in grey.
 
 import itertools
 import math
+import warnings
 
 import matplotlib
 import matplotlib.ticker
@@ -88,7 +89,11 @@ def scores(path, trials, objective, direction="min", best=None):
                        marker="D", s=110, facecolors="none",
                        edgecolors="black", linewidths=2,
                        label=f"best: trial {best['trial_id']}")
-        ax.set_xscale("log")
+        with warnings.catch_warnings():
+            # One point (a search that has just begun): equal limits,
+            # which matplotlib widens itself, warning on stderr.
+            warnings.simplefilter("ignore", UserWarning)
+            ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         if good and min(t["score"] for t in good) > 0:
             ax.set_yscale("log")

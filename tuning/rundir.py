@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import socket
 import sys
@@ -359,7 +360,7 @@ def read_settings(directory):
     if settings is None:
         raise NoRun(
             f"{directory} holds no tuning run (no readable {SETTINGS}); run "
-            f"`{command()} --directory {directory}` first"
+            f"`{command()} --directory {shlex.quote(str(directory))}` first"
         )
     return settings
 
