@@ -66,8 +66,14 @@ def check(value, betas_scheduled):
             raise TypeError(
                 f"Argument `{where}['match']` must be a string (a regular "
                 f"expression). Received: {where}['match']={rule['match']!r}")
-        checked = {"match": validation.check_patterns(
-            f"{where}['match']", rule["match"])[0]}
+        try:
+            re.compile(rule["match"])
+        except re.error as err:
+            raise ValueError(
+                f"Argument `{where}['match']` holds an invalid regular "
+                f"expression {rule['match']!r} ({err}). Received: "
+                f"{where}['match']={rule['match']!r}") from None
+        checked = {"match": rule["match"]}
         if "name" in rule:
             if not isinstance(rule["name"], str) or not rule["name"]:
                 raise TypeError(

@@ -140,7 +140,8 @@ BAD = [
      "Argument `variable_groups[0]` needs a \"match\" regular expression"),
     ("bad regex", [{"match": "a("}], ValueError,
      "Argument `variable_groups[0]['match']` holds an invalid regular "
-     "expression 'a('"),
+     "expression 'a(' (missing ), unterminated subpattern at position 1). "
+     "Received: variable_groups[0]['match']='a('"),
     ("zero multiplier", [{"match": "a", "learning_rate_multiplier": 0}],
      ValueError, "variable_groups[0]['learning_rate_multiplier']"),
     ("nan multiplier", [{"match": "a"}, {"match": "b",
