@@ -11,7 +11,7 @@ import dataclasses
 
 from keras import ops
 
-from keras_adam_plus import groups, rule
+from keras_adam_plus import averaging, groups, rule, storage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,8 +103,6 @@ class Step:
         used the old ones)."""
         store, hyper = self.store, self.plan.hyper
         if store.averages is not None:
-            from keras_adam_plus import averaging
-
             averaging.update(store, variables, self.index)
         for beta, power in zip((hyper.beta_1, hyper.beta_2),
                                store.beta_powers or ()):
@@ -114,8 +112,6 @@ class Step:
     def run(self, grads, variables, slots, index):
         """The rule on `variables` (one, or a group with flat `slots`), of
         one group and weight decay: those of variable `index`."""
-        from keras_adam_plus import storage
-
         dtype = rule.compute_dtype(storage.dtype_of(variables[0]))
         state = storage.SlotState(self.store, variables, slots, dtype)
         group = self.plan.group(index)
