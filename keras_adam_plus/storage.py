@@ -755,6 +755,7 @@ def assign_pending(face, pending):
     not as ops of the traced step.
     """
     if pending is None:
+        _check_nothing_lost(face)
         return
     if isinstance(pending, list):  # pickled by 0.1.0: values only
         pending = (pending, None)
@@ -766,6 +767,45 @@ def assign_pending(face, pending):
             assign(face, *pending, skip_scalars=True)
     else:
         assign(face, *pending, skip_scalars=True)
+
+
+def _check_nothing_lost(face):
+    """Refuses a build at a step count > 0 with no state to assign.
+
+    Keras's `set_state_tree` (and so Orbax checkpoints, and
+    `load_model` of an Orbax folder) assigns only the variables that
+    exist: into an unbuilt optimizer, the step count and none of the
+    moments, without a word (keras Adam alike). Training on would restart
+    m and v from zero at step n, so the build fails instead, naming the
+    fix. Where the count is not concrete (built inside a JAX trace) the
+    check cannot run and is skipped.
+    """
+    count = _eager_count(face.scalars["iteration"])
+    if count:
+        raise ValueError(
+            f"Optimizer '{face.name}' is being built at step {count} with "
+            "no state to restore: its step count was loaded while it was "
+            "unbuilt by a route that sets only existing variables (Keras's "
+            "set_state_tree, which Orbax checkpoints use), and its moments "
+            "were dropped. Build it first (`optimizer.build(model."
+            "trainable_variables)`), then load; or load a .keras or "
+            ".weights.h5 file, which keeps the state until build.")
+
+
+def _eager_count(variable):
+    """`variable`'s integer value, or None inside a JAX trace."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        with tf.init_scope():  # build may run inside the train step's trace
+            return int(variable.value.numpy())
+    value = variable.value
+    if keras.backend.backend() == "jax":
+        import jax
+
+        if isinstance(value, jax.core.Tracer):
+            return None
+    return int(keras.ops.convert_to_numpy(value))
 
 
 def _mismatch(name, extra, missing):

@@ -7,6 +7,10 @@ lost m or v shows as ~1e-2). Layouts: every backend's default (one slot
 per variable); on JAX also `group_small_variables=True` (flat slots,
 `backends/jax_grouped.py`), and the state moves between the two both ways.
 
+Orbax: Keras's `OrbaxCheckpoint` callback and `load_weights` of its folder
+(both through the state tree), skipped where orbax-checkpoint is not
+installed.
+
 Cells Keras's own code cannot carry across JAX layouts (it matches the
 optimizer's variables by path or by index, and grouped slots are flat:
 the documented limit of the opt-in `group_small_variables`) are marked
@@ -38,12 +42,14 @@ MODES = {
     "accumulate": dict(gradient_accumulation_steps=2),
 }
 ROUTES = ("keras_file", "weights_h5", "legacy_h5", "pickle", "set_weights",
-          "state_tree", "backup_and_restore") + (
+          "state_tree", "orbax", "backup_and_restore") + (
     ("tf_checkpoint",) if BACKEND == "tensorflow" else ())
 # What Keras's code does with grouped slots across layouts (see above).
 LOST = {
     ("state_tree", "adam"), ("state_tree", "amsgrad_skip_decay"),
     ("state_tree", "loss_scale"),
+    # Keras's Orbax checkpoints save and load through the state tree.
+    ("orbax", "adam"), ("orbax", "amsgrad_skip_decay"), ("orbax", "loss_scale"),
     # LossScaleOptimizer saves its own variables and its copy of the inner
     # state by index, and loads nothing when the count differs.
     ("keras_file", "loss_scale"), ("weights_h5", "loss_scale"),
@@ -93,7 +99,7 @@ def _move(route, mode, source, target, tmp_path):
     # LossScaleOptimizer, like Keras's optimizers, loads its own variables
     # only once built (AdamPlus alone keeps a state loaded before build).
     # tf.train.Checkpoint matches the variables that exist when it reads.
-    if route in ("set_weights", "state_tree", "tf_checkpoint") or (
+    if route in ("set_weights", "state_tree", "orbax", "tf_checkpoint") or (
             mode == "loss_scale"):
         optimizer.build(target.trainable_variables)
     if route == "keras_file":
@@ -107,6 +113,9 @@ def _move(route, mode, source, target, tmp_path):
         optimizer.set_weights(source.optimizer.get_weights())
     elif route == "state_tree":
         target.set_state_tree(source.get_state_tree())
+    elif route == "orbax":
+        _orbax_save(source, tmp_path / "orbax")
+        target.load_weights(tmp_path / "orbax")
     elif route == "backup_and_restore":
         folder = str(tmp_path / "backup")
         saving = keras.callbacks.BackupAndRestore(folder,
@@ -126,6 +135,15 @@ def _move(route, mode, source, target, tmp_path):
         path = tf.train.Checkpoint(model=source).write(
             str(tmp_path / "ckpt"))
         tf.train.Checkpoint(model=target).read(path).assert_consumed()
+
+
+def _orbax_save(model, folder):
+    """`model`'s state saved by Keras's Orbax callback, as at an epoch end."""
+    pytest.importorskip("orbax.checkpoint")
+    saving = keras.callbacks.OrbaxCheckpoint(str(folder), save_freq="epoch")
+    saving.set_model(model)
+    saving.on_epoch_end(0)
+    saving.wait_until_finished()
 
 
 def _cells():
@@ -153,7 +171,7 @@ def test_a_moved_state_continues_as_the_uninterrupted_run(
     straight = _model(mode, layout[0])
     _fit(straight, 0, 2)
     source = _model(mode, layout[0])
-    if route == "state_tree":
+    if route in ("state_tree", "orbax"):
         # Built as the target is: on TensorFlow the inner optimizer's slot
         # paths depend on whether it was built inside LossScaleOptimizer's
         # step (keras Adam's too), and a state tree matches paths.
@@ -167,6 +185,7 @@ def test_a_moved_state_continues_as_the_uninterrupted_run(
         # The optimizer comes from the file: its config, then its state.
         source.save(tmp_path / "m.h5")
         target = keras.models.load_model(tmp_path / "m.h5")
+
     else:
         target = _model(mode, layout[1])
         _move(route, mode, source, target, tmp_path)
@@ -178,6 +197,30 @@ def test_a_moved_state_continues_as_the_uninterrupted_run(
         for name in ("dynamic_scale", "step_counter"):
             assert float(getattr(target.optimizer, name)) == float(
                 getattr(straight.optimizer, name)), name
+
+
+@pytest.mark.parametrize("route", ["state_tree", "orbax"])
+def test_a_state_loaded_before_build_by_keras_tree_is_refused_at_build(
+        route, tmp_path):
+    # Keras's set_state_tree sets the variables that exist: into an unbuilt
+    # optimizer the step count and no moment (keras Adam alike). Training
+    # on would restart m and v at step 1; the build refuses instead.
+    source = _model("adam", "one")
+    source.optimizer.build(source.trainable_variables)
+    _fit(source, 0, 1)
+    if route == "state_tree":
+        target = _model("adam", "one")
+        target.set_state_tree(source.get_state_tree())
+    else:
+        _orbax_save(source, tmp_path / "orbax")
+        target = _model("adam", "one")
+        target.load_weights(tmp_path / "orbax")
+    assert not target.optimizer.built and _steps(target) == 1
+    with pytest.raises(ValueError, match=(
+            r"^Optimizer 'adam_plus' is being built at step 1 with no state "
+            r"to restore: .* Build it first \(`optimizer.build\(model\."
+            r"trainable_variables\)`\), then load")):
+        _fit(target, 1, 2)
 
 
 @pytest.mark.parametrize("layout", [x[1] for x in LAYOUTS])
