@@ -302,6 +302,35 @@ def test_a_second_benchmark_in_the_same_directory_is_refused(tmp_path):
     assert (tmp_path / "run" / rundir.SETTINGS).read_bytes() == before
 
 
+@pytest.mark.quick
+def test_a_confirmation_says_when_another_beat_best_json():
+    from tuning.report import confirm_lines
+
+    def config(label, mean, std, default=False):
+        return {"label": label, "mean": mean, "std": std,
+                "is_default": default}
+
+    confirmed = {"seeds": [1, 2, 3], "epochs": 4, "objective": "val_loss",
+                 "direction": "min",
+                 "configs": [config("trial 0", 0.30, 0.02),
+                             config("trial 7", 0.25, 0.01),
+                             config("trial 3", 0.27, 0.01),
+                             config("paper default", 0.40, 0.03, True)]}
+    lines = confirm_lines(confirmed)
+    # Was: silence; best.json still holds trial 0 (the search's pick).
+    assert lines[-1] == (
+        "note: trial 7 beat best.json's trial 0 on the confirmed mean "
+        "(0.2500 ± 0.0100 vs 0.3000 ± 0.0200); best.json keeps the search's "
+        "pick (one seed, chosen before the confirmation). Next step: to "
+        "train with trial 7's configuration, use its \"optimizer\" in "
+        "confirm.json with AdamPlus.from_config")
+    confirmed["direction"] = "max"  # the defaults' mean is the highest
+    assert confirm_lines(confirmed)[-1].startswith(
+        "note: paper default beat best.json's trial 0 on the confirmed mean")
+    confirmed["configs"][-1]["mean"] = 0.1  # now trial 0's is
+    assert not confirm_lines(confirmed)[-1].startswith("note:")
+
+
 @once_on("tensorflow")
 def test_a_second_run_on_a_directory_in_use_stops(tmp_path):
     with rundir.lock(tmp_path):
