@@ -420,6 +420,20 @@ def test_a_confirmation_says_when_another_beat_best_json():
 
 
 @once_on("tensorflow")
+def test_ctrl_c_after_replicate_s_last_line_is_not_a_silent_130(tmp_path):
+    # The interpreter's teardown of TensorFlow and JAX took seconds after
+    # the last line; a Ctrl-C then killed the process silently (130).
+    proc = start("replicate", "--figure", "amsgrad", "--scale", "tiny",
+                 "--directory", str(tmp_path))
+    _wait_for_line(proc, "next step: ")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    # Now no teardown follows the last line: the command had ended (0), or
+    # the Ctrl-C came as it returned (its one line, 130); never silent.
+    assert (proc.returncode, err) in ((0, ""), (130, INTERRUPTED))
+
+
+@once_on("tensorflow")
 def test_a_second_run_on_a_directory_in_use_stops(tmp_path):
     with rundir.lock(tmp_path):
         out = run("--directory", str(tmp_path), "--max-trials", "1")
