@@ -755,15 +755,16 @@ def main(argv=None):
     if args.mnist_idx is not None and not Path(args.mnist_idx).is_dir():
         p.error(f"argument --mnist-idx: no such folder: "
                 f"{quoted(args.mnist_idx)}")
-    path = replicate(args.figure, args.scale, args.directory, args.seed,
-                     idx_dir=args.mnist_idx)
+    path = Path(replicate(args.figure, args.scale, args.directory,
+                          args.seed, idx_dir=args.mnist_idx))
     print(f"report: {quoted(path)}")
     results = [rundir.read_json(path.parent / f"figure{figure}.json") or {}
                for figure in _check(args.figure, args.scale)]
     missing = [part for r in results for part in not_run(r)]
-    parts = [part for r in results for part in r.get("panels") or [
-        r.get("grid") or r.get("run") or {"not_run": "no result"}]]
-    if all("not_run" in part for part in parts):  # nothing ran: an error
+    parts = [part for r in results
+             for part in r.get("panels") or [r.get("grid") or r.get("run")]
+             if part]
+    if parts and all("not_run" in part for part in parts):  # nothing ran
         print(f"{p.prog}: error: nothing ran: every panel's data is missing "
               "(NOT RUN above says which file goes where); put it there, "
               "then rerun the same command", file=sys.stderr, flush=True)
