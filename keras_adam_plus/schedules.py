@@ -50,7 +50,9 @@ class BetaDecay(keras.optimizers.schedules.LearningRateSchedule):
 
     Args:
         initial_beta: beta at the first step, a float in [0, 1).
-        decay: lambda, a float in (0, 1]; the paper uses 1 - 1e-8.
+            Defaults to `0.9`.
+        decay: lambda, a float in (0, 1]. Defaults to `1 - 1e-8`, the
+            paper's.
 
     Example:
 

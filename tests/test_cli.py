@@ -30,13 +30,13 @@ INTERRUPTED = "interrupted; rerun the same command to resume\n"
 
 def _env(**extra):
     env = dict(os.environ, PYTHONUNBUFFERED="1", **extra)
-    # A user's shell: no TF_CPP_MIN_LOG_LEVEL (conftest and CI set one).
-    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
-    # TensorFlow 2.21 on some CPUs (AMD EPYC here) logs its oneDNN notice,
-    # and absl's warning before it, whatever TF_CPP_MIN_LOG_LEVEL says; the
-    # CLI cannot silence it without turning oneDNN off for its users.
-    # These tests check the CLI's own stderr, so they turn it off.
-    env.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    # A user's shell: no TF_CPP_MIN_LOG_LEVEL (conftest and CI set one),
+    # no TF_ENABLE_ONEDNN_OPTS (TensorFlow 2.21 on some CPUs, AMD EPYC
+    # here, logs its oneDNN notice and absl's warning before it whatever
+    # TF_CPP_MIN_LOG_LEVEL says: the CLI sets both where the user did not).
+    for name in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS"):
+        if name not in extra:
+            env.pop(name, None)
     return env
 
 
@@ -110,6 +110,9 @@ BAD_OPTIONS = [
      "argument --dataset: benchmark digits has no dataset choice"),
     (["--mnist-idx", "/no/such/folder"],
      "argument --mnist-idx: no such folder: /no/such/folder"),
+    # Was: deduplicated silently.
+    (["--tune", "learning_rate", "beta_1", "learning_rate"],
+     "argument --tune: learning_rate given more than once"),
 ]
 
 
@@ -139,8 +142,9 @@ def test_arguments_are_checked_before_keras_is_imported():
 @once_on("tensorflow")
 @pytest.mark.parametrize("directory,reason", [
     ("/proc/tuning_x", "cannot create directory /proc/tuning_x: No such file "
-     "or directory"),
-    ("/sys", "cannot write to directory /sys: Permission denied"),
+     "or directory; choose another --directory"),
+    ("/sys", "cannot write to directory /sys: Permission denied; fix its "
+     "permissions or choose another --directory"),
 ])
 def test_an_unwritable_directory_is_one_line(directory, reason):
     if not Path(directory).parent.is_dir():
@@ -156,15 +160,19 @@ def test_a_file_or_empty_path_as_directory_is_one_line(tmp_path):
     afile.write_text("x")
     out = run("--directory", str(afile), "--max-trials", "1")
     assert (out.returncode, out.stderr) == (
-        1, f"{PROG}: error: cannot create directory {afile}: File exists\n")
+        1, f"{PROG}: error: cannot create directory {afile}: File exists; "
+        "choose another --directory\n")
     out = run("--directory", str(afile / "x"), "--max-trials", "1")
     assert (out.returncode, out.stderr) == (
         1, f"{PROG}: error: cannot create directory {afile / 'x'}: Not a "
-        "directory\n")
-    out = run("report", str(afile))
-    assert (out.returncode, out.stderr) == (
-        1, f"{PROG}: error: {afile} holds no tuning run (no readable "
-        f"settings.json); run `{PROG} --directory {afile}` first\n")
+        "directory; choose another --directory\n")
+    # Was: "run `python -m tuning --directory <the file>` first".
+    for path in (afile, afile / "x"):
+        out = run("report", str(path))
+        assert (out.returncode, out.stderr) == (
+            1, f"{PROG}: error: {path} holds no tuning run (no readable "
+            "settings.json); that is a file, not a folder: pass the folder "
+            "a search wrote (the search's --directory)\n")
     for args in (["--directory", ""], ["report", ""]):
         out = run(*args)
         assert out.returncode == 2
@@ -303,6 +311,129 @@ def test_a_second_benchmark_in_the_same_directory_is_refused(tmp_path):
 
 
 @once_on("tensorflow")
+def test_report_ends_with_a_next_step(tmp_path):
+    _saved_run(tmp_path / "run", epochs=1)
+    out = run("report", str(tmp_path / "run"), "--no-plots")
+    assert (out.returncode, out.stderr) == (0, "")
+    assert out.stdout.splitlines()[-1] == (
+        "next step: no trial has completed yet; rerun the search's command "
+        "to resume it")
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("text", ["run", "a b", "it's", "a\nb", "x\x1b[31my",
+                                  "t\tab\\'\x7f", "c\x85d"])
+def test_quoted_paths_are_one_line_and_paste_back(text):
+    from tuning.errors import quoted
+
+    shown = quoted(text)
+    assert not re.search(r"[\x00-\x1f\x7f-\x9f]", shown)
+    assert (shown == "run") == (text == "run")  # plain stays plain
+    back = subprocess.run(["bash", "-c", f"printf %s {shown}"],
+                          capture_output=True, text=True, timeout=10)
+    assert back.stdout == text
+
+
+@once_on("tensorflow")
+def test_control_characters_in_a_folder_name_are_escaped(tmp_path):
+    # Was echoed raw: the newline broke the one-line error, and a terminal
+    # obeyed the escape sequence (red text).
+    odd = tmp_path / "a\x1b[31mb\nc"
+    out = run("report", str(odd))
+    shown = f"$'{tmp_path}/a\\x1b[31mb\\nc'"
+    assert (out.returncode, out.stderr) == (
+        1, f"{PROG}: error: {shown} holds no tuning run (no readable "
+        f"settings.json); run `{PROG} --directory {shown}` first\n")
+
+
+def test_tensorflow_start_up_quiet_unless_the_user_chose():
+    from tuning.cli import quiet_tensorflow
+
+    environ = {}
+    quiet_tensorflow(environ)
+    assert environ == {"TF_CPP_MIN_LOG_LEVEL": "2",
+                       "TF_ENABLE_ONEDNN_OPTS": "0"}
+    environ = {"TF_CPP_MIN_LOG_LEVEL": "0", "TF_ENABLE_ONEDNN_OPTS": "1"}
+    quiet_tensorflow(environ)
+    assert environ == {"TF_CPP_MIN_LOG_LEVEL": "0",
+                       "TF_ENABLE_ONEDNN_OPTS": "1"}
+
+
+@pytest.mark.quick
+def test_a_run_leaves_no_lock_file_and_two_never_hold_it(tmp_path,
+                                                         monkeypatch):
+    import fcntl
+
+    with rundir.lock(tmp_path):
+        assert (tmp_path / rundir.LOCK).is_file()
+    # Was: .lock stayed in every output folder.
+    assert list(tmp_path.iterdir()) == []
+    # A process opens .lock just as its holder removes it and lets go: it
+    # must hold the file now at the path, not the removed one (else a
+    # third process would create and take a new .lock beside it).
+    real, removed = fcntl.flock, []
+
+    def flock(fd, operation):
+        if not removed:
+            removed.append((tmp_path / rundir.LOCK).unlink())
+        return real(fd, operation)
+
+    (tmp_path / rundir.LOCK).write_text("")
+    monkeypatch.setattr(fcntl, "flock", flock)
+    with rundir.lock(tmp_path):
+        other = os.open(tmp_path / rundir.LOCK, os.O_RDWR | os.O_CREAT)
+        try:
+            with pytest.raises(BlockingIOError):
+                real(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(other)
+    assert removed and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.quick
+def test_a_confirmation_says_when_another_beat_best_json():
+    from tuning.report import confirm_lines
+
+    def config(label, mean, std, default=False):
+        return {"label": label, "mean": mean, "std": std,
+                "is_default": default}
+
+    confirmed = {"seeds": [1, 2, 3], "epochs": 4, "objective": "val_loss",
+                 "direction": "min",
+                 "configs": [config("trial 0", 0.30, 0.02),
+                             config("trial 7", 0.25, 0.01),
+                             config("trial 3", 0.27, 0.01),
+                             config("paper default", 0.40, 0.03, True)]}
+    lines = confirm_lines(confirmed)
+    # Was: silence; best.json still holds trial 0 (the search's pick).
+    assert lines[-1] == (
+        "note: trial 7 beat best.json's trial 0 on the confirmed mean "
+        "(0.2500 ± 0.0100 vs 0.3000 ± 0.0200); best.json keeps the search's "
+        "pick (one seed, chosen before the confirmation). Next step: to "
+        "train with trial 7's configuration, use its \"optimizer\" in "
+        "confirm.json with AdamPlus.from_config")
+    confirmed["direction"] = "max"  # the defaults' mean is the highest
+    assert confirm_lines(confirmed)[-1].startswith(
+        "note: paper default beat best.json's trial 0 on the confirmed mean")
+    confirmed["configs"][-1]["mean"] = 0.1  # now trial 0's is
+    assert not confirm_lines(confirmed)[-1].startswith("note:")
+
+
+@once_on("tensorflow")
+def test_ctrl_c_after_replicate_s_last_line_is_not_a_silent_130(tmp_path):
+    # The interpreter's teardown of TensorFlow and JAX took seconds after
+    # the last line; a Ctrl-C then killed the process silently (130).
+    proc = start("replicate", "--figure", "amsgrad", "--scale", "tiny",
+                 "--directory", str(tmp_path))
+    _wait_for_line(proc, "next step: ")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    # Now no teardown follows the last line: the command had ended (0), or
+    # the Ctrl-C came as it returned (its one line, 130); never silent.
+    assert (proc.returncode, err) in ((0, ""), (130, INTERRUPTED))
+
+
+@once_on("tensorflow")
 def test_a_second_run_on_a_directory_in_use_stops(tmp_path):
     with rundir.lock(tmp_path):
         out = run("--directory", str(tmp_path), "--max-trials", "1")
@@ -313,7 +444,7 @@ def test_a_second_run_on_a_directory_in_use_stops(tmp_path):
         f"{os.getpid()} on {os.uname().nodename} since {since} "
         f"({' '.join(sys.argv)}); wait for it to finish or choose another "
         "--directory\n")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [rundir.LOCK]
+    assert list(tmp_path.iterdir()) == []  # and its .lock removed after
 
 
 @once_on("tensorflow")

@@ -303,16 +303,41 @@ def test_unavailable_dataset_is_reported_not_run(tmp_path, monkeypatch,
 
     bench = dataclasses.replace(BENCHMARKS["cifar10_cnn"], load=missing)
     monkeypatch.setitem(BENCHMARKS, "cifar10_cnn", bench)
-    path = replicate.replicate("3", "tiny", tmp_path)
-    text = path.read_text()
+    # Nothing ran: an error, exit status 1 (was 0, as if it had run).
+    code = replicate.main(["--figure", "3", "--scale", "tiny",
+                           "--directory", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert err == (
+        "python -m tuning replicate: error: nothing ran: every panel's data "
+        "is missing (NOT RUN above says which file goes where); put it "
+        "there, then rerun the same command\n")
+    text = (tmp_path / "report.md").read_text()
     assert text.count("**NOT RUN**") == 2
-    # The claims say what is missing; the run says where to put it.
-    assert f"- CIFAR-10 ConvNet: **not run**: {reason}" in text
-    printed = capsys.readouterr().out.splitlines()
+    # Plainly: the dataset, the file, the folder, and what to do then
+    # (was Keras's download error in the middle of one long sentence).
+    plain = ("needs the cifar10 dataset, which is not in "
+             "/home/me/.keras/datasets/ and cannot be downloaded (URLError: "
+             "no network). To run it: put cifar-10-python.tar.gz in that "
+             "folder (or set KERAS_HOME to a folder whose datasets/ holds "
+             "it), then rerun the same command.")
+    assert f"- CIFAR-10 ConvNet: **not run**: {plain}" in text
     # Once, with the reason (was: again on each of its claims' lines).
-    assert [line for line in printed if line.startswith("NOT RUN")] == [
-        f"NOT RUN  CIFAR-10 ConvNet: {reason}"]
+    assert [line for line in out.splitlines()
+            if line.startswith("NOT RUN")] == [
+        f"NOT RUN  CIFAR-10 ConvNet: {plain}"]
     assert (tmp_path / "figure3.png").read_bytes().startswith(PNG)
+    # Something ran (the AMSGrad counterexample needs no data): exit 0,
+    # and a next step.
+    monkeypatch.setitem(replicate.AMSGRAD_STEPS, "tiny", 202)
+    code = replicate.main(["--figure", "amsgrad", "--scale", "tiny",
+                           "--directory", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert (code, err) == (0, "")
+    assert out.splitlines()[-2:] == [
+        f"report: {tmp_path / 'report.md'}",
+        "next step: read the report; for the paper's settings, rerun with "
+        "--scale full (hours: the paper's epochs and all the data)"]
 
 
 @once_on("tensorflow")

@@ -102,8 +102,7 @@ def test_a_resume_under_another_backend_is_refused(tmp_path):
         "to resume it, --overwrite to start afresh, or choose another "
         "--directory")
     assert (tmp_path / rundir.SETTINGS).read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        rundir.LOCK, rundir.SETTINGS]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [rundir.SETTINGS]
 
 
 @pytest.mark.quick

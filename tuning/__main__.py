@@ -1,7 +1,5 @@
 """`python -m tuning`: see `tuning.cli`."""
 
-import sys
+from tuning.cli import run
 
-from tuning.cli import main
-
-sys.exit(main())
+run()

@@ -7,12 +7,13 @@
 Every option is checked before Keras is imported. A mistake is one line on
 stderr and exit status 2 (a bad option) or 1 (a run that cannot go on);
 Ctrl-C stops with one line and status 130, and the same command resumes.
+Every command ends with its next step.
 """
 
 import argparse
+import contextlib
 import os
 import re
-import shlex
 import signal
 import sys
 from pathlib import Path
@@ -29,7 +30,9 @@ from tuning.errors import (
     catch_interrupts,
     command,
     folder_path,
+    quoted,
 )
+from tuning.rundir import is_distributed_child
 from tuning.search_space import TUNABLE, SearchSpace
 from tuning.sweep import (
     DEFAULT_TRIALS,
@@ -213,8 +216,7 @@ def report_parser():
 def main(argv=None):
     """Entry point of `python -m tuning` and `adam-plus-tune`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    # TensorFlow's startup lines (oneDNN, cpu_feature_guard) are noise here.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    quiet_tensorflow()
     machine.watch_launcher()  # in our launcher's chief and workers
     catch_interrupts()
     try:
@@ -229,7 +231,7 @@ def main(argv=None):
         print(f"{command()}: error: {err}", file=sys.stderr, flush=True)
         return 1
     except OSError as err:  # what no layer below could name better
-        where = f"{err.filename}: " if err.filename else ""
+        where = f"{quoted(err.filename)}: " if err.filename else ""
         print(f"{command()}: error: {where}{err.strerror or err}",
               file=sys.stderr,
               flush=True)
@@ -248,8 +250,13 @@ def main(argv=None):
 def _report(args):
     from tuning import report
 
-    report.write(args.directory, plots=not args.no_plots)
-    _print_outputs(Path(args.directory))
+    directory = Path(args.directory)
+    report.write(directory, plots=not args.no_plots)
+    _print_outputs(directory)
+    confirmed = (directory / report.CONFIRM).is_file()
+    print("\n".join(next_steps(directory, None, confirmed) or [
+        "next step: no trial has completed yet; rerun the search's command "
+        "to resume it"]))
     return 0
 
 
@@ -281,8 +288,8 @@ def _sweep(parser, argv):
 
 
 def next_steps(directory, argv, confirmed):
-    """The lines printed after a search: how to use best.json, and
-    `--confirm` when it did not run."""
+    """The lines printed after a search (or `report`: `argv` None): how to
+    use best.json, and `--confirm` when it did not run after a search."""
     if not (directory / "best.json").is_file():
         return []
     lines = ["next steps:",
@@ -291,11 +298,11 @@ def next_steps(directory, argv, confirmed):
              "    import json; from keras_adam_plus import AdamPlus",
              "    optimizer = AdamPlus.from_config(json.load(open("
              f"{str(directory / 'best.json')!r})))"]
-    if not confirmed:
+    if not confirmed and argv is not None:
         # Never --overwrite: rerun with it, the search would be deleted
         # and run again before the confirmation (found by a new user).
         kept = [a for a in argv if a != "--overwrite"]
-        rerun = " ".join([command(), *map(shlex.quote, kept)])
+        rerun = " ".join([command(), *map(quoted, kept)])
         lines += ["  check that it beats the paper's defaults beyond seed "
                   "noise (retrains the best and the defaults over new "
                   "seeds):", f"    {rerun} --confirm"]
@@ -310,6 +317,10 @@ def _space(args):
 
 def _check(parser, args):
     """Checks that need several options at once, before Keras loads."""
+    twice = sorted({n for n in args.tune if args.tune.count(n) > 1})
+    if twice:
+        parser.error(f"argument --tune: {', '.join(twice)} given more than "
+                     "once")
     if args.grid_steps is not None and args.tuner != "grid":
         parser.error("argument --grid-steps: only with --tuner grid")
     if args.seeds is not None and not args.confirm:
@@ -322,13 +333,10 @@ def _check(parser, args):
             if given:
                 parser.error(f"argument --join: a joining worker takes no "
                              f"{option} (the chief's command does)")
-    try:
-        args.workers = machine.check_workers(args.workers)
-    except ValueError as err:
-        parser.error(str(err))
+    _check_workers(parser, args)
     if args.mnist_idx is not None and not Path(args.mnist_idx).is_dir():
         parser.error(f"argument --mnist-idx: no such folder: "
-                     f"{args.mnist_idx}")
+                     f"{quoted(args.mnist_idx)}")
     bench = benchmarks.get(args.benchmark)
     if args.dataset is not None and not bench.datasets:
         parser.error(f"argument --dataset: benchmark {args.benchmark} has no "
@@ -346,10 +354,53 @@ def _check(parser, args):
         parser.error(str(err))
 
 
+def _check_workers(parser, args):
+    """`--workers` against what this machine holds, in argparse's words
+    (the API's `sweep(workers=...)` says it in Keras's)."""
+    most, why = machine.bound()
+    if args.workers == "auto" and most < 1:
+        parser.error(f"argument --workers: cannot be auto here: no worker "
+                     f"fits ({why})")
+    if args.workers != "auto" and args.workers > most:
+        parser.error(f"argument --workers: must be at most {most} on this "
+                     f"machine ({why}), or auto, got '{args.workers}'")
+    args.workers = machine.check_workers(args.workers)
+
+
+def quiet_tensorflow(environ=os.environ):
+    """TensorFlow's start-up lines are noise in a command's output: its C++
+    log below errors, and oneDNN's custom operations off (their notice is
+    printed whatever the log level, through absl, before TensorFlow reads
+    it). Each only where the user has not set it; `TF_ENABLE_ONEDNN_OPTS=1`
+    keeps oneDNN's operations (and the notice). Before TensorFlow loads."""
+    environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+
+def run():
+    """The console script's and `python -m tuning`'s entry point: `main`,
+    then an exit that skips the interpreter's slow teardown of TensorFlow
+    and JAX (seconds, after the last line), during which a Ctrl-C killed
+    the process silently (signal handlers are gone by then). Every output
+    file was written and closed (atomically) before `main` returned."""
+    try:
+        code = main()
+        if is_distributed_child():
+            sys.exit(code)  # keras-tuner's chief and workers end as they do
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # from here to exit
+    except KeyboardInterrupt:  # as main returned
+        print(INTERRUPTED, file=sys.stderr, flush=True)
+        code = 130
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
+
+
 def _print_outputs(directory):
     summary = directory / "summary.txt"
     if summary.is_file():
         print(summary.read_text(), end="")
     written = sorted(p.name for p in directory.iterdir()
                      if p.is_file() and not p.name.startswith("."))
-    print(f"outputs in {directory}/: {' '.join(written)}")
+    print(f"outputs in {quoted(f'{directory}/')}: {' '.join(written)}")

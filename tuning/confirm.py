@@ -45,16 +45,22 @@ def confirm(directory, top=3, seeds=5, plots=True, idx_dir=None,
         top: How many of the best distinct configurations to retrain.
             Defaults to `3`.
         seeds: New seeds per configuration (at least 2). Defaults to `5`.
-        plots: Whether to draw `confirm.png`.
-        idx_dir: A folder with the four MNIST IDX files.
+        plots: Whether to draw `confirm.png`. Defaults to `True`.
+        idx_dir: A folder with the four MNIST IDX files. Defaults to
+            `None`: `$MNIST_IDX_DIR`, then `$KERAS_HOME/datasets/mnist-idx`.
         arrays: Injected `((x, y), (x_test, y_test))` stand-in arrays.
+            Defaults to `None`: the benchmark's real data.
         verbose: 0: one line per run; 1: also a progress bar with its ETA.
+            Defaults to `1`.
 
     Returns:
         The confirmation (what `confirm.json` holds): `configs`, each with
         `label`, `optimizer` (AdamPlus kwargs), `scores` (one per seed,
         None where the run diverged), `mean`, `std`, and for tuned ones
-        `p_value`, `beats_default`, `verdict`.
+        `p_value`, `beats_default`, `verdict`; and
+        `best_beaten_on_mean_by`: the label of the configuration whose
+        mean beat that of best.json's trial (the first), or None.
+        best.json is not changed: it stays the search's pick.
     """
     for name, value in (("top", top), ("seeds", seeds)):
         check_int(name, value, MINIMUMS[name])
@@ -81,6 +87,10 @@ def confirm(directory, top=3, seeds=5, plots=True, idx_dir=None,
                   "alpha": ALPHA, "test": "Welch's t-test, one-sided, "
                   "Bonferroni over the tuned configurations",
                   "configs": configs}
+        # Whether another configuration beat best.json's on the mean; the
+        # summary says so, and best.json stays the search's pick.
+        rival = report.overtaken(result)[1]
+        result["best_beaten_on_mean_by"] = rival and rival["label"]
         _write(directory, result, plots)
         return result
 

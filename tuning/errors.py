@@ -7,8 +7,10 @@ and exits non-zero; any other exception is a bug and keeps its traceback.
 
 import argparse
 import os
+import shlex
 import signal
 import sys
+import unicodedata
 
 
 class TuningError(Exception):
@@ -23,6 +25,28 @@ def command():
     console script, else `python -m tuning`."""
     name = os.path.basename(sys.argv[0]) if sys.argv else ""
     return SCRIPT if name == SCRIPT else "python -m tuning"
+
+
+def quoted(text):
+    """`text` (a path, an argument) as a message shows it: as the shell
+    reads it back (`shlex.quote`), control characters escaped.
+
+    Without control characters: `shlex.quote` (`run` stays `run`, `a b`
+    becomes `'a b'`). With them (a newline, an escape sequence): bash's
+    `$'...'` quoting, each control character written as `\\n`, `\\x1b`,
+    `\\u0085`, so that a message is one line, a terminal shows what is
+    there rather than obeying it, and the text pastes back into a shell.
+    """
+    text = str(text)
+    if not any(unicodedata.category(c) == "Cc" for c in text):
+        return shlex.quote(text)
+    return "$'" + "".join(_ESCAPES.get(c) or (
+        (f"\\x{ord(c):02x}" if ord(c) < 0x80 else f"\\u{ord(c):04x}")
+        if unicodedata.category(c) == "Cc" else c) for c in text) + "'"
+
+
+_ESCAPES = {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\t": "\\t",
+            "\r": "\\r"}
 
 
 class Parser(argparse.ArgumentParser):

@@ -36,7 +36,7 @@ from keras import layers, ops
 from keras_adam_plus import AdamPlus
 from tuning import benchmarks, claims, paper_report, report, rundir
 from tuning.datasets import DatasetUnavailable
-from tuning.errors import Parser, command, folder_path
+from tuning.errors import Parser, command, folder_path, quoted
 from tuning.hypermodel import AdamPlusHyperModel
 from tuning.seeds import MAX_SEED
 from tuning.tuners import make_tuner
@@ -332,7 +332,7 @@ def run_panel(panel, scale, directory, seed=0, arrays=None, idx_dir=None):
     try:
         data, source, n = _load(bench, scale, seed, arrays, idx_dir)
     except DatasetUnavailable as err:
-        return {"title": panel.title, "not_run": str(err)}
+        return {"title": panel.title, "not_run": missing_data(err)}
     curves = {}
     for suffix, build_kwargs in panel.variants:
         for key in panel.optimizers:
@@ -413,7 +413,7 @@ def run_figure4(scale, directory, seed=0, arrays=None, idx_dir=None):
     try:
         data, source, n = _load(bench, scale, seed, arrays, idx_dir)
     except DatasetUnavailable as err:
-        return {"title": "VAE bias correction", "not_run": str(err)}
+        return {"title": "VAE bias correction", "not_run": missing_data(err)}
     runs_dir = directory / "figure4_runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     settings = json.loads(json.dumps({  # as it reads back from JSON
@@ -628,9 +628,7 @@ def _run_figure(figure, scale, directory, seed, arrays, idx_dir):
         _previous_seconds(saved, scale, seed))
     rundir.write_json(saved, result)
     paper_report.draw(directory, result)
-    missing = [p for p in result.get("panels", []) + [result.get("grid",
-                                                                   {})]
-               if "not_run" in p]
+    missing = not_run(result)
     for panel in missing:  # once, with what to put where
         print(f"NOT RUN  {panel['title']}: {panel['not_run']}", flush=True)
     for claim in result["claims"]:
@@ -638,6 +636,34 @@ def _run_figure(figure, scale, directory, seed, arrays, idx_dir):
             continue  # its data is missing: said once, above
         print(f"{claim['result']:8} {claim['claim']}: {claim['detail']}",
               flush=True)
+
+
+def not_run(result):
+    """The panels (and Figure 4's grid) of a figure's `result` that did not
+    run for want of their data."""
+    return [p for p in result.get("panels", []) + [result.get("grid", {})]
+            if "not_run" in p]
+
+
+# DatasetUnavailable's message for a dataset of keras.datasets.
+_KERAS_MISSING = re.compile(
+    r"Dataset '(?P<name>[^']+)' is not cached and could not be downloaded "
+    r"\((?P<why>.*)\)\. Without a network, place (?P<files>.+) in "
+    r"(?P<where>.+)/ \(or set KERAS_HOME to a folder whose datasets/ holds "
+    r"it\)\.")
+
+
+def missing_data(err):
+    """What a panel without its data needs, plainly: the file, the folder
+    it goes in, and how to run the panel then."""
+    match = _KERAS_MISSING.fullmatch(str(err))
+    if not match:
+        return f"{err} Then rerun the same command."
+    return (f"needs the {match['name']} dataset, which is not in "
+            f"{quoted(match['where'] + '/')} and cannot be downloaded "
+            f"({match['why']}). To run it: put {match['files']} in that "
+            "folder (or set KERAS_HOME to a folder whose datasets/ holds "
+            "it), then rerun the same command.")
 
 
 CLAIMS = {"1": claims.claims_figure1, "2": claims.claims_figure2,
@@ -727,8 +753,29 @@ def main(argv=None):
                    help="folder with the four LeCun MNIST IDX files")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.mnist_idx is not None and not Path(args.mnist_idx).is_dir():
-        p.error(f"argument --mnist-idx: no such folder: {args.mnist_idx}")
-    path = replicate(args.figure, args.scale, args.directory, args.seed,
-                     idx_dir=args.mnist_idx)
-    print(f"report: {path}")
+        p.error(f"argument --mnist-idx: no such folder: "
+                f"{quoted(args.mnist_idx)}")
+    path = Path(replicate(args.figure, args.scale, args.directory,
+                          args.seed, idx_dir=args.mnist_idx))
+    print(f"report: {quoted(path)}")
+    results = [rundir.read_json(path.parent / f"figure{figure}.json") or {}
+               for figure in _check(args.figure, args.scale)]
+    missing = [part for r in results for part in not_run(r)]
+    parts = [part for r in results
+             for part in r.get("panels") or [r.get("grid") or r.get("run")]
+             if part]
+    if parts and all("not_run" in part for part in parts):  # nothing ran
+        print(f"{p.prog}: error: nothing ran: every panel's data is missing "
+              "(NOT RUN above says which file goes where); put it there, "
+              "then rerun the same command", file=sys.stderr, flush=True)
+        return 1
+    if missing:
+        print("next step: put the data of the NOT RUN panels where said, "
+              "then rerun the same command (what ran is kept)")
+    elif args.scale != "full":
+        print("next step: read the report; for the paper's settings, "
+              "rerun with --scale full (hours: the paper's epochs and all "
+              "the data)")
+    else:
+        print("next step: read the report")
     return 0

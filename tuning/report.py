@@ -448,4 +448,28 @@ def confirm_lines(confirmed):
         verdict = config.get("verdict", "")
         lines.append(f"  {config['label']:<14} {config['mean']:.4f} ± "
                      f"{config['std']:.4f}  {verdict}".rstrip())
+    best, rival = overtaken(confirmed)
+    if rival:
+        lines.append(
+            f"note: {rival['label']} beat best.json's {best['label']} on the "
+            f"confirmed mean ({rival['mean']:.4f} ± {rival['std']:.4f} vs "
+            f"{best['mean']:.4f} ± {best['std']:.4f}); best.json keeps the "
+            "search's pick (one seed, chosen before the confirmation). "
+            f"Next step: to train with {rival['label']}'s configuration, "
+            "use its \"optimizer\" in confirm.json with "
+            "AdamPlus.from_config")
     return lines
+
+
+def overtaken(confirmed):
+    """(best.json's configuration, the one of the others whose confirmed
+    mean beats it, or None) in a confirmation (`confirm.json`). best.json's
+    is the first: the search's best trial."""
+    configs = confirmed["configs"]
+    sign = 1 if confirmed.get("direction", "min") == "min" else -1
+    best = configs[0]
+    if not math.isfinite(best["mean"]):
+        return best, None
+    better = [c for c in configs[1:] if math.isfinite(c["mean"])
+              and sign * c["mean"] < sign * best["mean"]]
+    return best, min(better, key=lambda c: sign * c["mean"], default=None)

@@ -5,9 +5,11 @@
   a crash, an interrupt or a kill leaves the old file or the new one, never
   a truncated one.
 - `lock(directory)` holds an exclusive `fcntl.flock` on `<dir>/.lock` for the
-  duration of a search; a second search on the same directory stops at once
-  and says which process holds it. keras-tuner's chief and workers share a
-  directory by design and do not lock it (their launcher does).
+  duration of a search, and removes the file as it lets go; a second search
+  on the same directory stops at once and says which process holds it.
+  keras-tuner's chief and workers share a directory by design and do not
+  lock it (their launcher does). A killed search (SIGKILL) leaves its
+  .lock behind, unheld: the next search takes it.
 - `check_settings` compares a new search with the one the directory holds
   (`settings.json`) and refuses to mix them.
 
@@ -23,14 +25,13 @@ import json
 import math
 import os
 import re
-import shlex
 import shutil
 import socket
 import sys
 import time
 from pathlib import Path
 
-from tuning.errors import TuningError, command
+from tuning.errors import TuningError, command, quoted
 from tuning.search_space import TUNABLE
 
 SETTINGS = "settings.json"
@@ -110,8 +111,8 @@ def _atomic(path, write):
 def unusable(path, err):
     """The `DirectoryUnusable` of an OS error `err` on `path`."""
     return DirectoryUnusable(
-        f"cannot write {path}: {err.strerror or err}; free space or fix "
-        "permissions, then rerun the same command to resume")
+        f"cannot write {quoted(path)}: {err.strerror or err}; free space or "
+        "fix permissions, then rerun the same command to resume")
 
 
 # What `write_text` names its temporary files: `.<name>.<pid>.tmp`.
@@ -210,10 +211,11 @@ def read_json(path, what="its contents are ignored"):
     except (FileNotFoundError, NotADirectoryError):
         return None  # also a path under a file: nothing there
     except OSError as err:
-        raise TuningError(f"cannot read {path}: {err.strerror}") from None
+        raise TuningError(
+            f"cannot read {quoted(path)}: {err.strerror}") from None
     except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
-        print(f"warning: {path} is truncated or corrupt ({err}); {what}",
-              file=sys.stderr, flush=True)
+        print(f"warning: {quoted(path)} is truncated or corrupt ({err}); "
+              f"{what}", file=sys.stderr, flush=True)
         return None
 
 
@@ -227,7 +229,8 @@ def read_json_strict(path, remedy):
         return None
     except (OSError, UnicodeDecodeError, ValueError) as err:
         why = getattr(err, "strerror", None) or "truncated or corrupt"
-        raise DamagedFile(f"{path} is unreadable ({why}); {remedy}") from None
+        raise DamagedFile(
+            f"{quoted(path)} is unreadable ({why}); {remedy}") from None
 
 
 # ------------------------------------------------------------------ lock
@@ -260,21 +263,7 @@ def lock(directory):
         return
     created = _make_dirs(directory)
     path = directory / LOCK
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as err:
-        _remove_empty(created)
-        raise DirectoryUnusable(
-            f"cannot write to directory {directory}: {err.strerror}"
-        ) from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise DirectoryBusy(
-            f"directory {directory} is in use by {_holder(path)}; wait for "
-            "it to finish or choose another --directory"
-        ) from None
+    fd = _take(directory, path, created)
     os.ftruncate(fd, 0)
     os.write(fd, json.dumps({
         "pid": os.getpid(), "host": socket.gethostname(),
@@ -286,10 +275,49 @@ def lock(directory):
         yield
     finally:
         del _HELD[key]
-        os.close(fd)  # releases the flock
-        if created and not any(p.name != LOCK for p in directory.iterdir()):
+        # Removed while still held, then released: a process that opened
+        # the old file meanwhile finds it unlinked once it takes it, and
+        # takes the new one instead (`_take`); so no folder keeps a .lock
+        # after its search, and two processes never both hold it.
+        with contextlib.suppress(OSError):
             path.unlink()
+        os.close(fd)  # releases the flock
+        if created and not any(directory.iterdir()):
             _remove_empty(created)
+
+
+def _take(directory, path, created):
+    """An open descriptor of `path` holding its exclusive flock."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            _remove_empty(created)
+            raise DirectoryUnusable(
+                f"cannot write to directory {quoted(directory)}: "
+                f"{err.strerror}; fix its permissions or choose another "
+                "--directory") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DirectoryBusy(
+                f"directory {quoted(directory)} is in use by "
+                f"{_holder(path)}; wait for it to finish or choose another "
+                "--directory") from None
+        if _same_file(fd, path):
+            return fd
+        os.close(fd)  # its holder removed it as it finished: the new one
+
+
+def _same_file(fd, path):
+    """Whether the open `fd` is the file at `path` now."""
+    try:
+        there = os.stat(path)
+    except FileNotFoundError:
+        return False
+    here = os.fstat(fd)
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def running(directory):
@@ -332,10 +360,12 @@ def _make_dirs(directory):
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise DirectoryUnusable(
-            f"cannot create directory {directory}: {err.strerror}"
+            f"cannot create directory {quoted(directory)}: {err.strerror}; "
+            "choose another --directory"
         ) from None
     if not directory.is_dir():
-        raise DirectoryUnusable(f"{directory} is not a directory")
+        raise DirectoryUnusable(f"{quoted(directory)} is not a directory; "
+                                "choose another --directory")
     return missing
 
 
@@ -359,10 +389,20 @@ def read_settings(directory):
     _check_shape(directory, settings)
     if settings is None:
         raise NoRun(
-            f"{directory} holds no tuning run (no readable {SETTINGS}); run "
-            f"`{command()} --directory {shlex.quote(str(directory))}` first"
+            f"{quoted(directory)} holds no tuning run (no readable "
+            f"{SETTINGS}); {_first(directory)}"
         )
     return settings
+
+
+def _first(directory):
+    """What to do first where `report` finds no search in `directory`: run
+    one there, unless it is a file (no search can be run into it)."""
+    if any(p.exists() and not p.is_dir()
+           for p in (directory, *directory.parents)):
+        return ("that is a file, not a folder: pass the folder a search "
+                "wrote (the search's --directory)")
+    return f"run `{command()} --directory {quoted(directory)}` first"
 
 
 def check_settings(directory, settings, pending=()):
@@ -385,15 +425,16 @@ def check_settings(directory, settings, pending=()):
     there, now = saved.get("backend"), settings.get("backend")
     if there and now and there != now and "backend" not in pending:
         raise SettingsMismatch(
-            f"{directory} holds a search trained with KERAS_BACKEND={there}"
-            f", not {now}: rerun with KERAS_BACKEND={there} to resume it, "
-            "--overwrite to start afresh, or choose another --directory")
+            f"{quoted(directory)} holds a search trained with "
+            f"KERAS_BACKEND={there}, not {now}: rerun with "
+            f"KERAS_BACKEND={there} to resume it, --overwrite to start "
+            "afresh, or choose another --directory")
     missing = [key for key in _flatten(json.loads(json.dumps(settings)))
                if key not in _flatten(saved) and key not in _MAY_CHANGE
                and key not in pending]
     if missing:
         raise SettingsMismatch(
-            f"{directory} holds a search from an older version whose "
+            f"{quoted(directory)} holds a search from an older version whose "
             f"settings lack {', '.join(missing)}: it cannot resume under "
             "these settings. Rerun with --overwrite to start afresh, or "
             "choose another --directory (`report` still reads it with its "
@@ -404,7 +445,7 @@ def check_settings(directory, settings, pending=()):
                            f"{settings['max_trials']} now (it may only grow)")
     if differences:
         raise SettingsMismatch(
-            f"{directory} holds a search with other settings: "
+            f"{quoted(directory)} holds a search with other settings: "
             + "; ".join(differences)
             + ". Rerun with --overwrite to start afresh, or choose another "
             "--directory"
@@ -420,7 +461,7 @@ def _check_shape(directory, settings):
         and isinstance(settings.get("objective"), str)
     ):
         raise DamagedFile(
-            f"{Path(directory) / SETTINGS} is not a search's settings "
+            f"{quoted(Path(directory) / SETTINGS)} is not a search's settings "
             "(damaged, or from another program); rerun with --overwrite to "
             "start afresh, or choose another --directory")
 
@@ -464,9 +505,9 @@ def check_overwritable(directory):
               if p.name != LOCK and not _TEMPORARY.match(p.name)]
     if theirs:
         raise DirectoryUnusable(
-            f"{directory} holds files that no search wrote (no {SETTINGS}): "
-            "--overwrite removes only a search's files; choose another "
-            "--directory")
+            f"{quoted(directory)} holds files that no search wrote (no "
+            f"{SETTINGS}): --overwrite removes only a search's files; "
+            "choose another --directory")
 
 
 def clear(directory, outputs):

@@ -138,31 +138,38 @@ def sweep(benchmark="digits", tuner="random", max_trials=DEFAULT_TRIALS,
         benchmark: Name in `tuning.benchmarks.BENCHMARKS`. Defaults to the
             embedded `"digits"`.
         tuner: `"random"`, `"bayesian"`, `"hyperband"` or `"grid"`.
+            Defaults to `"random"`.
         max_trials: Number of trials (Hyperband: its own budget from
             `epochs`). On a resume it may grow, not shrink. Defaults to
             `12`, as the command line's.
-        epochs: Epochs per trial (Hyperband: the most a trial trains);
-            defaults to the scale's setting.
-        subset: Fraction in (0, 1] or count of training examples; defaults
-            to the scale's setting.
+        epochs: Epochs per trial (Hyperband: the most a trial trains).
+            Defaults to `None`: the scale's setting.
+        subset: Fraction in (0, 1] or count of training examples. Defaults
+            to `None`: the scale's setting.
         directory: Output directory (keras-tuner's project, trials.csv,
             trials.json, best.json, summary.txt, PNG plots). Defaults to
             `tuning_runs/<benchmark>`, as the command line's.
         seed: Seed of the oracle, of the data subset and of every trial's
-            initial weights.
+            initial weights. Defaults to `0`.
         overwrite: Start afresh instead of resuming: removes the previous
-            search's files (only those) from `directory`.
-        space: A `SearchSpace`; defaults to all four hyperparameters.
+            search's files (only those) from `directory`. Defaults to
+            `False`.
+        space: A `SearchSpace`. Defaults to `None`: `SearchSpace()`, all
+            four hyperparameters.
         dataset: For MNIST-shaped benchmarks: `"mnist"` or
-            `"fashion_mnist"`.
-        idx_dir: A folder with the four MNIST IDX files.
-        batch_size: Defaults to the scale's setting.
+            `"fashion_mnist"`. Defaults to `None`: `"mnist"` where the
+            benchmark has the choice.
+        idx_dir: A folder with the four MNIST IDX files. Defaults to
+            `None`: `$MNIST_IDX_DIR`, then `$KERAS_HOME/datasets/mnist-idx`.
+        batch_size: Examples per batch. Defaults to `None`: the scale's
+            setting.
         objective: A name the benchmark's `fit` logs (`val_loss`, `loss`,
             `val_accuracy`, ...). A trial's score is its value at the
-            trial's best epoch.
-        direction: `"min"` or `"max"`; defaults to keras-tuner's inference
-            from the objective's name (`accuracy` is maximised).
+            trial's best epoch. Defaults to `"val_loss"`.
+        direction: `"min"` or `"max"`. Defaults to `None`: keras-tuner's
+            inference from the objective's name (`accuracy` is maximised).
         scale: `"quick"` (CPU-sized) or `"paper"` (the paper's setting).
+            Defaults to `"quick"`.
         workers: If > 0 (or `"auto"`: as many as the machine holds),
             runs keras-tuner's distributed mode: one chief and this many
             worker processes on this machine, each running
@@ -172,12 +179,15 @@ def sweep(benchmark="digits", tuner="random", max_trials=DEFAULT_TRIALS,
             (`tuning.workers.bound`). Worker i sees only GPU i; the chief
             sees none. A chief or worker that dies stops the others; the
             children stop when this process does, however it is stopped.
+            Defaults to `0`: one process.
         arrays: Injected `((x, y), (x_test, y_test))` in place of the real
-            dataset (for stand-ins).
-        plots: Whether to draw the PNG plots.
-        child_argv: The command line the chief and workers run.
+            dataset (for stand-ins). Defaults to `None`: the real data.
+        plots: Whether to draw the PNG plots. Defaults to `True`.
+        child_argv: The command line the chief and workers run; needed
+            with `workers` or `chief`. Defaults to `None`.
         verbose: 0: one line per trial; 1: also Keras's progress per epoch
-            and a progress bar over the search with its ETA.
+            and a progress bar over the search with its ETA. Defaults to
+            `1`.
         chief: `"HOST:PORT"`: serve the oracle there (with `workers` local
             workers, possibly none) and take workers that `join` it; ends
             when every trial has ended. Defaults to loopback at a free
@@ -185,7 +195,7 @@ def sweep(benchmark="digits", tuner="random", max_trials=DEFAULT_TRIALS,
         join: `"HOST:PORT"` of a chief: run one worker of its search, with
             an id of its own. `directory` must be the chief's (a shared
             folder): the worker is refused if its settings or package
-            versions differ from the chief's.
+            versions differ from the chief's. Defaults to `None`.
 
     Returns:
         A `tuning.report.SweepResult` (`None` in a distributed chief or
