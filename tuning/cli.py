@@ -110,8 +110,9 @@ def sweep_parser():
     p = Parser(
         prog=prog,
         description="Sweep AdamPlus's learning_rate, beta_1, beta_2 and "
-        "epsilon through keras-tuner on a benchmark model; rerun the same "
-        "command to resume.",
+        "epsilon (and, with --tune, the layer-wise decay) through "
+        "keras-tuner on a benchmark model; rerun the same command to "
+        "resume.",
         epilog="subcommands:\n"
         f"  {prog} report DIR [--no-plots]   rebuild the tables, summary and "
         "plots of DIR\n"
