@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from keras_adam_plus import AdamPlus, layer_decay_groups
+from tests.test_tuning import once_on
 from tuning import SearchSpace, pretrain
 from tuning.benchmarks import BENCHMARKS
 from tuning.search_space import is_paper_default, optimizer_config
@@ -100,6 +101,9 @@ def test_layer_decay_is_refused_where_one_layer_has_variables(name):
             tune=("learning_rate", "layer_decay")))
 
 
+# Pretraining trains a model: once, on torch (the jax run pretrains in
+# test_search_contract's finetune_fashion case), for CI's budget.
+@once_on("torch")
 def test_the_backbone_is_pretrained_once_per_seed_and_cached(
         tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
