@@ -33,6 +33,10 @@ STAND_INS = {
     "mnist_mlp": lambda: (_images(64, (28, 28)), _images(16, (28, 28))),
     "mnist_vae": lambda: (_images(64, (28, 28)), _images(16, (28, 28))),
     "imdb_bow_logreg": lambda: (_imdb_sequences(64), _imdb_sequences(16)),
+    # Fashion-MNIST's stand-in; its training part also stands in for the
+    # MNIST the backbone is pretrained on.
+    "finetune_fashion": lambda: (_images(64, (28, 28)),
+                                 _images(16, (28, 28))),
     "cifar10_cnn": lambda: (
         (_images(64, (32, 32, 3))[0], _images(64, (1,))[1].reshape(-1, 1)),
         (_images(16, (32, 32, 3))[0], _images(16, (1,))[1].reshape(-1, 1)),
@@ -40,11 +44,13 @@ STAND_INS = {
 }
 SHAPES = {"digits": (64,), "mnist_logreg": (784,), "mnist_mlp": (784,),
           "mnist_vae": (784,), "imdb_bow_logreg": (10000,),
-          "cifar10_cnn": (32, 32, 3)}
+          "cifar10_cnn": (32, 32, 3), "finetune_fashion": (28, 28, 1)}
 PARAMS = {"digits": 64 * 64 + 64 + 650, "mnist_logreg": 7850,
           "mnist_mlp": 785000 + 1001000 + 10010, "imdb_bow_logreg": 10001,
           # 784-500 encoder, two 500-50 heads, 50-500-784 decoder.
-          "mnist_vae": 392500 + 2 * 25050 + 25500 + 392784}
+          "mnist_vae": 392500 + 2 * 25050 + 25500 + 392784,
+          # conv1 3x3x1x16, conv2 3x3x16x32, features 1568-64, head 64-10.
+          "finetune_fashion": 160 + 4640 + 100416 + 650}
 
 
 @pytest.mark.parametrize("name", list(benchmarks.BENCHMARKS))
@@ -57,6 +63,10 @@ def test_each_benchmark_loads_builds_and_trains(name):
     model = bench.build(data.x_train.shape[1:])
     if name in PARAMS:
         assert model.count_params() == PARAMS[name]
+    # `layerwise` (layer_decay may be tuned) says what the model holds.
+    owning = [layer for layer in model.layers if layer.trainable_weights]
+    assert bench.layerwise == (len(owning) >= 2)
+    assert (data.pretrain is not None) == (bench.pretrain is not None)
     model.compile(optimizer="sgd", loss=bench.loss)
     loss = model.train_on_batch(data.x_train[:16], data.y_train[:16])
     assert np.isfinite(np.ravel(loss)[0])
@@ -109,6 +119,21 @@ def test_real_fashion_mnist_from_keras_cache():
     data = datasets.mnist_flat(dataset="fashion_mnist")
     assert data.x_train.shape == (60000, 784)
     assert np.bincount(data.y_train).tolist() == [6000] * 10
+
+
+@pytest.mark.skipif(not (
+    _offline("fashion-mnist/train-images-idx3-ubyte.gz")
+    and _offline("mnist-idx/train-images-idx3-ubyte.gz")),
+    reason="Fashion-MNIST or the MNIST IDX files are not linked under "
+    "KERAS_HOME")
+def test_real_mnist_to_fashion_pretrains_on_mnist():
+    data = datasets.mnist_to_fashion()
+    assert data.x_train.shape == (60000, 28, 28, 1)
+    assert np.bincount(data.y_train).tolist() == [6000] * 10
+    x, y = data.pretrain
+    assert x.shape == (60000, 28, 28, 1)
+    assert np.bincount(y).tolist()[:3] == [5923, 6742, 5958]
+    assert data.subset(0.1).pretrain is data.pretrain
 
 
 def test_missing_dataset_gives_one_clear_error(monkeypatch, tmp_path):

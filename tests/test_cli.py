@@ -113,6 +113,14 @@ BAD_OPTIONS = [
     # Was: deduplicated silently.
     (["--tune", "learning_rate", "beta_1", "learning_rate"],
      "argument --tune: learning_rate given more than once"),
+    (["--tune", "learning_rate", "layer_decy"],
+     "argument --tune: invalid choice: 'layer_decy' (choose from "
+     "'learning_rate', 'beta_1', 'beta_2', 'epsilon', 'layer_decay', "
+     "'head_multiplier')"),
+    (["--benchmark", "mnist_logreg", "--tune", "layer_decay"],
+     "Argument `tune` names layer_decay, but benchmark mnist_logreg's model "
+     "has one layer with variables: there is no depth to decay over. "
+     "Received: tune=['layer_decay']"),
 ]
 
 

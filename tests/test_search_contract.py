@@ -452,15 +452,19 @@ def _retrain(directory, data):
     """The best trial's score, retrained from best.json (the optimizer) and
     settings.json (the benchmark's training) alone, as a user would."""
     from keras_adam_plus import AdamPlus
-    from tuning import benchmarks
+    from tuning import benchmarks, pretrain
 
     settings = json.loads((directory / rundir.SETTINGS).read_text())
     best = json.loads((directory / "best.json").read_text())
     bench = benchmarks.get(settings["benchmark"])
     data = data.subset(settings["subset"], seed=settings["seed"])
     keras.utils.clear_session()
+    build = {}
+    if bench.pretrain is not None:  # the seed's backbone, then its seed
+        build["backbone"] = pretrain.backbone(
+            bench, data.x_train.shape[1:], data.pretrain, settings["seed"])
     keras.utils.set_random_seed(settings["seed"])
-    model = bench.build(data.x_train.shape[1:])
+    model = bench.build(data.x_train.shape[1:], **build)
     model.compile(optimizer=AdamPlus.from_config(best), loss=bench.loss,
                   metrics=list(bench.metrics))
     keras.utils.set_random_seed(settings["seed"])
@@ -474,14 +478,16 @@ def _retrain(directory, data):
 # The big models' best.json is a plain one like digits': each is retrained
 # on one backend (spread over the three, CI's budget); the others on all.
 BIG_ON = {"mnist_mlp": "jax", "cifar10_cnn": "tensorflow",
-          "mnist_vae": "torch"}
+          "mnist_vae": "torch", "finetune_fashion": "jax"}
+# Its trials fine-tune with layer-wise decay: best.json holds the rules.
+LAYER_DECAY = 0.8
 
 
 @pytest.mark.parametrize("name", [
     pytest.param(n, marks=pytest.mark.skipif(
         n in BIG_ON and keras.backend.backend() != BIG_ON[n],
-        reason=f"a big model: retrained on {BIG_ON.get(n)} only (CI's "
-        "budget); its best.json is as plain as digits'"))
+        reason=f"a big (or pretrained) model: retrained on {BIG_ON.get(n)} "
+        "only (CI's budget); its best.json is as plain as digits'"))
     for n in BENCHMARKS])
 def test_best_json_rebuilds_the_best_trials_score_exactly(name, tmp_path,
                                                          monkeypatch):
@@ -503,13 +509,30 @@ def test_best_json_rebuilds_the_best_trials_score_exactly(name, tmp_path,
     # The big models train the defaults only, one epoch (CI's budget); the
     # others a drawn trial too, two epochs (a best epoch to find).
     budget = 1 if name in BIG_ON else 2
+    space = SearchSpace(tune=("learning_rate", "beta_2"))
+    if bench.pretrain is not None:
+        space = SearchSpace(tune=("learning_rate", "layer_decay"),
+                            fixed={"layer_decay": LAYER_DECAY})
     result = sweep(benchmark=name, max_trials=budget, epochs=budget,
                    subset=16,
                    batch_size=16, directory=tmp_path, seed=5,
-                   space=SearchSpace(tune=("learning_rate", "beta_2")),
-                   plots=False, verbose=0)
+                   space=space, plots=False, verbose=0)
     best = json.loads((tmp_path / "best.json").read_text())
     assert best == result.best_config
+    if bench.pretrain is not None:
+        from keras_adam_plus import AdamPlus, layer_decay_groups
+
+        # The head at 1, each layer below it times 0.8 more.
+        assert [r["learning_rate_multiplier"]
+                for r in best["variable_groups"]] == [
+            1.0, 0.8, 0.8**2, 0.8**3]
+        model = bench.build(data.x_train.shape[1:])
+        assert best["variable_groups"] == layer_decay_groups(model, 0.8)
+        assert "layer_decay" not in best
+        AdamPlus(**best).build(model.trainable_variables)
+        header = (tmp_path / "trials.csv").read_text().splitlines()[0]
+        assert "layer_decay" in header.split(",")
+        assert "layer_decay" in (tmp_path / "summary.txt").read_text()
     if BENCHMARKS[name].inverse_sqrt_lr:
         assert best["learning_rate"]["class_name"] == "InverseSqrtDecay"
         assert (best["learning_rate"]["config"]["initial_learning_rate"]

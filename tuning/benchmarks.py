@@ -42,6 +42,13 @@ class Benchmark:
         quick: A small CPU setting.
         inverse_sqrt_lr: Whether alpha decays as alpha/sqrt(t) (Section 6.1).
         datasets: Dataset choices (`--dataset`), first is the default.
+        layerwise: Whether the model has two or more layers with
+            variables, so that `layer_decay` and `head_multiplier` can be
+            tuned (a logistic regression has one).
+        pretrain: For a fine-tuning benchmark, how its model is first
+            trained on the loader's pretraining set (`Data.pretrain`), once
+            per seed (`tuning.pretrain`); each trial then fine-tunes every
+            layer of it under a new head. None: trials train from scratch.
     """
 
     name: str
@@ -54,6 +61,8 @@ class Benchmark:
     quick: Setting
     inverse_sqrt_lr: bool = False
     datasets: tuple = ()
+    layerwise: bool = True
+    pretrain: Setting | None = None
 
     def setting(self, scale):
         """The `Setting` of `scale` ("quick" or "paper")."""
@@ -92,6 +101,7 @@ digits_mlp = _from_models("digits_mlp")
 mnist_mlp = _from_models("mnist_mlp")
 cifar10_cnn = _from_models("cifar10_cnn")
 mnist_vae = _from_models("mnist_vae")
+finetune_cnn = _from_models("finetune_cnn")
 bernoulli_nll = _from_models("bernoulli_nll")
 
 
@@ -115,6 +125,10 @@ def _no_dataset_choice(loader):
     return load
 
 
+def _mnist_to_fashion(dataset=None, idx_dir=None, arrays=None):
+    return datasets.mnist_to_fashion(idx_dir=idx_dir, arrays=arrays)
+
+
 def _digits(dataset=None, idx_dir=None, arrays=None):
     return datasets.digits()
 
@@ -133,7 +147,7 @@ BENCHMARKS = {
             "mnist_logreg", "logistic regression 784-10, L2 1e-4 (6.1)",
             logistic_regression(), _mnist(datasets.mnist_flat), *CLASSIFY,
             paper=Setting(128, 45), quick=Setting(128, 3, 6000),
-            inverse_sqrt_lr=True, datasets=MNIST_DATASETS,
+            inverse_sqrt_lr=True, datasets=MNIST_DATASETS, layerwise=False,
         ),
         Benchmark(
             "mnist_mlp", "MLP 784-1000-1000-10 ReLU, dropout 0.5 (6.2)",
@@ -148,7 +162,7 @@ BENCHMARKS = {
             _no_dataset_choice(datasets.imdb_bag_of_words),
             "binary_crossentropy", ("accuracy",),
             paper=Setting(128, 160), quick=Setting(128, 3, 5000),
-            inverse_sqrt_lr=True,
+            inverse_sqrt_lr=True, layerwise=False,
         ),
         Benchmark(
             "cifar10_cnn", "CNN c64-c64-c128-1000, whitened input (6.3)",
@@ -160,6 +174,14 @@ BENCHMARKS = {
             mnist_vae, _mnist(datasets.mnist_autoencode), bernoulli_nll, (),
             paper=Setting(100, 100), quick=Setting(100, 3, 6000),
             datasets=MNIST_DATASETS,
+        ),
+        Benchmark(
+            "finetune_fashion",
+            "CNN c16-c32-64 pretrained on MNIST, fine-tuned on "
+            "Fashion-MNIST under a new head",
+            finetune_cnn, _mnist_to_fashion, *CLASSIFY,
+            paper=Setting(128, 10), quick=Setting(128, 3, 4000),
+            pretrain=Setting(128, 2, 20000),
         ),
     ]
 }

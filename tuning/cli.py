@@ -33,7 +33,7 @@ from tuning.errors import (
     quoted,
 )
 from tuning.rundir import is_distributed_child
-from tuning.search_space import TUNABLE, SearchSpace
+from tuning.search_space import NAMES, TUNABLE, SearchSpace
 from tuning.sweep import (
     DEFAULT_TRIALS,
     MAXIMUMS,
@@ -113,8 +113,9 @@ def sweep_parser():
     p = Parser(
         prog=prog,
         description="Sweep AdamPlus's learning_rate, beta_1, beta_2 and "
-        "epsilon through keras-tuner on a benchmark model; rerun the same "
-        "command to resume.",
+        "epsilon (and, with --tune, the layer-wise decay) through "
+        "keras-tuner on a benchmark model; rerun the same command to "
+        "resume.",
         epilog="subcommands:\n"
         f"  {prog} report DIR [--no-plots]   rebuild the tables, summary and "
         "plots of DIR\n"
@@ -149,9 +150,10 @@ def sweep_parser():
                    help="quick: CPU-sized; paper: the paper's batch size, "
                    "epochs and all the data")
     p.add_argument("--tune", nargs="+", default=list(TUNABLE),
-                   choices=TUNABLE, metavar="NAME",
-                   help=f"hyperparameters to search, of {' '.join(TUNABLE)} "
-                   "(default: all four; the others keep the paper's values)")
+                   choices=NAMES, metavar="NAME",
+                   help=f"hyperparameters to search, of {' '.join(NAMES)} "
+                   f"(default: {' '.join(TUNABLE)}; the others keep the "
+                   "paper's values, and one learning rate for every layer)")
     p.add_argument("--modes", action="store_true",
                    help="also search amsgrad, epsilon_mode and weight decay")
     p.add_argument("--grid-steps", type=_count("grid_steps"), default=None,

@@ -41,6 +41,8 @@ class Data:
     x_val: np.ndarray
     y_val: np.ndarray
     source: str = ""
+    # A fine-tuning benchmark's pretraining set, (x, y), or None.
+    pretrain: tuple | None = None
 
     def subset(self, subset, seed=0):
         """Keeps a fixed random part: a fraction in (0, 1] or a count.
@@ -63,7 +65,7 @@ class Data:
         val = np.sort(rng.permutation(len(self.x_val))[:keep_val])
         return Data(self.x_train[train], self.y_train[train],
                     self.x_val[val], self.y_val[val],
-                    f"{self.source} (subset {keep}/{n})")
+                    f"{self.source} (subset {keep}/{n})", self.pretrain)
 
 
 # The largest count: what fits a C int, as for every other count.
@@ -211,6 +213,24 @@ def mnist_flat(dataset="mnist", idx_dir=None, arrays=None):
     (x, y), (xt, yt) = arrays or load_mnist_arrays(dataset, idx_dir)
     return Data(_flat(x), y.astype("int32"), _flat(xt), yt.astype("int32"),
                 dataset)
+
+
+def mnist_to_fashion(idx_dir=None, arrays=None):
+    """Fashion-MNIST as (n, 28, 28, 1) floats in [0, 1], with MNIST's
+    training images as the pretraining set (`Data.pretrain`).
+
+    `arrays` replaces both (its training part is the pretraining set).
+    """
+    (x, y), (xt, yt) = arrays or load_mnist_arrays("fashion_mnist")
+    (xs, ys), _ = arrays or load_mnist_arrays("mnist", idx_dir)
+    return Data(_images(x), y.astype("int32"), _images(xt),
+                yt.astype("int32"), "mnist -> fashion_mnist",
+                (_images(xs), ys.astype("int32")))
+
+
+def _images(images):
+    return (images.reshape(len(images), 28, 28, 1) / 255.0).astype(
+        "float32")
 
 
 def mnist_autoencode(dataset="mnist", idx_dir=None, arrays=None):

@@ -7,7 +7,7 @@ import keras_tuner
 
 from keras_adam_plus import AdamPlus, InverseSqrtDecay
 from tuning.errors import check_interrupt
-from tuning.search_space import SearchSpace
+from tuning.search_space import SearchSpace, with_variable_groups
 
 
 class AdamPlusHyperModel(keras_tuner.HyperModel):
@@ -23,10 +23,14 @@ class AdamPlusHyperModel(keras_tuner.HyperModel):
             initial weights and sees the same dropout masks and batches.
         verbose: `fit`'s verbosity: 0 silent, 1 a progress bar, 2 one line
             per epoch. Defaults to `0`.
+        pretrain_data: For a benchmark with a `pretrain` setting: the
+            `(x, y)` its backbone is pretrained on
+            (`tuning.datasets.Data.pretrain`), once per seed
+            (`tuning.pretrain`).
     """
 
     def __init__(self, benchmark, input_shape, space=None, batch_size=32,
-                 epochs=1, seed=0, verbose=0):
+                 epochs=1, seed=0, verbose=0, pretrain_data=None):
         super().__init__(name=benchmark.name)
         if batch_size < 1 or epochs < 1:
             raise ValueError(
@@ -40,8 +44,11 @@ class AdamPlusHyperModel(keras_tuner.HyperModel):
         self.epochs = epochs
         self.seed = seed
         self.verbose = verbose
+        self.pretrain_data = pretrain_data
         self.last_history = {}
         self.last_epochs = None
+        # The variable_groups of the last optimizer built (None: none).
+        self.last_variable_groups = None
         # Settings a subclass may change (tuning.replicate does).
         self.build_kwargs = {}
         self.inverse_sqrt_lr = benchmark.inverse_sqrt_lr
@@ -50,8 +57,18 @@ class AdamPlusHyperModel(keras_tuner.HyperModel):
     def build(self, hp):
         """Declares the search space on `hp`; returns the compiled model."""
         kwargs = self.declare(hp)
+        build_kwargs = dict(self.build_kwargs)
+        if self.benchmark.pretrain is not None:
+            from tuning import pretrain
+
+            build_kwargs["backbone"] = pretrain.backbone(
+                self.benchmark, self.input_shape, self.pretrain_data,
+                self.seed)
         keras.utils.set_random_seed(self.seed)
-        model = self.benchmark.build(self.input_shape, **self.build_kwargs)
+        model = self.benchmark.build(self.input_shape, **build_kwargs)
+        # layer_decay, head_multiplier -> rules of this model's layers.
+        kwargs = with_variable_groups(kwargs, model)
+        self.last_variable_groups = kwargs.get("variable_groups")
         if self.inverse_sqrt_lr:
             kwargs["learning_rate"] = InverseSqrtDecay(kwargs["learning_rate"])
         model.compile(optimizer=self.make_optimizer(kwargs),

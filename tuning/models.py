@@ -61,6 +61,49 @@ def cifar10_cnn(input_shape, input_dropout=0.2, dropout=0.5):
     return model
 
 
+def finetune_cnn(input_shape, backbone=None, classes=10):
+    """c16-c32-64 on 28x28 images, then a new `head` of `classes`.
+
+    `backbone`: the weights of every layer but the head, in order (what
+    `tuning.pretrain.backbone` gives), or None for random ones. Layers are
+    named so that variable paths (`finetune_cnn/conv1/kernel`...), and so
+    `variable_groups` rules, are the same in every session.
+    """
+    model = keras.Sequential([
+        keras.Input(input_shape),
+        layers.Conv2D(16, 3, padding="same", activation="relu",
+                      name="conv1"),
+        layers.MaxPooling2D(2, name="pool1"),
+        layers.Conv2D(32, 3, padding="same", activation="relu",
+                      name="conv2"),
+        layers.MaxPooling2D(2, name="pool2"),
+        layers.Flatten(name="flatten"),
+        layers.Dense(64, activation="relu", name="features"),
+        layers.Dense(classes, activation="softmax", name="head"),
+    ], name="finetune_cnn")
+    if backbone is not None:
+        set_backbone(model, backbone)
+    return model
+
+
+def backbone_weights(model):
+    """The weights of every layer of `model` but the last (the head)."""
+    return [w for layer in model.layers[:-1] for w in layer.get_weights()]
+
+
+def set_backbone(model, weights):
+    """Sets every layer of `model` but the last from `weights`
+    (`backbone_weights` of a model of the same shape)."""
+    weights = list(weights)
+    for layer in model.layers[:-1]:
+        count = len(layer.weights)
+        layer.set_weights(weights[:count])
+        weights = weights[count:]
+    if weights:
+        raise ValueError(f"Argument `backbone` has {len(weights)} arrays "
+                         "more than the model's layers below its head take")
+
+
 @keras.saving.register_keras_serializable(package="tuning")
 class GaussianSample(layers.Layer):
     """z = mu + exp(log_var / 2) * noise; adds the KL term to the loss."""

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tuning import benchmarks, rundir
 from tuning.search_space import (
+    LAYERWISE,
     MODE_DEFAULTS,
     TUNABLE,
     SearchSpace,
@@ -96,9 +97,11 @@ def collect(directory):
     Each trial is a dict: trial_id, status (COMPLETED, DIVERGED: a NaN or
     Inf loss or metric, FAILED: an error, RUNNING or INTERRUPTED: to be run
     again by a resume), score, epochs (trained in all), optimizer (AdamPlus
-    kwargs), hyperparameters (keras-tuner's values), seed, duration_s,
-    history (per-epoch metrics), error_type, error, rss_mb, worker and
-    device (which process and GPU trained it: `tuning.workers`),
+    kwargs, with `layer_decay` and `head_multiplier` under their names),
+    variable_groups (the rules those gave for the model, as best.json
+    holds them, or None), hyperparameters (keras-tuner's values), seed,
+    duration_s, history (per-epoch metrics), error_type, error, rss_mb,
+    worker and device (which process and GPU trained it: `tuning.workers`),
     continued_from (Hyperband: the trial whose weights it went on from, or
     None), final
     (the objective at the last epoch; the score is at the best), schedule
@@ -201,6 +204,8 @@ def _trial(trial_dir, space, settings):
         "worker": side.get("worker"),
         "device": side.get("device"),
         "continued_from": parent if isinstance(parent, str) else None,
+        "variable_groups": (side.get("variable_groups") if isinstance(
+            side.get("variable_groups"), list) else None),
     }
 
 
@@ -260,12 +265,23 @@ def sweep_result(directory, trials, settings):
     direction = direction_of(settings)
     best, default = choose(trials, direction)
     return SweepResult(Path(directory), trials,
-                       optimizer_config(best["optimizer"], best.get("schedule"))
-                       if best else {},
+                       _best_config(best) if best else {},
                        best["score"] if best else None,
                        default["score"] if default else None,
                        settings["objective"], direction,
                        best["epochs"] if best else None)
+
+
+def _best_config(best):
+    """best.json of trial `best`: its layer-wise values as the
+    `variable_groups` its sidecar recorded."""
+    groups = best.get("variable_groups")
+    if groups is None and not all(
+            best["optimizer"].get(k, v) == v for k, v in LAYERWISE.items()):
+        print(f"warning: trial {best['trial_id']}'s record holds no "
+              "variable_groups: best.json lacks its layer-wise learning "
+              "rates", file=sys.stderr, flush=True)
+    return optimizer_config(best["optimizer"], best.get("schedule"), groups)
 
 
 def score_column(objective):

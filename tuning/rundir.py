@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from tuning.errors import TuningError, command, quoted
-from tuning.search_space import TUNABLE
+from tuning.search_space import NAMES
 
 SETTINGS = "settings.json"
 LOCK = ".lock"
@@ -80,6 +80,20 @@ def write_text(path, text):
     def write(temp):
         with open(temp, "w", newline="") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    _atomic(path, write)
+
+
+def write_arrays(path, arrays):
+    """Writes NumPy `arrays` to the .npz file `path` atomically
+    (`numpy.load(path)["arr_0"]`... reads them back)."""
+    import numpy as np
+
+    def write(temp):
+        with open(temp, "wb") as f:
+            np.savez(f, *arrays)
             f.flush()
             os.fsync(f.fileno())
 
@@ -488,8 +502,8 @@ def _flatten(settings):
     if flat.get("subset") == 1.0 and isinstance(flat["subset"], float):
         flat["subset"] = None  # all the data, as saved before 1.0 meant it
     if isinstance(flat.get("tune"), list):
-        flat["tune"] = [n for n in TUNABLE if n in flat["tune"]] + [
-            n for n in flat["tune"] if n not in TUNABLE]
+        flat["tune"] = [n for n in NAMES if n in flat["tune"]] + [
+            n for n in flat["tune"] if n not in NAMES]
     return flat
 
 

@@ -7,6 +7,14 @@ keras-tuner hyperparameters are named `one_minus_beta_1` and
 `one_minus_beta_2` and `SearchSpace.optimizer_kwargs` turns them back into
 `beta_1` and `beta_2`. Defaults are the paper's (Algorithm 1), so a trial with
 default values is Adam as published.
+
+Two more are layer-wise (`LAYERWISE`): `layer_decay`, the factor per layer
+of depth of `keras_adam_plus.layer_decay_groups` (uniform in [0.5, 1]; 1 is
+one learning rate for every layer), and `head_multiplier`, the learning-rate
+multiplier of the last layer with variables (a fine-tuned model's new head;
+log-uniform in [0.1, 10]). They depend on the model: `optimizer_kwargs(values,
+model)` turns them into AdamPlus's `variable_groups`; without a model they
+stay under their names (trial tables show them so).
 """
 
 import dataclasses
@@ -14,6 +22,10 @@ import math
 import numbers
 
 TUNABLE = ("learning_rate", "beta_1", "beta_2", "epsilon")
+# The layer-wise hyperparameters and their defaults: one learning rate.
+LAYERWISE = {"layer_decay": 1.0, "head_multiplier": 1.0}
+# Every name `--tune` takes: the default search is TUNABLE's four.
+NAMES = (*TUNABLE, *LAYERWISE)
 PAPER_DEFAULTS = {"learning_rate": 1e-3, "beta_1": 0.9, "beta_2": 0.999,
                   "epsilon": 1e-8}
 DEFAULT_RANGES = {
@@ -21,6 +33,8 @@ DEFAULT_RANGES = {
     "beta_1": (0.0, 0.99),  # 1 - beta_1 in [0.01, 1]
     "beta_2": (0.9, 0.9999),  # 1 - beta_2 in [1e-4, 0.1]
     "epsilon": (1e-10, 1e-3),
+    "layer_decay": (0.5, 1.0),
+    "head_multiplier": (0.1, 10.0),
 }
 MODE_HPS = ("amsgrad", "epsilon_mode", "weight_decay_mode", "weight_decay")
 # AdamPlus's own defaults of its modes: a trial is "the paper default" only
@@ -42,11 +56,13 @@ class SearchSpace:
     """Which AdamPlus hyperparameters are tuned, over which ranges.
 
     Args:
-        tune: Names (of `TUNABLE`) that are searched; the others are fixed
-            at `fixed` or the paper's defaults.
+        tune: Names (of `NAMES`: `TUNABLE` and `LAYERWISE`) that are
+            searched; the others are fixed at `fixed` or the paper's
+            defaults (one learning rate for every layer).
         ranges: Overrides of `DEFAULT_RANGES`, name -> (low, high) in the
             hyperparameter's own units (beta, not 1 - beta).
-        fixed: AdamPlus keyword arguments fixed for every trial.
+        fixed: AdamPlus keyword arguments (or `layer_decay`,
+            `head_multiplier`) fixed for every trial.
         modes: Whether to also search `amsgrad`, `epsilon_mode` and weight
             decay (a mode, then, conditionally, its coefficient).
         grid_steps: For GridSearch, the log-spaced steps per decade count:
@@ -61,10 +77,10 @@ class SearchSpace:
     grid_steps: int = 0
 
     def __post_init__(self):
-        unknown = set(self.tune) - set(TUNABLE)
+        unknown = set(self.tune) - set(NAMES)
         if unknown:
             raise ValueError(
-                f"Argument `tune` must name only {', '.join(TUNABLE)}. "
+                f"Argument `tune` must name only {', '.join(NAMES)}. "
                 f"Received: tune={list(self.tune)!r}"
             )
         if not isinstance(self.grid_steps, numbers.Integral) or isinstance(
@@ -73,14 +89,14 @@ class SearchSpace:
                              f" Received: grid_steps={self.grid_steps!r}")
         self.grid_steps = int(self.grid_steps)  # NumPy integers too
         self.modes = bool(self.modes)
-        # One order (TUNABLE's) whatever the order given: the same space
+        # One order (NAMES') whatever the order given: the same space
         # declares, draws and compares the same way.
-        self.tune = tuple(name for name in TUNABLE if name in self.tune)
+        self.tune = tuple(name for name in NAMES if name in self.tune)
         for name, (low, high) in self.ranges.items():
-            if name not in TUNABLE or not low < high:
+            if name not in NAMES or not low < high:
                 raise ValueError(
                     "Argument `ranges` must map names of "
-                    f"{', '.join(TUNABLE)} to (low, high) with low < high. "
+                    f"{', '.join(NAMES)} to (low, high) with low < high. "
                     f"Received: ranges={self.ranges!r}"
                 )
 
@@ -95,7 +111,15 @@ class SearchSpace:
         values = {}
         for name in self.tune:
             low, high = self.range(name)
-            default = self.fixed.get(name, PAPER_DEFAULTS[name])
+            default = self.fixed.get(
+                name, {**PAPER_DEFAULTS, **LAYERWISE}[name])
+            if name == "layer_decay":  # narrow: uniform, a linear grid
+                step = ((high - low) / (2 * self.grid_steps)
+                        if self.grid_steps else None)
+                values[name] = hp.Float(
+                    name, low, high, step=step,
+                    default=_snap_linear(default, low, step))
+                continue
             if name.startswith("beta"):
                 hp_name = f"one_minus_{name}"
                 low, high, default = 1 - high, 1 - low, 1 - default
@@ -123,8 +147,14 @@ class SearchSpace:
                     )
         return values
 
-    def optimizer_kwargs(self, values):
-        """AdamPlus keyword arguments from keras-tuner values."""
+    def optimizer_kwargs(self, values, model=None):
+        """AdamPlus keyword arguments from keras-tuner values.
+
+        With `model`, the layer-wise values become `variable_groups`
+        (`with_variable_groups`); without one, they are kept under their
+        names (`layer_decay`, `head_multiplier`), which AdamPlus does not
+        take: the form trial tables show.
+        """
         kwargs = dict(PAPER_DEFAULTS)
         kwargs.update(self.fixed)
         for hp_name, value in values.items():
@@ -136,20 +166,48 @@ class SearchSpace:
                     kwargs.pop("weight_decay", None)
                 else:
                     kwargs["weight_decay_mode"] = value
-            elif hp_name in TUNABLE or hp_name in MODE_HPS:
+            elif hp_name in NAMES or hp_name in MODE_HPS:
                 kwargs[hp_name] = value
+        return kwargs if model is None else with_variable_groups(kwargs,
+                                                                 model)
+
+
+def with_variable_groups(kwargs, model):
+    """`kwargs` with `layer_decay` and `head_multiplier` turned into
+    AdamPlus's `variable_groups` for `model`.
+
+    The rules are `keras_adam_plus.layer_decay_groups(model, layer_decay)`
+    with the head's (the last layer with variables) multiplier times
+    `head_multiplier`, after any rules `kwargs` holds (first match wins).
+    At their defaults (1: one learning rate) no rule is added, so the
+    optimizer is plain AdamPlus.
+    """
+    kwargs = dict(kwargs)
+    layerwise = {k: kwargs.pop(k) for k in LAYERWISE if k in kwargs}
+    if all(layerwise.get(k, v) == v for k, v in LAYERWISE.items()):
         return kwargs
+    from keras_adam_plus import layer_decay_groups
+
+    rules = layer_decay_groups(model, layerwise.get("layer_decay", 1.0))
+    head = rules[0]  # deepest first: the last layer's rule
+    rules[0] = dict(head, learning_rate_multiplier=float(
+        head["learning_rate_multiplier"]
+        * layerwise.get("head_multiplier", 1.0)))
+    return {**kwargs, "variable_groups": [
+        *(kwargs.get("variable_groups") or ()), *rules]}
 
 
 def is_paper_default(kwargs):
     """Whether AdamPlus `kwargs` are the paper's Algorithm 1 throughout:
-    the four hyperparameters at `PAPER_DEFAULTS` and every mode (amsgrad,
-    epsilon mode, weight decay, any other argument given) at its default."""
+    the four hyperparameters at `PAPER_DEFAULTS`, one learning rate for
+    every layer (`LAYERWISE` at 1) and every mode (amsgrad, epsilon mode,
+    weight decay, any other argument given) at its default."""
+    defaults = {**PAPER_DEFAULTS, **LAYERWISE}
     for key in set(kwargs) | set(PAPER_DEFAULTS) | set(MODE_DEFAULTS):
         value = kwargs.get(key, MODE_DEFAULTS.get(key))
-        if key in PAPER_DEFAULTS:
+        if key in defaults:
             if not (isinstance(value, (int, float)) and math.isclose(
-                    value, PAPER_DEFAULTS[key], rel_tol=1e-9)):
+                    value, defaults[key], rel_tol=1e-9)):
                 return False
         elif key == "weight_decay_mode":
             continue  # without a weight decay, no mode applies
@@ -158,16 +216,21 @@ def is_paper_default(kwargs):
     return True
 
 
-def optimizer_config(kwargs, schedule=None):
+def optimizer_config(kwargs, schedule=None, variable_groups=None):
     """What best.json holds: AdamPlus arguments that rebuild a trial with
     `AdamPlus.from_config(config)`.
 
     `kwargs` are a trial's AdamPlus arguments with the learning rate as a
     number (alpha); with a `schedule` (a key of `SCHEDULES`), the learning
     rate is the schedule in Keras's serialized form, as `get_config` writes
-    it. Without one, `AdamPlus(**config)` works too.
+    it. Without one, `AdamPlus(**config)` works too. Layer-wise values
+    (`layer_decay`, `head_multiplier`) are replaced by the
+    `variable_groups` the trial trained with (`with_variable_groups` of its
+    model).
     """
-    config = dict(kwargs)
+    config = {k: v for k, v in kwargs.items() if k not in LAYERWISE}
+    if variable_groups:
+        config["variable_groups"] = variable_groups
     if schedule is not None:
         spec = SCHEDULES[schedule]
         config["learning_rate"] = {
@@ -201,6 +264,13 @@ def format_value(name, value):
         decimals = math.floor(-math.log10(1 - value)) + 3
         return f"{value:.{decimals}f}".rstrip("0").rstrip(".")
     return f"{value:.3g}"
+
+
+def _snap_linear(default, low, step):
+    """With a linear grid step, the nearest grid value to `default`."""
+    if not step:
+        return default
+    return low + round((default - low) / step) * step
 
 
 def _snap(default, low, step):

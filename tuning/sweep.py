@@ -24,7 +24,7 @@ from tuning import workers as machine
 from tuning.datasets import check_subset
 from tuning.errors import TuningError
 from tuning.launcher import SweepFailed
-from tuning.search_space import SearchSpace
+from tuning.search_space import LAYERWISE, SearchSpace
 from tuning.seeds import MAX_SEED
 
 TUNERS = ("random", "bayesian", "hyperband", "grid")
@@ -113,6 +113,12 @@ def search_settings(benchmark="digits", tuner="random",
     if subset == 1.0 and isinstance(subset, float):
         subset = None  # the fraction 1.0 is all the data, as None is
     space = space or SearchSpace()
+    layerwise = [n for n in space.tune if n in LAYERWISE]
+    if layerwise and not bench.layerwise:
+        raise ValueError(
+            f"Argument `tune` names {', '.join(layerwise)}, but benchmark "
+            f"{benchmark}'s model has one layer with variables: there is no "
+            f"depth to decay over. Received: tune={list(space.tune)!r}")
     return {
         "benchmark": benchmark,
         "dataset": dataset or (bench.datasets or (None,))[0],
@@ -362,7 +368,7 @@ def load(settings, space=None, idx_dir=None, arrays=None):
         bench, data.x_train.shape[1:],
         space=space or SearchSpace(**settings["space"]),
         batch_size=settings["batch_size"], epochs=settings["epochs"],
-        seed=settings["seed"])
+        seed=settings["seed"], pretrain_data=data.pretrain)
     return data, hypermodel
 
 

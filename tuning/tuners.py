@@ -6,8 +6,9 @@
   state, the build config) is written atomically; on a resume, a trial whose
   `trial.json` is unreadable is run again, with a warning naming the file.
 - Each trial gets an `adam_plus.json` sidecar (values, seed, epochs,
-  duration, history, error class, memory, versions, the worker and device
-  that trained it), a progress line, and a
+  duration, history, the `variable_groups` its layer-wise values gave,
+  error class, memory, versions, the worker and device that trained it),
+  a progress line, and a
   step of a progress display over the whole search (elapsed time and ETA).
 """
 
@@ -171,6 +172,7 @@ class _Bookkeeping:
         start = time.time()
         hypermodel = self.hypermodel
         hypermodel.last_history, hypermodel.last_epochs = {}, None
+        hypermodel.last_variable_groups = None
         record = {"trial_id": trial.trial_id,
                   "values": dict(trial.hyperparameters.values),
                   "seed": hypermodel.seed, "backend": keras.backend.backend(),
@@ -200,6 +202,8 @@ class _Bookkeeping:
                 epochs=hypermodel.last_epochs,
                 duration_s=round(time.time() - start, 3),
                 history=hypermodel.last_history,
+                # What best.json needs of layer_decay/head_multiplier.
+                variable_groups=hypermodel.last_variable_groups,
                 error=None if error is None else str(error)[:500],
                 error_type=None if error is None else type(error).__name__,
                 rss_mb=_rss_mb(),
