@@ -449,12 +449,12 @@ def test_digits_train_as_with_float32_state():
         model = keras.Sequential([keras.Input((64,)),
                                   keras.layers.Dense(256, activation="relu"),
                                   keras.layers.Dense(10)])
-        model.compile(optimizer=AdamPlus(learning_rate=3e-3,
+        model.compile(optimizer=AdamPlus(learning_rate=1e-2,
                                          state_format=state_format),
                       loss=keras.losses.SparseCategoricalCrossentropy(
                           from_logits=True))
-        history = model.fit(x, y, batch_size=64, epochs=8, shuffle=False,
+        history = model.fit(x, y, batch_size=128, epochs=4, shuffle=False,
                             verbose=0)
         losses[state_format] = history.history["loss"][-1]
-    assert losses["native"] < 0.2
+    assert losses["native"] < 0.3
     assert abs(losses["8bit"] - losses["native"]) <= 0.05 * losses["native"]
