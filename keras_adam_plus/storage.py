@@ -7,7 +7,8 @@
   variable's slot is a `GroupSlice`. Every write of a step goes through
   it, and keeps the old value while a step is guarded (`nonfinite`).
 - `Format`: how a slot stores values (the weight's dtype or
-  `moment_dtype` today), read into the compute dtype and written back
+  `moment_dtype`; block-wise 8-bit codes with a scale slot each,
+  `keras_adam_plus.lowbit`), read into the compute dtype and written back
   once per step (`read`, `write`, `put`, `SlotState`, `Target`).
 - The face every saving route sees (`Face`): the per-variable layout
   whatever the grouping, the kind of each value ("momentum", "velocity",
@@ -82,11 +83,12 @@ class Store:
     Made at build from the plan: per variable and kind a slot in the
     format's dtype with the variable's layout (its sharding), or, for a
     plan's groups (JAX), one flat slot per kind of which each variable's
-    slot is a `GroupSlice`; then the temporal averages, the beta products
-    (scheduled betas) and `skipped_steps`, in that order (Keras saves the
-    optimizer's variables by index). Every write of a step goes through
-    `assign`/`assign_add`/`assign_sub`, which keep the old value while a
-    step is guarded (`keras_adam_plus.nonfinite`).
+    slot is a `GroupSlice`; then a block-wise format's scale slots (one
+    per quantized moment slot, `scale_of`), the temporal averages, the
+    beta products (scheduled betas) and `skipped_steps`, in that order
+    (Keras saves the optimizer's variables by index). Every write of a
+    step goes through `assign`/`assign_add`/`assign_sub`, which keep the
+    old value while a step is guarded (`keras_adam_plus.nonfinite`).
 
     Args:
         plan: The `plan.Plan`.
