@@ -158,6 +158,26 @@ def test_the_threshold_is_per_variable():
     every.build([small])
     assert keras.backend.standardize_dtype(
         every.variables[2].dtype) == "uint8"
+    # float64 weights keep float64 state, whatever their size.
+    with _x64():
+        wide = keras.Variable(np.ones((4096,), "float64"), dtype="float64",
+                              name="wide")
+        kept = AdamPlus(state_format="8bit")
+        kept.build([wide])
+        assert [keras.backend.standardize_dtype(v.dtype)
+                for v in kept.variables[2:]] == ["float64", "float64"]
+        assert "(1 float64)" in kept.describe()
+
+
+def _x64():
+    """JAX holds float64 only inside `enable_x64`."""
+    if BACKEND == "jax":
+        import jax
+
+        return jax.enable_x64(True)
+    import contextlib
+
+    return contextlib.nullcontext()
 
 
 def test_state_bytes_per_parameter():
@@ -336,6 +356,27 @@ def test_a_skipped_step_leaves_codes_and_scales(jit_compile):
     for path, value in before.items():
         if not path.endswith("skipped_steps"):
             np.testing.assert_array_equal(after[path], value, path)
+
+
+@pytest.mark.skipif(BACKEND == "tensorflow", reason="Keras has no "
+                    "stateless_apply on TensorFlow")
+def test_a_skipped_stateless_step_returns_codes_and_scales():
+    theta = keras.Variable(np.ones(SHAPE, "float32"), name="theta")
+    optimizer = AdamPlus(state_format="8bit", skip_nonfinite=True)
+    optimizer.build([theta])
+    state = [v.value for v in optimizer.variables]
+    good = ops.convert_to_tensor(np.full(SHAPE, 0.5, "float32"))
+    values, state = optimizer.stateless_apply(state, [good], [theta.value])
+    bad = np.full(SHAPE, 0.5, "float32")
+    bad[1, 2] = np.inf
+    after, new_state = optimizer.stateless_apply(
+        state, [ops.convert_to_tensor(bad)], values)
+    for variable, old, new in zip(optimizer.variables, state, new_state):
+        if variable is not optimizer.skipped_steps:
+            np.testing.assert_array_equal(_numpy(new), _numpy(old))
+    assert any(_numpy(x).dtype == np.uint8 and _numpy(x).any()
+               for x in new_state)
+    np.testing.assert_array_equal(_numpy(after[0]), _numpy(values[0]))
 
 
 EXECUTIONS = ["apply", "fit", pytest.param("fit_jit", marks=TORCH_JIT),
