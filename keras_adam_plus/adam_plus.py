@@ -11,6 +11,7 @@ from keras_adam_plus import (
     backends,
     gradients,
     groups,
+    lowbit,
     nonfinite,
     plan,
     rule,
@@ -72,6 +73,16 @@ class AdamPlus(keras.optimizers.Optimizer):
             them: `backends.jax_grouped`). Defaults to `False`.
         moment_dtype: `"float32"` keeps half-precision weights' state in
             float32. Defaults to `None`.
+        state_format: How m, v (v_max, u) are stored: `"native"` (the
+            weight's dtype, or `moment_dtype`) or `"8bit"`: uint8 codes on
+            bitsandbytes' dynamic maps plus one float32 absmax per block of
+            256 (Dettmers et al., 2022; ~2.03 bytes per parameter instead
+            of 8), decoded to float32 for the step and encoded once.
+            Defaults to `"native"`.
+        state_format_min_size: With `"8bit"`, variables of fewer elements
+            (and float64 ones, or those with a distribution layout) keep
+            the native format, as bitsandbytes' `min_8bit_size`. Defaults
+            to `4096`.
         weight_decay: lambda, >= 0, or a schedule. Defaults to `None`.
         weight_decay_mode: `"decoupled"`, `"decoupled_unscaled"`, `"l2"`.
             Defaults to `"decoupled"`.
@@ -107,6 +118,8 @@ class AdamPlus(keras.optimizers.Optimizer):
         "Incorporating Nesterov Momentum into Adam", ICLR 2016 workshop.
         Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR
         2019, https://arxiv.org/abs/1711.05101.
+        Dettmers et al., "8-bit Optimizers via Block-wise Quantization",
+        ICLR 2022, https://arxiv.org/abs/2110.02861 (`state_format`).
     """
 
     def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999,
@@ -120,6 +133,7 @@ class AdamPlus(keras.optimizers.Optimizer):
                  use_ema=False, ema_momentum=0.99,
                  ema_overwrite_frequency=None, loss_scale_factor=None,
                  gradient_accumulation_steps=None, name="adam_plus",
+                 state_format="native", state_format_min_size=4096,
                  **kwargs):
         base, own = validation.arguments(**{k: v for k, v in locals().items()
                                             if k not in ("self", "kwargs",
@@ -127,7 +141,9 @@ class AdamPlus(keras.optimizers.Optimizer):
         super().__init__(**base, **kwargs)
         for key, value in own.items():
             setattr(self, key, value)
-        self._state_format = storage.NATIVE  # of m, v (v_max), before build
+        # Of m, v (v_max), before build (tests may set another one).
+        self._state_format = storage.NATIVE if self.state_format == \
+            "native" else lowbit.Blockwise(self.state_format_min_size)
         self._pending_state = None  # a state loaded before build
         self._step = None  # this step's `plan.Step`, while it runs
 
@@ -166,8 +182,10 @@ class AdamPlus(keras.optimizers.Optimizer):
 
     def describe(self):
         """Each group's settings and the variables it took (once built)."""
-        return groups.describe(self._plan.settings, self._plan.setting_of,
-                               self._trainable_variables)
+        table = groups.describe(self._plan.settings, self._plan.setting_of,
+                                self._trainable_variables)
+        state = self._state_format.describe(self._trainable_variables)
+        return table if state is None else f"{table}\n{state}"
 
     def _face(self):
         """The state as every saving route sees it (`storage.Face`)."""

@@ -7,7 +7,8 @@
   variable's slot is a `GroupSlice`. Every write of a step goes through
   it, and keeps the old value while a step is guarded (`nonfinite`).
 - `Format`: how a slot stores values (the weight's dtype or
-  `moment_dtype` today), read into the compute dtype and written back
+  `moment_dtype`; block-wise 8-bit codes with a scale slot each,
+  `keras_adam_plus.lowbit`), read into the compute dtype and written back
   once per step (`read`, `write`, `put`, `SlotState`, `Target`).
 - The face every saving route sees (`Face`): the per-variable layout
   whatever the grouping, the kind of each value ("momentum", "velocity",
@@ -82,11 +83,12 @@ class Store:
     Made at build from the plan: per variable and kind a slot in the
     format's dtype with the variable's layout (its sharding), or, for a
     plan's groups (JAX), one flat slot per kind of which each variable's
-    slot is a `GroupSlice`; then the temporal averages, the beta products
-    (scheduled betas) and `skipped_steps`, in that order (Keras saves the
-    optimizer's variables by index). Every write of a step goes through
-    `assign`/`assign_add`/`assign_sub`, which keep the old value while a
-    step is guarded (`keras_adam_plus.nonfinite`).
+    slot is a `GroupSlice`; then a block-wise format's scale slots (one
+    per quantized moment slot, `scale_of`), the temporal averages, the
+    beta products (scheduled betas) and `skipped_steps`, in that order
+    (Keras saves the optimizer's variables by index). Every write of a
+    step goes through `assign`/`assign_add`/`assign_sub`, which keep the
+    old value while a step is guarded (`keras_adam_plus.nonfinite`).
 
     Args:
         plan: The `plan.Plan`.
@@ -113,6 +115,7 @@ class Store:
                                 var, plan.moment_dtype))
         self.m, self.v = columns[0], columns[1]
         self.v_max = columns[2] if plan.hyper.amsgrad else None
+        self.scales = self._add_scales(add_variable, names, columns)
         self.averages = None
         if plan.average_decay is not None:
             self.averages = self._add(
@@ -174,6 +177,26 @@ class Store:
             result.append(column)
         return result
 
+    def _add_scales(self, add_variable, names, columns):
+        """The scale slots of a block-wise format, after the moments':
+        `{id(codes slot): (scale slot, signed)}` (m's map is signed)."""
+        scales = {}
+        for name, column in zip(names, columns):
+            for var, slot in zip(self.variables, column):
+                shape = None if slot is None or isinstance(
+                    slot, GroupSlice) else self.format.scale_shape(var)
+                if shape is None:
+                    continue
+                scales[id(slot)] = (add_variable(
+                    shape, initializer="zeros", dtype="float32",
+                    name=f"{label(var).replace('/', '_')}_{name}_scale"),
+                    name == "momentum")
+        return scales
+
+    def scale_of(self, slot):
+        """`(scale slot, signed)` of a slot that keeps scales, or None."""
+        return self.scales.get(id(slot)) if self.scales else None
+
     def slots(self, index):
         """The m, v and v_max slots of variable `index` (v_max None)."""
         return [self.m[index], self.v[index],
@@ -192,6 +215,8 @@ class Store:
                 if s is not None:
                     s = s.flat if isinstance(s, GroupSlice) else s
                     found[id(s)] = s
+        for scale, _ in self.scales.values():
+            found[id(scale)] = scale
         return list(found.values())
 
     def entries(self, variables):
@@ -308,6 +333,7 @@ class Format:
 
     name = "native"
     native = True
+    scaled = False  # keeps block scales (see `scale_shape`)
 
     def slot_dtype(self, variable, moment_dtype):
         """The dtype of `variable`'s slots in this format."""
@@ -324,6 +350,28 @@ class Format:
         if keras.backend.standardize_dtype(value.dtype) == slot_dtype:
             return value
         return ops.cast(value, slot_dtype)
+
+    # Block-wise formats (`keras_adam_plus.lowbit`): a variable whose
+    # `scale_shape` is not None keeps, beside each moment slot (its codes),
+    # a float32 slot of that shape (its scales, a kind of its own, e.g.
+    # "momentum_scale"); such a slot is read and written whole through
+    # `decode_scaled`/`encode_scaled`, signed for m, unsigned for the rest.
+
+    def scale_shape(self, variable):
+        """The shape of `variable`'s scale slots, or None (none kept)."""
+        return None
+
+    def decode_scaled(self, codes, scales, dtype, signed):
+        """A slot's `codes` and `scales` as a tensor of `dtype`."""
+        raise NotImplementedError
+
+    def encode_scaled(self, value, signed):
+        """`(codes, scales)` of `value` (compute dtype)."""
+        raise NotImplementedError
+
+    def describe(self, variables):
+        """A line for `AdamPlus.describe()`, or None (the default)."""
+        return None
 
 
 NATIVE = Format()
@@ -345,6 +393,12 @@ def write(store, slot, old, increment, dtype):
 def put(store, slot, new, dtype):
     """Writes `new` (compute dtype) to `slot`, encoded once; returns it."""
     fmt, slot_dtype = store.format, dtype_of(slot)
+    scaled = store.scale_of(slot)
+    if scaled is not None:
+        codes, scales = fmt.encode_scaled(new, scaled[1])
+        store.assign(slot, codes)
+        store.assign(scaled[0], scales)
+        return new
     value = new if fmt.native and slot_dtype == dtype else fmt.encode(
         new, slot_dtype)
     if isinstance(slot, GroupSlice):
@@ -355,8 +409,13 @@ def put(store, slot, new, dtype):
     return new
 
 
-def read(slot, dtype, fmt=NATIVE):
-    """The slot's value in the compute dtype (decoded)."""
+def read(slot, dtype, fmt=NATIVE, scaled=None):
+    """The slot's value in the compute dtype (decoded); `scaled`: its
+    `(scale slot, signed)` where it keeps scales (`Store.scale_of`)."""
+    if scaled is not None:
+        return fmt.decode_scaled(ops.convert_to_tensor(slot),
+                                 ops.convert_to_tensor(scaled[0]), dtype,
+                                 scaled[1])
     value = slot.value_of(slot.flat.value) if isinstance(
         slot, GroupSlice) else slot
     if fmt.native and dtype_of(slot) == dtype:
@@ -434,7 +493,9 @@ class SlotState:
         sub_pieces(self.targets, delta)
 
     def read(self, kind):
-        return read(self.slots[kind], self.dtype, self.store.format)
+        slot = self.slots[kind]
+        return read(slot, self.dtype, self.store.format,
+                    self.store.scale_of(slot))
 
     def add(self, kind, old, increment):
         return write(self.store, self.slots[kind], old, increment,
@@ -618,6 +679,7 @@ def assign(face, values, saved_kinds, skip_scalars=False):
                 f"variable {variable.path} has shape {variable.shape}, "
                 f"the saved value has shape {np.shape(value)}."
             )
+        check_codes(face.name, variable, value)
     keep = set()
     if skip_scalars and saved_kinds is not None:
         keep = {id(v) for v in face.scalars.values()}
@@ -637,26 +699,69 @@ def assign(face, values, saved_kinds, skip_scalars=False):
 def logical(face, values, kinds_, encode=False):
     """`values` of the moment kinds decoded from (or, `encode`, into) the
     face's format: what `get_weights`/`set_weights` exchange, so that they
-    do not depend on the format (the default's values are as stored)."""
+    do not depend on the format (the default's values are as stored).
+
+    A block-wise format's `get_weights` are its stored values (codes and
+    scales: decoding and encoding again would move m where a block's
+    absmax is negative, the signed map having no -1); `set_weights` also
+    takes the decoded layout of a native optimizer (`encode`: `values`
+    lack the scales, which are encoded in their places): a conversion.
+    """
     fmt = face.format
-    if fmt.native:
+    if fmt.native or (fmt.scaled and not encode):
         return list(values)
-    result = []
-    for value, entry, kind in zip(values, face.entries, kinds_):
-        if kind in MOMENTS:
-            slot_dtype = dtype_of(entry)
-            dtype = "float64" if slot_dtype == "float64" else "float32"
-            tensor = ops.convert_to_tensor(np.asarray(value, dtype if encode
-                                                      else slot_dtype))
-            value = np.asarray(ops.convert_to_numpy(
-                fmt.encode(tensor, slot_dtype) if encode
-                else fmt.decode(tensor, dtype)))
-        result.append(value)
+    pairs = _scaled_pairs(face, kinds_)
+    scale_at = set(pairs.values())
+    if scale_at:
+        given = iter(values)
+        values = [None if i in scale_at else next(given)
+                  for i in range(len(face.entries))]
+    result = list(values)
+    for i, (value, entry, kind) in enumerate(zip(values, face.entries,
+                                                 kinds_)):
+        if kind not in MOMENTS:
+            continue
+        slot_dtype = dtype_of(entry)
+        if i in pairs:
+            signed = kind == "momentum"
+            codes, scales = fmt.encode_scaled(ops.convert_to_tensor(
+                np.asarray(value, "float32")), signed)
+            result[i] = np.asarray(ops.convert_to_numpy(codes))
+            result[pairs[i]] = np.asarray(ops.convert_to_numpy(scales))
+            continue
+        dtype = "float64" if slot_dtype == "float64" else "float32"
+        tensor = ops.convert_to_tensor(np.asarray(value, dtype if encode
+                                                  else slot_dtype))
+        result[i] = np.asarray(ops.convert_to_numpy(
+            fmt.encode(tensor, slot_dtype) if encode
+            else fmt.decode(tensor, dtype)))
     return result
 
 
+def _scaled_pairs(face, kinds_):
+    """`{position of a moment's codes: position of its scales}` in
+    `face.entries` (a scale slot is named as its codes, plus "_scale")."""
+    position = {entry.name: i for i, entry in enumerate(face.entries)}
+    pairs = {}
+    for i, (entry, kind) in enumerate(zip(face.entries, kinds_)):
+        j = position.get(entry.name + "_scale") if kind in MOMENTS else None
+        if j is not None:
+            pairs[i] = j
+    return pairs
+
+
+def logical_entries(face):
+    """`face.entries` less the scales of a block-wise format: the layout
+    of `get_weights`."""
+    if face.format.native:
+        return list(face.entries)
+    scale_at = set(_scaled_pairs(face, kinds(face)).values())
+    return [e for i, e in enumerate(face.entries) if i not in scale_at]
+
+
 def get_weights(face):
-    """`AdamPlus.get_weights`: the per-variable layout, decoded."""
+    """`AdamPlus.get_weights`: the per-variable layout, decoded (a
+    block-wise format's as stored: codes and scales)."""
     return logical(face, numpy_values(face.entries), kinds(face))
 
 
@@ -676,21 +781,30 @@ def set_weights(face, weights):
     `weights` may have the per-variable layout (`entries`, what
     `get_weights` returns and what an optimizer without groups has) or
     this optimizer's own `variables` (the legacy `.h5` format saves
-    those). Every shape is checked before anything is written.
+    those); a block-wise format also takes a native optimizer's values
+    (one per moment, no scales), and encodes them. Every shape is
+    checked before anything is written.
     """
     weights = [np.asarray(w) for w in weights]
-    for layout, name in ((face.entries, "per-variable"),
-                         (list(face.own), "own")):
+    layouts = [(logical_entries(face), "per-variable"),
+               (list(face.own), "own")]
+    if face.format.scaled:  # its stored values first (`get_weights`)
+        layouts.insert(0, (list(face.entries), "stored"))
+    mine = layouts[0][0]
+    for layout, name in layouts:
         if len(layout) == len(weights) and all(
                 tuple(v.shape) == w.shape for v, w in zip(layout, weights)):
-            if name == "own":
+            if name == "stored":
+                assign(face, weights, None)
+            elif name == "own":
+                for variable, value in zip(layout, weights):
+                    check_codes(face.name, variable, value)
                 for variable, value in zip(layout, weights):
                     variable.assign(value)
             else:
                 assign(face, logical(face, weights, kinds(face),
                                      encode=True), None)
             return
-    mine = face.entries
     first = next((i for i, (v, w) in enumerate(zip(mine, weights))
                   if tuple(v.shape) != w.shape), min(len(mine),
                                                      len(weights)))
@@ -703,6 +817,18 @@ def set_weights(face, weights):
         f"{len(weights)}" + (f"; {where}" if where else "") + ". Nothing "
         "was assigned."
     )
+
+
+def check_codes(name, variable, value):
+    """Refuses a float value for a slot of 8-bit codes, or codes for a
+    float slot (a state saved with another `state_format_min_size`)."""
+    codes = dtype_of(variable) == "uint8"
+    if codes != (np.asarray(value).dtype == np.uint8):
+        raise ValueError(
+            f"Cannot load the state of optimizer '{name}': variable "
+            f"{variable.path} keeps {dtype_of(variable)} values, the saved "
+            f"value is {np.asarray(value).dtype} (a state saved with "
+            "another state_format or state_format_min_size).")
 
 
 def check_format(face, saved):
@@ -739,9 +865,13 @@ def load(face, store, plan, use_ema, accumulates):
         "beta_2_power": plan.betas_scheduled,
         "skipped_steps": plan.skip_nonfinite, "average": use_ema,
         "gradient_accumulator": accumulates}
+    # A block-wise format keeps scales only for large enough variables.
+    scales = {f"{k}_scale" for k in MOMENTS} if face.format.scaled \
+        else set()
     check_kinds_before_build(face.name, saved_kinds, {
         "iteration", "momentum", "velocity"} | {
-        k for k, on in optional.items() if on})
+        k for k, on in optional.items() if on} | (
+        scales & set(saved_kinds or ())))
     assign_scalars(face.scalars, values, saved_kinds)
     return values, saved_kinds
 

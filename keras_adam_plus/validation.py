@@ -260,6 +260,7 @@ def check_name(value):
 
 EPSILON_MODES = ("paper", "hat")
 MOMENT_DTYPES = ("float32",)
+STATE_FORMATS = ("native", "8bit")
 WEIGHT_DECAY_MODES = ("decoupled", "decoupled_unscaled", "l2")
 
 
@@ -268,7 +269,7 @@ OWN = ("beta_1", "beta_2", "epsilon", "epsilon_mode", "amsgrad",
        "bias_correction", "adamax", "nesterov", "skip_nonfinite",
        "lazy_sparse", "group_small_variables", "moment_dtype",
        "average_decay", "weight_decay_mode", "weight_decay_exclude",
-       "variable_groups")
+       "variable_groups", "state_format", "state_format_min_size")
 
 
 def arguments(learning_rate, beta_1, beta_2, epsilon, epsilon_mode, amsgrad,
@@ -278,7 +279,8 @@ def arguments(learning_rate, beta_1, beta_2, epsilon, epsilon_mode, amsgrad,
               weight_decay_exclude, variable_groups, clipnorm, clipvalue,
               global_clipnorm,
               use_ema, ema_momentum, ema_overwrite_frequency,
-              loss_scale_factor, gradient_accumulation_steps, name):
+              loss_scale_factor, gradient_accumulation_steps, name,
+              state_format="native", state_format_min_size=4096):
     """Checks every argument of `AdamPlus`; returns `(base, own)`.
 
     `base`: the keyword arguments of `keras.optimizers.Optimizer`; `own`:
@@ -332,6 +334,10 @@ def arguments(learning_rate, beta_1, beta_2, epsilon, epsilon_mode, amsgrad,
                                        weight_decay_mode, WEIGHT_DECAY_MODES),
         weight_decay_exclude=check_patterns("weight_decay_exclude",
                                             weight_decay_exclude),
+        state_format=check_choice("state_format", state_format,
+                                  STATE_FORMATS),
+        state_format_min_size=check_int("state_format_min_size",
+                                        state_format_min_size, 0),
     )
     scheduled = not all(isinstance(own[b], float)
                         for b in ("beta_1", "beta_2"))
@@ -347,6 +353,18 @@ def arguments(learning_rate, beta_1, beta_2, epsilon, epsilon_mode, amsgrad,
     from keras_adam_plus import groups
 
     own["variable_groups"] = groups.check(variable_groups, scheduled)
+    if own["state_format"] != "native":
+        for flag, why in (
+                ("lazy_sparse", "sparse rows would need their blocks "
+                 "decoded and encoded whole"),
+                ("group_small_variables", "flat groups would share blocks "
+                 "across variables")):
+            if own[flag]:
+                raise ValueError(
+                    f"Argument `state_format` {own['state_format']!r} "
+                    f"cannot combine with `{flag}=True` yet ({why}). "
+                    f"Received: state_format={own['state_format']!r}, "
+                    f"{flag}=True")
     if own["adamax"] and own["amsgrad"]:
         raise ValueError(
             "Arguments `adamax` and `amsgrad` cannot both be True: "

@@ -136,3 +136,53 @@ def run_reference_average(config, params, grad_steps, decay):
                     for a, p in zip(averages, params)]
     t = len(grad_steps)
     return params, [a / (1 - decay**t) for a in averages]
+
+
+# ------------------------------------------------- 8-bit block-wise state --
+# Dettmers et al., "8-bit Optimizers via Block-wise Quantization" (ICLR
+# 2022, Section 2): blocks of 256 elements, each scaled by its absmax and
+# each value stored as the index of the nearest entry of a "dynamic tree"
+# map (bitsandbytes' create_dynamic_map: per decimal exponent 10**-6 ...
+# 10**0, evenly spaced fractions in [0.1, 1], more of them for larger
+# exponents; m signed, v unsigned), here all in float64.
+
+def reference_dynamic_map(signed):
+    """The 256 map entries, ascending, in float64."""
+    entries = {0.0, 1.0}
+    for exponent in range(-6, 1):
+        count = 2 ** (exponent + 6) * (1 if signed else 2)
+        fractions = 0.1 + 0.9 * (np.arange(count) + 0.5) / count
+        for value in fractions * 10.0 ** exponent:
+            entries.add(float(value))
+            if signed:
+                entries.add(-float(value))
+    table = np.array(sorted(entries))
+    assert table.shape == (256,)
+    return table
+
+
+def reference_quantize(values, signed, block=256):
+    """`(codes, scales)`: per block of the flattened `values` its absmax,
+    and per value the index of the nearest map entry to value / absmax
+    (the larger one on a tie); an all-zero block has scale 0."""
+    table = reference_dynamic_map(signed)
+    flat = np.asarray(values, np.float64).reshape(-1)
+    codes = np.zeros(flat.shape, np.int64)
+    scales = []
+    for start in range(0, flat.size, block):
+        piece = flat[start:start + block]
+        scale = np.abs(piece).max()
+        scales.append(scale)
+        normalized = piece / scale if scale > 0 else np.zeros_like(piece)
+        distance = np.abs(normalized[:, None] - table[None, :])
+        # argmin takes the first minimum: search the reversed table.
+        codes[start:start + block] = 255 - np.argmin(distance[:, ::-1], 1)
+    return codes.reshape(np.shape(values)), np.array(scales)
+
+
+def reference_dequantize(codes, scales, signed, block=256):
+    """map[code] * the scale of the code's block, in float64."""
+    table = reference_dynamic_map(signed)
+    flat = np.asarray(codes).reshape(-1).astype(np.int64)
+    per_value = np.repeat(np.asarray(scales, np.float64), block)[:flat.size]
+    return (table[flat] * per_value).reshape(np.shape(codes))

@@ -40,6 +40,10 @@ MODES = {
     # is the micro-step variable (found by review: pickle and a load
     # before build raised).
     "accumulate": dict(gradient_accumulation_steps=2),
+    # Codes and scales (every variable: this model's are small); the
+    # default layout only (8-bit state refuses group_small_variables).
+    "8bit": dict(state_format="8bit", state_format_min_size=0,
+                 amsgrad=True, skip_nonfinite=True),
 }
 ROUTES = ("keras_file", "weights_h5", "legacy_h5", "pickle", "set_weights",
           "state_tree", "orbax", "backup_and_restore") + (
@@ -152,6 +156,8 @@ def _cells():
             for layout in LAYOUTS:
                 if route in ("set_weights", "pickle") and mode == "loss_scale":
                     continue  # LossScaleOptimizer has neither
+                if mode == "8bit" and layout != ("one", "one"):
+                    continue
                 marks = []
                 if route in BROKEN_IN_KERAS:
                     marks = [pytest.mark.xfail(

@@ -46,7 +46,16 @@ def fast_path(plan, variables, store):
 
 
 def describe(plan, variables, store):
-    """`AdamPlus.fast_path`: the path's name, with the fallback reason."""
+    """`AdamPlus.fast_path`: the path's name, with the fallback reason
+    (a state format other than the native one is always named)."""
+    text = _describe(plan, variables, store)
+    fmt = plan.state_format
+    if fmt is None or fmt.native or "state format" in text:
+        return text
+    return f"{text} (state format {fmt.name!r})"
+
+
+def _describe(plan, variables, store):
     module = _module()
     if module is None:
         return "generic"
