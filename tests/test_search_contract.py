@@ -20,6 +20,7 @@ from tests.test_tuning import QUICK, once_on
 from tuning import SearchSpace, rundir, seeds, sweep, tuners
 from tuning.benchmarks import BENCHMARKS
 from tuning.datasets import Data
+from tuning.errors import quoted
 from tuning.hypermodel import AdamPlusHyperModel
 from tuning.search_space import TUNABLE
 
@@ -274,7 +275,8 @@ def test_a_damaged_file_is_one_line_naming_it(tmp_path, capsys):
                         line.startswith("warning: ") for line in lines)
                 else:
                     assert (code, len(lines)) == (1, 1), (name, how, err)
-                    assert lines[0].startswith(f"{PROG}: error: {path} ")
+                    assert lines[0].startswith((f"{PROG}: error: {path} ",
+                                                f"{PROG}: error: {quoted(path)} "))
                     assert "--overwrite" in lines[0]
             if goes_on:
                 trials = json.loads((run / "trials.json").read_text())
