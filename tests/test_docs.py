@@ -97,9 +97,9 @@ def _args(obj):
 
 
 # Public callables whose every defaulted argument says "Defaults to ..."
-# (STYLE.md 6). SearchSpace and AdamPlusHyperModel join once the branch
-# adding `layer_decay` to them has merged (their docstrings change there).
-DEFAULTS_STATED = [tuning.sweep, tuning.confirm, keras_adam_plus.BetaDecay]
+# (STYLE.md 6).
+DEFAULTS_STATED = [tuning.sweep, tuning.confirm, keras_adam_plus.BetaDecay,
+                   tuning.SearchSpace, tuning.AdamPlusHyperModel]
 
 
 @pytest.mark.parametrize("obj", DEFAULTS_STATED,

@@ -250,7 +250,8 @@ def test_a_damaged_file_is_one_line_naming_it(tmp_path, capsys):
     assert _main(["--directory", str(base), *ARGS], capsys)[0] == 0
     for name, goes_on in FILES:
         for how, damage in DAMAGES.items():
-            run = tmp_path / f"{name.replace('/', '_')}-{how}"
+            # A space in the path: every message quotes it the same way.
+            run = tmp_path / f"{name.replace('/', '_')} {how}"
             shutil.copytree(base, run)
             path = run / name
             if callable(damage):
@@ -267,7 +268,7 @@ def test_a_damaged_file_is_one_line_naming_it(tmp_path, capsys):
                     continue
                 # A sidecar that parses as an object is read for what it
                 # holds; anything else is named.
-                assert all(str(path) in line for line in lines) and (
+                assert all(quoted(path) in line for line in lines) and (
                     lines or name.endswith(rundir.SIDECAR)), (
                     name, how, argv[0], err)
                 if goes_on:
@@ -275,8 +276,8 @@ def test_a_damaged_file_is_one_line_naming_it(tmp_path, capsys):
                         line.startswith("warning: ") for line in lines)
                 else:
                     assert (code, len(lines)) == (1, 1), (name, how, err)
-                    assert lines[0].startswith((f"{PROG}: error: {path} ",
-                                                f"{PROG}: error: {quoted(path)} "))
+                    assert lines[0].startswith(
+                        f"{PROG}: error: {quoted(path)} ")
                     assert "--overwrite" in lines[0]
             if goes_on:
                 trials = json.loads((run / "trials.json").read_text())

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tuning.errors import TuningError
+from tuning.errors import TuningError, quoted
 
 IDX_FILES = (
     "train-images-idx3-ubyte.gz",
@@ -154,7 +154,8 @@ def read_idx(path):
         data = f.read()
     magic = int.from_bytes(data[0:4], "big")
     if magic not in (2049, 2051):
-        raise ValueError(f"{path} is not a uint8 IDX file (magic {magic})")
+        raise ValueError(
+            f"{quoted(path)} is not a uint8 IDX file (magic {magic})")
     ndim = magic & 0xFF
     shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big")
                   for i in range(ndim))

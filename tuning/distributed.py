@@ -34,7 +34,7 @@ from keras_tuner.src.distribute.oracle_chief import OracleServicer
 from keras_tuner.src.engine.oracle import synchronized
 
 from tuning import report, rundir
-from tuning.errors import TuningError
+from tuning.errors import TuningError, quoted
 
 CHIEF = "chief.json"
 # A worker's sign of life to the chief, and how long the chief waits for
@@ -170,7 +170,8 @@ def check_chief(directory, settings, wait_s=JOIN_WAIT_S):
         time.sleep(POLL_S)
     else:
         raise TuningError(
-            f"no chief serving port {port} wrote {path} within {wait_s:g} s; "
+            f"no chief serving port {port} wrote {quoted(path)} within "
+            f"{wait_s:g} s; "
             "--directory must be the chief's run folder, shared with it")
     differences = rundir.settings_differences(
         chief["settings"], settings, now="here")

@@ -16,17 +16,21 @@ class AdamPlusHyperModel(keras_tuner.HyperModel):
     Args:
         benchmark: A `tuning.benchmarks.Benchmark`.
         input_shape: Shape of one example (without the batch axis).
-        space: The `SearchSpace`; defaults to all four hyperparameters.
-        batch_size: Batch size of `fit`.
+        space: The `SearchSpace`. Defaults to `None`: `SearchSpace()`,
+            the four hyperparameters of the paper.
+        batch_size: Batch size of `fit`. Defaults to `32`.
         epochs: Epochs of `fit` (Hyperband overrides it per trial).
+            Defaults to `1`.
         seed: Seed set before every build: every trial starts from the same
             initial weights and sees the same dropout masks and batches.
+            Defaults to `0`.
         verbose: `fit`'s verbosity: 0 silent, 1 a progress bar, 2 one line
             per epoch. Defaults to `0`.
         pretrain_data: For a benchmark with a `pretrain` setting: the
             `(x, y)` its backbone is pretrained on
             (`tuning.datasets.Data.pretrain`), once per seed
-            (`tuning.pretrain`).
+            (`tuning.pretrain`). Defaults to `None` (required only by such
+            a benchmark).
     """
 
     def __init__(self, benchmark, input_shape, space=None, batch_size=32,

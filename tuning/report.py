@@ -19,6 +19,7 @@ from importlib import metadata
 from pathlib import Path
 
 from tuning import benchmarks, rundir
+from tuning.errors import quoted
 from tuning.search_space import (
     LAYERWISE,
     MODE_DEFAULTS,
@@ -159,7 +160,7 @@ def _trial(trial_dir, space, settings):
     if state is None and not state_path.exists():
         return None
     if not isinstance(side, dict):
-        print(f"warning: {trial_dir / rundir.SIDECAR} is not a trial's "
+        print(f"warning: {quoted(trial_dir / rundir.SIDECAR)} is not a trial's "
               "record; its seed, history and error are not shown",
               file=sys.stderr, flush=True)
         side = {}
@@ -169,8 +170,8 @@ def _trial(trial_dir, space, settings):
         and isinstance(state["hyperparameters"].get("values"), dict)
         and isinstance(state.get("status"), str)
     ):
-        print(f"warning: {state_path} is not a trial's state; its trial "
-              "counts as interrupted: a resume runs it again",
+        print(f"warning: {quoted(state_path)} is not a trial's state; its "
+              "trial counts as interrupted: a resume runs it again",
               file=sys.stderr, flush=True)
         state = None
     if state is None:

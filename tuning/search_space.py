@@ -58,16 +58,20 @@ class SearchSpace:
     Args:
         tune: Names (of `NAMES`: `TUNABLE` and `LAYERWISE`) that are
             searched; the others are fixed at `fixed` or the paper's
-            defaults (one learning rate for every layer).
+            defaults (one learning rate for every layer). Defaults to
+            `TUNABLE` (learning_rate, beta_1, beta_2, epsilon).
         ranges: Overrides of `DEFAULT_RANGES`, name -> (low, high) in the
-            hyperparameter's own units (beta, not 1 - beta).
+            hyperparameter's own units (beta, not 1 - beta). Defaults to
+            `{}` (`DEFAULT_RANGES` for every name).
         fixed: AdamPlus keyword arguments (or `layer_decay`,
-            `head_multiplier`) fixed for every trial.
+            `head_multiplier`) fixed for every trial. Defaults to `{}`.
         modes: Whether to also search `amsgrad`, `epsilon_mode` and weight
-            decay (a mode, then, conditionally, its coefficient).
+            decay (a mode, then, conditionally, its coefficient). Defaults
+            to `False`.
         grid_steps: For GridSearch, the log-spaced steps per decade count:
             each tuned hyperparameter takes values a factor `10**(1/n)`
-            apart.
+            apart; 0 declares continuous ranges (the other tuners). Defaults
+            to `0`.
     """
 
     tune: tuple = TUNABLE

@@ -28,7 +28,7 @@ from keras_tuner.src.engine import tuner_utils
 
 from tuning import report, rundir, seeds, workers
 from tuning.distributed import Leases
-from tuning.errors import check_interrupt
+from tuning.errors import check_interrupt, quoted
 from tuning.hypermodel import Diverged
 from tuning.report import epochs_text
 from tuning.search_space import format_value, modes_text
@@ -76,9 +76,9 @@ class _AtomicState:
     def reload(self):
         path = Path(self._get_oracle_fname())
         damaged = rundir.DamagedFile(
-            f"{path} is not a search's oracle state (damaged, or from another "
-            "program); rerun with --overwrite to start afresh, or choose "
-            "another --directory")
+            f"{quoted(path)} is not a search's oracle state (damaged, or from "
+            "another program); rerun with --overwrite to start afresh, or "
+            "choose another --directory")
         if not isinstance(rundir.read_json_strict(
                 path, "rerun with --overwrite to start afresh, or choose "
                 "another --directory"), dict):
@@ -87,8 +87,8 @@ class _AtomicState:
         for path in sorted(Path(self._project_dir).glob("trial_*/trial.json")):
             state = rundir.read_json(path, "its trial is run again")
             if state is not None and not _is_trial(state):
-                print(f"warning: {path} is not a trial's state; its trial "
-                      "is run again", file=sys.stderr, flush=True)
+                print(f"warning: {quoted(path)} is not a trial's state; its "
+                      "trial is run again", file=sys.stderr, flush=True)
             if not _is_trial(state):
                 rerun.append(self._recover(path))
         try:
