@@ -6,6 +6,9 @@ model that trained the 2 steps straight (keras Adam restores to round-off; a
 lost m or v shows as ~1e-2). Layouts: every backend's default (one slot
 per variable); on JAX also `group_small_variables=True` (flat slots,
 `backends/jax_grouped.py`), and the state moves between the two both ways.
+The default layout walks every route x mode; the grouped layouts are
+sampled by pairs (`tests/pairwise.py`: every route meets every mode and
+every layout, every mode every layout).
 
 Orbax: Keras's `OrbaxCheckpoint` callback and `load_weights` of its folder
 (both through the state tree), skipped where orbax-checkpoint is not
@@ -26,6 +29,7 @@ import numpy as np
 import pytest
 
 from keras_adam_plus import AdamPlus
+from tests.pairwise import all_pairs
 
 BACKEND = keras.backend.backend()
 LAYOUTS = [("one", "one")] + ([("grouped", "grouped"), ("grouped", "one"),
@@ -150,25 +154,34 @@ def _orbax_save(model, folder):
     saving.wait_until_finished()
 
 
+def _possible(cell):
+    route, mode, layout = cell
+    # LossScaleOptimizer has neither route; 8-bit state refuses grouping.
+    return not ((route in ("set_weights", "pickle") and mode == "loss_scale")
+                or (mode == "8bit" and layout != ("one", "one")))
+
+
 def _cells():
-    for route in ROUTES:
-        for mode in MODES:
-            for layout in LAYOUTS:
-                if route in ("set_weights", "pickle") and mode == "loss_scale":
-                    continue  # LossScaleOptimizer has neither
-                if mode == "8bit" and layout != ("one", "one"):
-                    continue
-                marks = []
-                if route in BROKEN_IN_KERAS:
-                    marks = [pytest.mark.xfail(
-                        strict=True, raises=ValueError, reason="Keras's "
-                        "legacy .h5 loader (see BROKEN_IN_KERAS)")]
-                elif layout[0] != layout[1] and (route, mode) in LOST:
-                    marks = [pytest.mark.xfail(
-                        strict=True, reason="Keras matches grouped flat "
-                        "slots by path or index (see the module docstring)")]
-                yield pytest.param(route, mode, layout, marks=marks,
-                                   id=f"{route}-{mode}-{'_to_'.join(layout)}")
+    # The default layout: every route x mode. JAX's opt-in grouped layouts
+    # (and the moves between them): sampled by pairs, every route with
+    # every mode and every layout, every mode with every layout.
+    default = [(route, mode, LAYOUTS[0]) for route in ROUTES
+               for mode in MODES]
+    grouped = all_pairs([ROUTES, list(MODES), LAYOUTS[1:]], _possible) if (
+        len(LAYOUTS) > 1) else []
+    for route, mode, layout in default + grouped:
+        if _possible((route, mode, layout)):
+            marks = []
+            if route in BROKEN_IN_KERAS:
+                marks = [pytest.mark.xfail(
+                    strict=True, raises=ValueError, reason="Keras's "
+                    "legacy .h5 loader (see BROKEN_IN_KERAS)")]
+            elif layout[0] != layout[1] and (route, mode) in LOST:
+                marks = [pytest.mark.xfail(
+                    strict=True, reason="Keras matches grouped flat "
+                    "slots by path or index (see the module docstring)")]
+            yield pytest.param(route, mode, layout, marks=marks,
+                               id=f"{route}-{mode}-{'_to_'.join(layout)}")
 
 
 @pytest.mark.parametrize("route, mode, layout", list(_cells()))
