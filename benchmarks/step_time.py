@@ -61,7 +61,10 @@ GPU_CASES = {
 # On a GPU the rows that the issues' GPU tables ask for (the others are
 # CPU-only to keep the run inside a short lease).
 GPU_VARIANTS = ("keras Adam", "AdamPlus", "AdamPlus skip_nonfinite",
-                "AdamPlus grouped", "AdamPlus 4 groups")
+                "AdamPlus grouped", "AdamPlus 4 groups", "AdamPlus 8bit")
+# `--variant`: the keras variants to time (None: all); the frameworks' own
+# Adam rows are timed only when no variant is chosen.
+SELECTED = None
 # Steps per timed sample on a GPU: one synchronisation per sample, so
 # that the host's wait is not counted in every step.
 GPU_BATCH = 10
@@ -243,6 +246,9 @@ def keras_variants():
         # variable_groups: the variables in 4 groups of other settings
         # (a quarter each); its ratio is to AdamPlus (one group).
         "AdamPlus 4 groups": (_four_groups, "AdamPlus"),
+        # 8-bit block-wise state (keras_adam_plus.lowbit); its ratio is to
+        # AdamPlus with float32 state.
+        "AdamPlus 8bit": (lambda: AdamPlus(state_format="8bit"), "AdamPlus"),
     }
 
 
@@ -266,6 +272,14 @@ def _four_groups():
             super().build(var_list)
 
     return FourGroups()
+
+
+def keras_variants_labels():
+    """The labels of `keras_variants`, without importing Keras."""
+    return ("keras Adam", "AdamPlus", "keras Adam amsgrad",
+            "AdamPlus amsgrad", "keras AdamW", "AdamPlus wd",
+            "AdamPlus skip_nonfinite", "AdamPlus grouped",
+            "AdamPlus 4 groups", "AdamPlus 8bit")
 
 
 def peer_of(label, labels):
@@ -308,6 +322,8 @@ def _variants():
         del variants["AdamPlus grouped"]
     if accelerator():
         variants = {k: v for k, v in variants.items() if k in GPU_VARIANTS}
+    if SELECTED:
+        variants = {k: v for k, v in variants.items() if k in SELECTED}
     return variants
 
 
@@ -334,8 +350,9 @@ def run_torch(sizes, repeats):
         steps[label] = (
             lambda o=optimizer, v=variables: o.apply(grads, v), sync
         )
-    for label, kwargs in (("torch Adam foreach", {"foreach": True}),
-                          ("torch Adam fused", {"fused": True})):
+    for label, kwargs in () if SELECTED else (
+            ("torch Adam foreach", {"foreach": True}),
+            ("torch Adam fused", {"fused": True})):
         params = [torch.zeros(n, device=device, requires_grad=True)
                   for n in sizes]
         for p, g in zip(params, grads):
@@ -446,6 +463,8 @@ def run_jax(sizes, repeats):
     try:
         import optax
     except ImportError:
+        return _measure(steps, repeats)
+    if SELECTED:
         return _measure(steps, repeats)
     tx = optax.adam(1e-3)
     state = {"p": [jnp.zeros((n,)) for n in sizes]}
@@ -684,16 +703,22 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=None,
                    help="timed steps per measurement (default 30, quick 5)")
     p.add_argument("--case", action="append",
-                   choices=list(CASES) + list(GPU_CASES),
+                   choices=list(CASES) + list(QUICK_CASES) + list(GPU_CASES),
                    help="case(s) to run (default: all; not the embedding)")
     p.add_argument("--no-fit", action="store_true",
                    help="skip the model.fit timing")
     p.add_argument("--no-steps", action="store_true",
                    help="skip the optimizer steps (only model.fit)")
+    p.add_argument("--variant", action="append",
+                   choices=list(keras_variants_labels()),
+                   help="keras variant row(s) to time (default: all, and "
+                        "the frameworks' own Adam)")
     p.add_argument("--json", metavar="FILE", help="also write the tables")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     repeats = args.repeats or (5 if args.quick else 30)
+    global SELECTED
+    SELECTED = args.variant
     if args.worker:
         print("@@" + json.dumps(worker(args.quick, repeats, args.case,
                                        not args.no_fit, not args.no_steps)),
@@ -705,7 +730,8 @@ def main(argv=None):
                str(repeats)] + (["--quick"] if args.quick else []) + [
             f"--case={case}" for case in args.case or []] + (
             ["--no-fit"] if args.no_fit else []) + (
-            ["--no-steps"] if args.no_steps else [])
+            ["--no-steps"] if args.no_steps else []) + [
+            f"--variant={label}" for label in args.variant or []]
         # On a GPU, JAX takes its memory as it goes, as torch does (the
         # floor is probed through torch on the same GPU).
         env = dict(os.environ, KERAS_BACKEND=backend,

@@ -1,0 +1,75 @@
+"""benchmarks/step_time.py: its rows, their peers and the `--variant` run.
+
+The benchmark prints same-run ratios (issue 24's 4 groups against one
+group, 8-bit state against float32 state); these tests check that a
+chosen row is timed beside its peer and that the labels the command line
+offers are the rows that exist, not how fast anything is.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import pytest
+
+from tests.test_tuning import once_on
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location(
+    "step_time", ROOT / "benchmarks" / "step_time.py")
+step_time = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(step_time)
+
+
+def test_the_command_line_offers_every_row_and_each_peer_exists():
+    variants = step_time.keras_variants()
+    assert tuple(variants) == step_time.keras_variants_labels()
+    for label, (_, peer) in variants.items():
+        assert peer is None or peer in variants, label
+    assert step_time.peer_of("AdamPlus 4 groups (XLA)", [
+        "AdamPlus (XLA)", "AdamPlus 4 groups (XLA)"]) == "AdamPlus (XLA)"
+    assert step_time.peer_of("AdamPlus 8bit", ["AdamPlus"]) == "AdamPlus"
+
+
+# The command line is backend-independent: one backend's run checks it.
+@once_on("jax")
+def test_a_chosen_row_is_timed_beside_its_peer_only(tmp_path):
+    backend = keras.backend.backend()
+    out = tmp_path / "tables.json"
+    process = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "step_time.py"),
+         "--backend", backend, "--quick", "--repeats", "1", "--no-fit",
+         "--case", "1M x 100", "--variant", "AdamPlus",
+         "--variant", "AdamPlus 8bit", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert process.returncode == 0, process.stderr[-2000:]
+    (table,) = json.loads(out.read_text())
+    (row,) = table["rows"]
+    assert row["case"] == "1M x 100"
+    labels = {label.split(" (")[0] for label in row["times"]}
+    assert labels == {"AdamPlus", "AdamPlus 8bit"}
+    assert all(seconds > 0 for seconds in row["times"].values())
+    assert "| 1M x 100 | AdamPlus 8bit" in process.stdout
+
+
+@pytest.mark.parametrize("argv", [["--variant", "nope"],
+                                  ["--case", "nope"]])
+def test_an_unknown_row_or_case_is_refused(argv, capsys):
+    with pytest.raises(SystemExit) as exit:
+        step_time.main(argv)
+    assert exit.value.code == 2
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", list(step_time.QUICK_CASES))
+def test_the_quick_cases_are_choices_of_case(case, capsys):
+    # Were refused by `--case` although `--quick` runs them; `--help`
+    # stops the run once `--case` has been read.
+    with pytest.raises(SystemExit) as exit:
+        step_time.main(["--case", case, "--quick", "--help"])
+    assert exit.value.code == 0, capsys.readouterr().err
