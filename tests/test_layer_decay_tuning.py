@@ -11,6 +11,7 @@ import keras_tuner
 import numpy as np
 import pytest
 
+import keras_adam_plus
 from keras_adam_plus import AdamPlus, layer_decay_groups
 from tests.test_tuning import once_on
 from tuning import SearchSpace, pretrain
@@ -128,6 +129,9 @@ def test_the_backbone_is_pretrained_once_per_seed_and_cached(
     assert key != pretrain._key(bench, (28, 28, 1), source, 4)
     assert key != pretrain._key(bench, (28, 28, 1),
                                 (source[0], source[1][::-1]), 3)
+    # Another AdamPlus pretrains another backbone.
+    monkeypatch.setattr(keras_adam_plus, "__version__", "0.0.0-other")
+    assert key != pretrain._key(bench, (28, 28, 1), source, 3)
     model = bench.build((28, 28, 1), backbone=first)
     assert np.array_equal(model.get_layer("conv1").get_weights()[0],
                           first[0])

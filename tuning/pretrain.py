@@ -11,7 +11,8 @@ learning rate, then layer-wise decay) fine-tune the same backbones.
 The weights are kept in memory and in
 `$KERAS_HOME/tuning_pretrained/<benchmark>-<key>.npz` (written
 atomically), where `key` hashes what decides them: the data, the seed, the
-pretraining setting, the backend and the Keras version.
+pretraining setting, the backend, and the versions of Keras and of this
+package (whose AdamPlus pretrains).
 """
 
 import dataclasses
@@ -95,6 +96,8 @@ def _key(benchmark, input_shape, source, seed):
     """A hash of everything that decides the pretrained weights."""
     import keras
 
+    import keras_adam_plus
+
     digest = hashlib.sha256()
     for array in source:
         array = np.ascontiguousarray(array)
@@ -103,5 +106,5 @@ def _key(benchmark, input_shape, source, seed):
     digest.update(json.dumps([
         benchmark.name, list(input_shape), int(seed),
         dataclasses.astuple(benchmark.pretrain), keras.backend.backend(),
-        keras.__version__]).encode())
+        keras.__version__, keras_adam_plus.__version__]).encode())
     return digest.hexdigest()[:16]
