@@ -1,9 +1,11 @@
-"""benchmarks/step_time.py: its rows, their peers and the `--variant` run.
+"""benchmarks/: the scripts run and print what they claim to measure.
 
-The benchmark prints same-run ratios (issue 24's 4 groups against one
-group, 8-bit state against float32 state); these tests check that a
-chosen row is timed beside its peer and that the labels the command line
-offers are the rows that exist, not how fast anything is.
+step_time.py prints same-run ratios (issue 24's 4 groups against one
+group, 8-bit state against float32 state): a chosen row is timed beside
+its peer and the labels the command line offers are the rows that exist,
+not how fast anything is. low_bit_quality.py trains each state format from
+the same start: its smoke run gives a row per format with the ratio to
+float32 state.
 """
 
 import importlib.util
@@ -19,10 +21,18 @@ import pytest
 from tests.test_tuning import once_on
 
 ROOT = Path(__file__).resolve().parent.parent
-spec = importlib.util.spec_from_file_location(
-    "step_time", ROOT / "benchmarks" / "step_time.py")
-step_time = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(step_time)
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(
+        name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+step_time = _script("step_time")
+low_bit_quality = _script("low_bit_quality")
 
 
 def test_the_command_line_offers_every_row_and_each_peer_exists():
@@ -73,3 +83,25 @@ def test_the_quick_cases_are_choices_of_case(case, capsys):
     with pytest.raises(SystemExit) as exit:
         step_time.main(["--case", case, "--quick", "--help"])
     assert exit.value.code == 0, capsys.readouterr().err
+
+
+@once_on("tensorflow")
+def test_the_quality_smoke_run_gives_each_format_a_ratio(tmp_path):
+    out = tmp_path / "rows.json"
+    process = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "low_bit_quality.py"),
+         "--backend", keras.backend.backend(), "--small", "--model",
+         "transformer", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert process.returncode == 0, process.stderr[-2000:]
+    rows = json.loads(out.read_text())[keras.backend.backend()]
+    formats = [row["format"] for row in rows]
+    assert formats[0] == "native" and "8bit" in formats
+    for row in rows:
+        assert not row["diverged"] and 1.0 < row["loss"] < 10.0
+    bytes_ = {row["format"]: row["bytes_per_param"] for row in rows}
+    # Two float32 moments; the step count's few bytes round away.
+    assert abs(bytes_["native"] - 8.0) < 0.01
+    assert bytes_["8bit"] < 2.5
+    assert "| transformer | 8bit |" in process.stdout
