@@ -117,10 +117,10 @@ BAD_OPTIONS = [
      "argument --tune: invalid choice: 'layer_decy' (choose from "
      "'learning_rate', 'beta_1', 'beta_2', 'epsilon', 'layer_decay', "
      "'head_multiplier')"),
+    # Was in the API's words ("Argument `tune` names ...").
     (["--benchmark", "mnist_logreg", "--tune", "layer_decay"],
-     "Argument `tune` names layer_decay, but benchmark mnist_logreg's model "
-     "has one layer with variables: there is no depth to decay over. "
-     "Received: tune=['layer_decay']"),
+     "argument --tune: benchmark mnist_logreg's model has one layer with "
+     "variables, no depth for layer_decay"),
 ]
 
 

@@ -868,6 +868,26 @@ def test_sweep_and_the_cli_share_their_defaults(tmp_path, monkeypatch):
     assert seen == [(12, Path("tuning_runs/mnist_logreg"))]
 
 
+@pytest.mark.parametrize("tuner", ["grid", "random"])
+def test_sweep_and_the_cli_search_the_same_space(tuner, tmp_path,
+                                                 monkeypatch):
+    # Was: a grid search from sweep() had 100 points where the CLI's had
+    # 20 (the CLI turned grid_steps 0 into 1, sweep() did not).
+    from tuning.cli import main as cli_main
+
+    module = importlib.import_module("tuning.sweep")
+    seen = []
+    monkeypatch.setattr(module, "_search",
+                        lambda settings, directory, overwrite, space, *a:
+                        seen.append((settings, space)))
+    tune = ("learning_rate", "beta_2")
+    sweep(tuner=tuner, space=SearchSpace(tune=tune), directory=tmp_path)
+    assert cli_main(["--tuner", tuner, "--tune", *tune, "--directory",
+                     str(tmp_path)]) in (0, None)
+    assert seen[0] == seen[1]
+    assert seen[0][1].grid_steps == (1 if tuner == "grid" else 0)
+
+
 def test_the_end_of_a_search_prints_how_to_use_best_json(tmp_path,
                                                          monkeypatch):
     # Was: a table and a file list, no next step.

@@ -33,7 +33,7 @@ from tuning.errors import (
     quoted,
 )
 from tuning.rundir import is_distributed_child
-from tuning.search_space import NAMES, TUNABLE, SearchSpace
+from tuning.search_space import LAYERWISE, NAMES, TUNABLE, SearchSpace
 from tuning.sweep import (
     DEFAULT_TRIALS,
     MAXIMUMS,
@@ -313,8 +313,7 @@ def next_steps(directory, argv, confirmed):
 
 def _space(args):
     return SearchSpace(tune=tuple(args.tune), modes=args.modes,
-                       grid_steps=(args.grid_steps or 1)
-                       if args.tuner == "grid" else 0)
+                       grid_steps=args.grid_steps or 0)
 
 
 def _check(parser, args):
@@ -347,6 +346,11 @@ def _check(parser, args):
         parser.error(f"argument --objective: benchmark {args.benchmark} "
                      f"logs {', '.join(bench.objectives())}; got "
                      f"{args.objective!r}")
+    layerwise = [n for n in args.tune if n in LAYERWISE]
+    if layerwise and not bench.layerwise:
+        parser.error(f"argument --tune: benchmark {args.benchmark}'s model "
+                     "has one layer with variables, no depth for "
+                     f"{' and '.join(layerwise)}")
     try:
         search_settings(
             args.benchmark, args.tuner, args.max_trials, args.epochs,

@@ -70,8 +70,9 @@ class SearchSpace:
             to `False`.
         grid_steps: For GridSearch, the log-spaced steps per decade count:
             each tuned hyperparameter takes values a factor `10**(1/n)`
-            apart; 0 declares continuous ranges (the other tuners). Defaults
-            to `0`.
+            apart; 0 declares continuous ranges (the other tuners), and a
+            grid search (`sweep`, the command line) takes 0 as 1
+            (`for_tuner`). Defaults to `0`.
     """
 
     tune: tuple = TUNABLE
@@ -103,6 +104,14 @@ class SearchSpace:
                     f"{', '.join(NAMES)} to (low, high) with low < high. "
                     f"Received: ranges={self.ranges!r}"
                 )
+
+    def for_tuner(self, tuner):
+        """This space as `tuner` searches it: a grid search needs steps,
+        so `grid_steps` 0 becomes 1 (one point per decade) for `"grid"`;
+        the one rule for `sweep()` and the command line."""
+        if tuner == "grid" and not self.grid_steps:
+            return dataclasses.replace(self, grid_steps=1)
+        return self
 
     def range(self, name):
         return self.ranges.get(name, DEFAULT_RANGES[name])

@@ -112,7 +112,7 @@ def search_settings(benchmark="digits", tuner="random",
         subset = setting.subset
     if subset == 1.0 and isinstance(subset, float):
         subset = None  # the fraction 1.0 is all the data, as None is
-    space = space or SearchSpace()
+    space = (space or SearchSpace()).for_tuner(tuner)
     layerwise = [n for n in space.tune if n in LAYERWISE]
     if layerwise and not bench.layerwise:
         raise ValueError(
@@ -256,7 +256,8 @@ def sweep(benchmark="digits", tuner="random", max_trials=DEFAULT_TRIALS,
             check_not_all_failed(result, directory)
             return result
         return _search(settings, directory, overwrite and not child,
-                       space or SearchSpace(), idx_dir, arrays, plots,
+                       (space or SearchSpace()).for_tuner(tuner), idx_dir,
+                       arrays, plots,
                        verbose)
 
 
