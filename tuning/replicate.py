@@ -614,8 +614,11 @@ def _run_figure(figure, scale, directory, seed, arrays, idx_dir):
         result = {"run": result,
                   "claims": claims.claims_amsgrad(result)}
     if scale == "tiny" and figure in CLAIMS_NEED_MORE:
-        result["claims"] = [claims.undecided_at(c, "tiny")
-                            for c in result["claims"]]
+        need_more = CLAIMS_NEED_MORE[figure]
+        result["claims"] = [
+            claims.undecided_at(c, "tiny")
+            if need_more is None or i in need_more else c
+            for i, c in enumerate(result["claims"])]
     if scale != "full" and figure in CAVEATS:
         result["caveat"] = CAVEATS[figure]
     result.update(figure=figure, scale=scale, seed=seed,
@@ -668,10 +671,13 @@ def missing_data(err):
 
 CLAIMS = {"1": claims.claims_figure1, "2": claims.claims_figure2,
           "3": claims.claims_figure3}
-# Figures whose claims are about training far longer than scale tiny's
-# smoke test: at tiny they are UNDECIDED, never PASS or FAIL. (The AMSGrad
-# counterexample is decided within tiny's 2,020 steps.)
-CLAIMS_NEED_MORE = ("1", "2", "3", "4")
+# Claims about training far longer than scale tiny's smoke test: at tiny
+# they are UNDECIDED, never PASS or FAIL. Figure -> the indices of such
+# claims (None: all). In the AMSGrad counterexample, AMSGrad crosses below
+# 0 within tiny's 2,020 steps, but Adam's drift to +1 takes more (a new
+# user's tiny run read FAIL at x_T = 0.39).
+CLAIMS_NEED_MORE = {"1": None, "2": None, "3": None, "4": None,
+                    "amsgrad": (0,)}
 
 
 def _previous_seconds(path, scale, seed):
