@@ -349,9 +349,13 @@ def _same_trials(parallel, alone):
 def test_two_workers_give_the_trials_of_one_process_one_device_each(
         tmp_path, launch):
     alone = _one_process(tmp_path / "alone", launch)
-    _finish(launch("--directory", str(tmp_path / "two"), *SMALL, "--epochs",
-                   "1", "--max-trials", "5", "--workers", "2",
-                   TUNING_FAKE_DEVICES="7,9"))
+    out = _finish(launch("--directory", str(tmp_path / "two"), *SMALL,
+                         "--epochs", "1", "--max-trials", "5", "--workers",
+                         "2", TUNING_FAKE_DEVICES="7,9"))
+    # Our trial lines, not keras-tuner's display as well (a new user saw
+    # "Search: Running Trial #1" tables beside "trial 0: ...").
+    assert "Running Trial" not in out and "Best val_loss So Far" not in out
+    assert sum(line.startswith("trial ") for line in out.splitlines()) == 5
     parallel = _trials(tmp_path / "two")
     _same_trials(parallel, alone)
     used = {(t["worker"], t["device"]) for t in parallel.values()}

@@ -308,6 +308,10 @@ def _search(settings, directory, overwrite, space, idx_dir, arrays, plots,
         rundir.write_json(directory / rundir.SETTINGS, dict(
             settings, data=data.source, project=search.project_name))
     if role == "chief":
+        # The oracle's own display ("Search: Running Trial #1" tables):
+        # `search.search(verbose=0)` would silence it, but the chief serves
+        # instead; the workers print this package's trial lines.
+        search.oracle.verbose = 0
         distributed.serve(search, directory, settings)
         return None
     if role == "worker":
