@@ -279,6 +279,9 @@ def test_a_damaged_file_is_one_line_naming_it(tmp_path, capsys):
                     assert lines[0].startswith(
                         f"{PROG}: error: {quoted(path)} ")
                     assert "--overwrite" in lines[0]
+                    if name.endswith("oracle.json"):
+                        # The trials done are intact: report shows them.
+                        assert f"`{PROG} report {quoted(run)}`" in lines[0]
             if goes_on:
                 trials = json.loads((run / "trials.json").read_text())
                 assert [t["status"] for t in trials["trials"]] == [

@@ -28,7 +28,7 @@ from keras_tuner.src.engine import tuner_utils
 
 from tuning import report, rundir, seeds, workers
 from tuning.distributed import Leases
-from tuning.errors import check_interrupt, quoted
+from tuning.errors import check_interrupt, command, quoted
 from tuning.hypermodel import Diverged
 from tuning.report import epochs_text
 from tuning.search_space import format_value, modes_text
@@ -75,13 +75,15 @@ class _AtomicState:
 
     def reload(self):
         path = Path(self._get_oracle_fname())
+        # The finished trials' own files are intact: `report` reads them.
+        remedy = (f"the trials done are kept: `{command()} report "
+                  f"{quoted(path.parent.parent)}` shows them; rerun with "
+                  "--overwrite to start afresh, or choose another "
+                  "--directory")
         damaged = rundir.DamagedFile(
             f"{quoted(path)} is not a search's oracle state (damaged, or from "
-            "another program); rerun with --overwrite to start afresh, or "
-            "choose another --directory")
-        if not isinstance(rundir.read_json_strict(
-                path, "rerun with --overwrite to start afresh, or choose "
-                "another --directory"), dict):
+            f"another program); {remedy}")
+        if not isinstance(rundir.read_json_strict(path, remedy), dict):
             raise damaged
         rerun = []
         for path in sorted(Path(self._project_dir).glob("trial_*/trial.json")):
