@@ -22,6 +22,7 @@ import pytest
 from tests.test_tuning import once_on
 from tuning import rundir
 from tuning.cli import report_parser, sweep_parser
+from tuning.errors import command, quoted
 
 ROOT = Path(__file__).resolve().parents[1]
 PROG = "python -m tuning"
@@ -447,12 +448,29 @@ def test_a_second_run_on_a_directory_in_use_stops(tmp_path):
         out = run("--directory", str(tmp_path), "--max-trials", "1")
         since = json.loads((tmp_path / rundir.LOCK).read_text())["since"]
     assert out.returncode == 1
+    # The holder's command as typed (was sys.argv: .../__main__.py ...).
+    typed = " ".join([command(), *map(quoted, sys.argv[1:])])
     assert out.stderr == (
         f"{PROG}: error: directory {tmp_path} is in use by pid "
         f"{os.getpid()} on {os.uname().nodename} since {since} "
-        f"({' '.join(sys.argv)}); wait for it to finish or choose another "
+        f"({typed}); wait for it to finish or choose another "
         "--directory\n")
     assert list(tmp_path.iterdir()) == []  # and its .lock removed after
+
+
+@once_on("tensorflow")
+def test_report_on_a_running_search_does_not_say_rerun_it(tmp_path):
+    # Was: "rerun the search's command to resume it", which the lock then
+    # refused.
+    assert run("--directory", str(tmp_path), *SMALL, "--epochs", "1",
+               "--max-trials", "1").returncode == 0
+    with rundir.lock(tmp_path):
+        out = run("report", str(tmp_path), "--no-plots")
+    assert out.returncode == 0, out.stderr
+    last = out.stdout.splitlines()[-1]
+    assert last.startswith(f"next step: a search is running there (pid "
+                           f"{os.getpid()} ")
+    assert rundir.busy(tmp_path) is None
 
 
 @once_on("tensorflow")

@@ -18,7 +18,7 @@ import signal
 import sys
 from pathlib import Path
 
-from tuning import benchmarks
+from tuning import benchmarks, rundir
 from tuning import workers as machine
 from tuning.confirm import MINIMUMS as CONFIRM_MINIMUMS
 from tuning.confirm import confirm
@@ -256,6 +256,11 @@ def _report(args):
     report.write(directory, plots=not args.no_plots)
     _print_outputs(directory)
     confirmed = (directory / report.CONFIRM).is_file()
+    running = rundir.busy(directory)
+    if running:  # its rerun would be refused: the folder is in use
+        print(f"next step: a search is running there ({running}); rerun "
+              "this report when it ends, or now for the trials done so far")
+        return 0
     print("\n".join(next_steps(directory, None, confirmed) or [
         "next step: no trial has completed yet; rerun the search's command "
         "to resume it"]))

@@ -282,7 +282,8 @@ def lock(directory):
     os.write(fd, json.dumps({
         "pid": os.getpid(), "host": socket.gethostname(),
         "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "command": " ".join(sys.argv),
+        # As the user typed it (was sys.argv: .../tuning/__main__.py ...).
+        "command": " ".join([command(), *map(quoted, sys.argv[1:])]),
     }).encode())
     _HELD[key] = [fd, 1]
     try:
@@ -322,6 +323,24 @@ def _take(directory, path, created):
         if _same_file(fd, path):
             return fd
         os.close(fd)  # its holder removed it as it finished: the new one
+
+
+def busy(directory):
+    """Who holds `directory`'s lock (as a busy error names it), or None
+    if no search runs there now. Holds a shared lock for an instant only
+    where nobody holds it."""
+    path = Path(directory) / LOCK
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _holder(path)
+    finally:
+        os.close(fd)  # releases a shared flock taken
+    return None
 
 
 def _same_file(fd, path):
