@@ -168,9 +168,10 @@ def test_a_file_or_empty_path_as_directory_is_one_line(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("x")
     out = run("--directory", str(afile), "--max-trials", "1")
+    # Was: "cannot create directory ...: File exists" (a new user).
     assert (out.returncode, out.stderr) == (
-        1, f"{PROG}: error: cannot create directory {afile}: File exists; "
-        "choose another --directory\n")
+        1, f"{PROG}: error: {afile} is a file, not a directory; choose "
+        "another --directory\n")
     out = run("--directory", str(afile / "x"), "--max-trials", "1")
     assert (out.returncode, out.stderr) == (
         1, f"{PROG}: error: cannot create directory {afile / 'x'}: Not a "
@@ -471,6 +472,10 @@ def test_report_on_a_running_search_does_not_say_rerun_it(tmp_path):
     assert last.startswith(f"next step: a search is running there (pid "
                            f"{os.getpid()} ")
     assert rundir.busy(tmp_path) is None
+    # A finished search rerun says so before its summary (was: silent).
+    again = run("--directory", str(tmp_path), *SMALL, "--epochs", "1",
+                "--max-trials", "1")
+    assert "nothing to run: 1 trial done\n" in again.stdout
 
 
 @once_on("tensorflow")

@@ -389,6 +389,9 @@ def _make_dirs(directory):
         if folder.exists():
             break
         missing.append(folder)
+    if directory.exists() and not directory.is_dir():  # mkdir: "File exists"
+        raise DirectoryUnusable(f"{quoted(directory)} is a file, not a "
+                                "directory; choose another --directory")
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:

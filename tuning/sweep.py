@@ -377,6 +377,10 @@ def load(settings, space=None, idx_dir=None, arrays=None):
     return data, hypermodel
 
 
+def _trials(n):
+    return f"{n} trial" + ("" if n == 1 else "s")
+
+
 def _progress(oracle):
     """A progress display over the trials this run has left, or None."""
     from tuning import progress
@@ -385,7 +389,9 @@ def _progress(oracle):
     done = len(oracle.end_order)
     left = planned_trials(oracle) - done
     if left <= 0:
+        if done:  # a finished search rerun: its summary follows
+            print(f"nothing to run: {_trials(done)} done", flush=True)
         return None
     if done:
-        print(f"resuming: {done} trials done, {left} to run", flush=True)
+        print(f"resuming: {_trials(done)} done, {left} to run", flush=True)
     return progress.make(left, "trial")
