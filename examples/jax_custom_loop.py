@@ -9,9 +9,13 @@ the Keras variables once at the end.
 """
 
 import argparse
+import importlib.util
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
+if importlib.util.find_spec("jax") is None:  # one line, not a traceback
+    raise SystemExit("this example needs JAX: "
+                     'pip install -c .ci/constraints.txt -e ".[jax]"')
 # Silence TensorFlow's start-up lines; must come before Keras is imported.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")

@@ -9,9 +9,13 @@ with torch's fused multi-tensor kernel (`optimizer.fast_path`).
 """
 
 import argparse
+import importlib.util
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
+if importlib.util.find_spec("torch") is None:  # one line, not a traceback
+    raise SystemExit("this example needs PyTorch: "
+                     'pip install -c .ci/constraints.txt -e ".[torch]"')
 # Silence TensorFlow's start-up lines; must come before Keras is imported.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")

@@ -122,10 +122,13 @@ def check_bool(name, value):
     return bool(value)
 
 
-def check_choice(name, value, choices):
-    """Returns `value` if it is one of `choices` (a tuple of strings)."""
+def check_choice(name, value, choices, optional=False):
+    """Returns `value` if it is one of `choices` (a tuple of strings);
+    `optional`: None is a choice too (the caller's default), named first
+    in the error."""
     if not isinstance(value, str) or value not in choices:
-        options = ", ".join(f'"{c}"' for c in choices)
+        options = ", ".join((*("None",) * optional,
+                             *(f'"{c}"' for c in choices)))
         raise ValueError(
             f"Argument `{name}` must be one of {options}. "
             f"{_received(name, value)}"
@@ -326,7 +329,7 @@ def arguments(learning_rate, beta_1, beta_2, epsilon, epsilon_mode, amsgrad,
         group_small_variables=check_bool("group_small_variables",
                                          group_small_variables),
         moment_dtype=None if moment_dtype is None else check_choice(
-            "moment_dtype", moment_dtype, MOMENT_DTYPES),
+            "moment_dtype", moment_dtype, MOMENT_DTYPES, optional=True),
         average_decay=check_float("average_decay", average_decay, low=0.0,
                                   high=1.0, high_inclusive=False,
                                   optional=True),

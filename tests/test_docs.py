@@ -111,3 +111,21 @@ def test_public_docstrings_state_every_default(obj):
             continue
         assert name in documented, f"{obj.__name__}: {name} undocumented"
         assert "Defaults to" in documented[name], (obj.__name__, name)
+
+
+@pytest.mark.parametrize("script,module", [("torch_custom_loop.py", "torch"),
+                                           ("jax_custom_loop.py", "jax")])
+def test_a_backend_example_without_its_framework_is_one_line(script, module):
+    # Was: a 43-line traceback ending in ModuleNotFoundError (a new user).
+    import subprocess
+    import sys
+
+    hide = (f"import runpy, sys; sys.modules[{module!r}] = None; "
+            f"runpy.run_path({str(ROOT / 'examples' / script)!r}, "
+            "run_name='__main__')")
+    out = subprocess.run([sys.executable, "-c", hide], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.splitlines() == [
+        f"this example needs {'PyTorch' if module == 'torch' else 'JAX'}: "
+        f'pip install -c .ci/constraints.txt -e ".[{module}]"']

@@ -50,6 +50,10 @@ INVALID = [
     (dict(epsilon=None), TypeError,
      "Argument `epsilon` must be a float. Received: epsilon=None "
      "(of type NoneType)"),
+    # Was: 'must be one of "float32"', leaving out the default (a user).
+    (dict(moment_dtype="int8"), ValueError,
+     'Argument `moment_dtype` must be one of None, "float32". '
+     "Received: moment_dtype='int8'"),
     (dict(epsilon_mode="Paper"), ValueError,
      'Argument `epsilon_mode` must be one of "paper", "hat". '
      "Received: epsilon_mode='Paper'"),
