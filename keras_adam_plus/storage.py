@@ -908,10 +908,13 @@ def _check_nothing_lost(face):
     moments, without a word (keras Adam alike). Training on would restart
     m and v from zero at step n, so the build fails instead, naming the
     fix. Where the count is not concrete (built inside a JAX trace) the
-    check cannot run and is skipped.
+    check cannot run and is skipped. A state that the slots received as
+    they were made is not lost: `tf.train.Checkpoint` restores an unbuilt
+    optimizer's slots at their creation (found by review: the check
+    refused that resume).
     """
     count = _eager_count(face.scalars["iteration"])
-    if count:
+    if count and not _restored_at_creation(face):
         raise ValueError(
             f"Optimizer '{face.name}' is being built at step {count} with "
             "no state to restore: its step count was loaded while it was "
@@ -920,6 +923,20 @@ def _check_nothing_lost(face):
             "were dropped. Build it first (`optimizer.build(model."
             "trainable_variables)`), then load; or load a .keras or "
             ".weights.h5 file, which keeps the state until build.")
+
+
+def _restored_at_creation(face):
+    """Whether any slot of the just-built state holds a non-zero value."""
+    slots = [v for v, kind in zip(face.entries, kinds(face))
+             if kind not in face.scalars]
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        with tf.init_scope():
+            values = numpy_values(slots)
+    else:
+        values = numpy_values(slots)
+    return any(np.any(value != 0) for value in values)
 
 
 def _eager_count(variable):
