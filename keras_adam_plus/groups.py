@@ -178,7 +178,9 @@ def layer_decay_groups(layers, decay=0.75, weight_decay_1d=None):
             nested models flattened in place: for a Sequential or a
             functional model that is input to output, so the embedding
             (first) is at depth 0 and the head (last) at the top, with a
-            multiplier of 1.
+            multiplier of 1. A model's own weights (`add_weight` in a
+            subclassed model: a position embedding, a class token) share
+            the depth of its first layer with variables.
         decay: The factor per layer of depth, in (0, 1]. Defaults to
             `0.75`.
         weight_decay_1d: If set (e.g. `0.0`), 1-D variables (biases,
@@ -195,37 +197,49 @@ def layer_decay_groups(layers, decay=0.75, weight_decay_1d=None):
     if weight_decay_1d is not None:
         weight_decay_1d = validation.check_float(
             "weight_decay_1d", weight_decay_1d, low=0.0)
-    flat = _owning(layers.layers if hasattr(layers, "layers") else layers)
+    flat = _owning(layers if hasattr(layers, "layers") else None,
+                   layers.layers if hasattr(layers, "layers") else layers)
     if not flat:
         raise ValueError("Argument `layers` has no layer with variables. "
                          f"Received: layers={layers!r}")
     rules = []
     count = len(flat)
-    for depth, layer in reversed(list(enumerate(flat))):
+    for depth, (name, weights) in reversed(list(enumerate(flat))):
         multiplier = float(decay ** (count - 1 - depth))
-        paths = [re.escape(_label(v)) for v in layer.trainable_weights]
+        paths = [re.escape(_label(v)) for v in weights]
         if weight_decay_1d is not None:
-            flat_paths = [re.escape(_label(v))
-                          for v in layer.trainable_weights
+            flat_paths = [re.escape(_label(v)) for v in weights
                           if len(v.shape) <= 1]
             if flat_paths:
                 rules.append({
                     "match": "^(" + "|".join(flat_paths) + ")$",
-                    "name": f"{layer.name} (1-D, depth {depth})",
+                    "name": f"{name} (1-D, depth {depth})",
                     "learning_rate_multiplier": multiplier,
                     "weight_decay": weight_decay_1d})
         rules.append({"match": "^(" + "|".join(paths) + ")$",
-                      "name": f"{layer.name} (depth {depth})",
+                      "name": f"{name} (depth {depth})",
                       "learning_rate_multiplier": multiplier})
     return rules
 
 
-def _owning(layers):
+def _owning(model, layers):
+    """`(name, trainable weights)` per layer with variables, in depth
+    order, nested models flattened in place. A model's own weights (made
+    with `add_weight`, e.g. a position embedding) join its first entry,
+    the depth timm gives `pos_embed`; they went to the default group,
+    at the head's rate (found by review)."""
     result = []
     for layer in layers:
         inner = getattr(layer, "layers", None)
         if inner:
-            result.extend(_owning(inner))
+            result.extend(_owning(layer, inner))
         elif layer.trainable_weights:
-            result.append(layer)
+            result.append((layer.name, list(layer.trainable_weights)))
+    if model is not None:
+        taken = {id(w) for _, weights in result for w in weights}
+        own = [w for w in model.trainable_weights if id(w) not in taken]
+        if own and result:
+            result[0] = (result[0][0], own + result[0][1])
+        elif own:
+            result = [(model.name, own)]
     return result

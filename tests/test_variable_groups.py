@@ -222,6 +222,44 @@ def test_groups_survive_config_pickle_and_keras_file(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@keras.saving.register_keras_serializable(package="tests")
+class _Backbone(keras.Model):
+    """A subclassed model with weights of its own beside its layers."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.d1 = keras.layers.Dense(8, name="d1")
+        self.d2 = keras.layers.Dense(8, name="d2")
+
+    def build(self, shape):
+        self.pos = self.add_weight(shape=(shape[-1],), name="pos_embed")
+        super().build(shape)
+
+    def call(self, x):
+        return self.d2(self.d1(x + self.pos))
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_a_models_own_weights_share_its_first_layers_depth(nested):
+    # Were in no rule: the default group, the head's rate (found by
+    # review). Nested in a functional model, or the model itself.
+    inputs = keras.Input((4,))
+    backbone = _Backbone(name="bb")
+    model = keras.Model(inputs, keras.layers.Dense(2, name="head")(
+        backbone(inputs))) if nested else backbone
+    if not nested:
+        model(np.zeros((1, 4), "float32"))
+    optimizer = AdamPlus(variable_groups=groups.layer_decay_groups(
+        model, decay=0.5))
+    optimizer.build(model.trainable_variables)
+    multipliers = {v.path: optimizer._plan.setting(i).lr_multiplier
+                   for i, v in enumerate(model.trainable_variables)}
+    top = 2 if nested else 1  # the head, or d2
+    assert multipliers["bb/pos_embed"] == multipliers["bb/d1/kernel"] == (
+        0.5 ** top)
+    assert multipliers["bb/d2/kernel"] == 0.5 ** (top - 1)
+
+
 def test_layer_decay_groups_give_decay_to_the_power_of_depth():
     model = keras.Sequential([
         keras.Input((3,)), keras.layers.Dense(4, name="embed"),
