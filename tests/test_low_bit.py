@@ -405,10 +405,11 @@ def test_other_modes_take_the_steps_of_float32_state(row, state_format):
 def _close_steps(a, b, state_format):
     """`a` (low-bit state's change of a weight) is `b` (float32 state's)
     to a code's error: 8 bits elementwise to 10%. 4 bits as a whole: v's
-    linear map rounds a value under 3/32 of its block's absmax to 1/16 of
-    it, so small-gradient coordinates take steps up to 4 times smaller
-    (measured on the quantized kernel: 14% of the change's norm, 97% of the
-    signs equal, one element off by 60% of the largest change)."""
+    linear map reads a value under 3/32 of its block's absmax as 1/16 of
+    it, so small-gradient coordinates take smaller steps (v at 1/256 of
+    the absmax: 4 times smaller); measured on the quantized kernel: 14% of
+    the change's norm, 97% of the signs equal, one element off by 60% of
+    the largest change."""
     assert np.all(np.isfinite(a))
     if state_format == "8bit":
         np.testing.assert_allclose(a, b, rtol=0.1,
