@@ -332,7 +332,7 @@ class Format:
     `encode` (compute dtype to stored), elementwise, so that flat groups,
     sparse rows and the non-finite select work on any format. Only the
     default (`native`) one is what torch's fused kernel reads. Slots start
-    at zeros, so a format must encode 0 as 0.
+    at zeros, so a format must read zeros (codes and scales) as 0.
     """
 
     name = "native"
