@@ -74,12 +74,12 @@ class AdamPlus(keras.optimizers.Optimizer):
         moment_dtype: `"float32"` keeps half-precision weights' state in
             float32. Defaults to `None`.
         state_format: How m, v (v_max, u) are stored: `"native"` (the
-            weight's dtype, or `moment_dtype`) or `"8bit"`: uint8 codes on
-            bitsandbytes' dynamic maps plus one float32 absmax per block of
-            256 (Dettmers et al., 2022; ~2.03 bytes per parameter instead
-            of 8), decoded to float32 for the step and encoded once.
+            weight's dtype, or `moment_dtype`), `"8bit"` (bitsandbytes'
+            dynamic maps, a float32 absmax per 256: ~2.03 bytes/parameter)
+            or `"4bit"` (torchao's Adam4bit: two codes a byte, absmax per
+            128: ~1.06), decoded to float32 for the step, encoded once.
             Defaults to `"native"`.
-        state_format_min_size: With `"8bit"`, variables of fewer elements
+        state_format_min_size: With a low-bit format, variables of fewer
             (and float64 ones, or those with a distribution layout) keep
             the native format, as bitsandbytes' `min_8bit_size`. Defaults
             to `4096`.
@@ -142,8 +142,8 @@ class AdamPlus(keras.optimizers.Optimizer):
         for key, value in own.items():
             setattr(self, key, value)
         # Of m, v (v_max), before build (tests may set another one).
-        self._state_format = storage.NATIVE if self.state_format == \
-            "native" else lowbit.Blockwise(self.state_format_min_size)
+        self._state_format = lowbit.format_of(self.state_format,
+                                              self.state_format_min_size)
         self._pending_state = None  # a state loaded before build
         self._step = None  # this step's `plan.Step`, while it runs
 

@@ -7,7 +7,7 @@
   variable's slot is a `GroupSlice`. Every write of a step goes through
   it, and keeps the old value while a step is guarded (`nonfinite`).
 - `Format`: how a slot stores values (the weight's dtype or
-  `moment_dtype`; block-wise 8-bit codes with a scale slot each,
+  `moment_dtype`; block-wise 8- or 4-bit codes with a scale slot each,
   `keras_adam_plus.lowbit`), read into the compute dtype and written back
   once per step (`read`, `write`, `put`, `SlotState`, `Target`).
 - The face every saving route sees (`Face`): the per-variable layout
@@ -112,7 +112,8 @@ class Store:
         names = list(MOMENTS[:3 if plan.hyper.amsgrad else 2])
         columns = self._add(add_variable, names, name, plan.groups,
                             lambda var: self.format.slot_dtype(
-                                var, plan.moment_dtype))
+                                var, plan.moment_dtype),
+                            self.format.slot_shape)
         self.m, self.v = columns[0], columns[1]
         self.v_max = columns[2] if plan.hyper.amsgrad else None
         self.scales = self._add_scales(add_variable, names, columns)
@@ -136,7 +137,8 @@ class Store:
                                         dtype=step_dtype,
                                         name="skipped_steps")
 
-    def _add(self, add_variable, names, prefix, groups, dtype):
+    def _add(self, add_variable, names, prefix, groups, dtype,
+             shape=lambda var: tuple(var.shape)):
         """One list of slots per name, `None` where Keras wants none."""
         var_list = self.variables
         group_of = {i: g for g, members in enumerate(groups) for i in members}
@@ -156,7 +158,7 @@ class Store:
                 slot_name = f"{label(var).replace('/', '_')}_{name}"
                 if i not in group_of:
                     slot = add_variable(
-                        tuple(var.shape), initializer="zeros",
+                        shape(var), initializer="zeros",
                         dtype=dtype(var),
                         layout=getattr(var, "_layout", None), name=slot_name)
                     block.add(id(slot))
@@ -179,7 +181,8 @@ class Store:
 
     def _add_scales(self, add_variable, names, columns):
         """The scale slots of a block-wise format, after the moments':
-        `{id(codes slot): (scale slot, signed)}` (m's map is signed)."""
+        `{id(codes slot): (scale slot, signed, the variable's shape)}`
+        (m's map is signed)."""
         scales = {}
         for name, column in zip(names, columns):
             for var, slot in zip(self.variables, column):
@@ -190,11 +193,12 @@ class Store:
                 scales[id(slot)] = (add_variable(
                     shape, initializer="zeros", dtype="float32",
                     name=f"{label(var).replace('/', '_')}_{name}_scale"),
-                    name == "momentum")
+                    name == "momentum", tuple(var.shape))
         return scales
 
     def scale_of(self, slot):
-        """`(scale slot, signed)` of a slot that keeps scales, or None."""
+        """`(scale slot, signed, shape)` of a slot that keeps scales, or
+        None."""
         return self.scales.get(id(slot)) if self.scales else None
 
     def slots(self, index):
@@ -215,7 +219,7 @@ class Store:
                 if s is not None:
                     s = s.flat if isinstance(s, GroupSlice) else s
                     found[id(s)] = s
-        for scale, _ in self.scales.values():
+        for scale, *_ in self.scales.values():
             found[id(scale)] = scale
         return list(found.values())
 
@@ -328,7 +332,7 @@ class Format:
     `encode` (compute dtype to stored), elementwise, so that flat groups,
     sparse rows and the non-finite select work on any format. Only the
     default (`native`) one is what torch's fused kernel reads. Slots start
-    at zeros, so a format must encode 0 as 0.
+    at zeros, so a format must read zeros (codes and scales) as 0.
     """
 
     name = "native"
@@ -338,6 +342,11 @@ class Format:
     def slot_dtype(self, variable, moment_dtype):
         """The dtype of `variable`'s slots in this format."""
         return state_dtype(variable, moment_dtype)
+
+    def slot_shape(self, variable):
+        """The shape of `variable`'s own moment slots (packed codes may
+        differ from the variable's)."""
+        return tuple(variable.shape)
 
     def decode(self, stored, dtype):
         """`stored` (a slot's value) as a tensor of the compute `dtype`."""
@@ -361,8 +370,9 @@ class Format:
         """The shape of `variable`'s scale slots, or None (none kept)."""
         return None
 
-    def decode_scaled(self, codes, scales, dtype, signed):
-        """A slot's `codes` and `scales` as a tensor of `dtype`."""
+    def decode_scaled(self, codes, scales, dtype, signed, shape):
+        """A slot's `codes` and `scales` as a tensor of `dtype` and of
+        the variable's `shape`."""
         raise NotImplementedError
 
     def encode_scaled(self, value, signed):
@@ -411,11 +421,11 @@ def put(store, slot, new, dtype):
 
 def read(slot, dtype, fmt=NATIVE, scaled=None):
     """The slot's value in the compute dtype (decoded); `scaled`: its
-    `(scale slot, signed)` where it keeps scales (`Store.scale_of`)."""
+    `(scale slot, signed, shape)` where it keeps scales (`scale_of`)."""
     if scaled is not None:
         return fmt.decode_scaled(ops.convert_to_tensor(slot),
                                  ops.convert_to_tensor(scaled[0]), dtype,
-                                 scaled[1])
+                                 scaled[1], scaled[2])
     value = slot.value_of(slot.flat.value) if isinstance(
         slot, GroupSlice) else slot
     if fmt.native and dtype_of(slot) == dtype:
@@ -786,14 +796,16 @@ def set_weights(face, weights):
     checked before anything is written.
     """
     weights = [np.asarray(w) for w in weights]
-    layouts = [(logical_entries(face), "per-variable"),
-               (list(face.own), "own")]
+    per_variable = logical_entries(face)
+    layouts = [(per_variable, "per-variable", _decoded_shapes(
+        face, per_variable)), (list(face.own), "own", None)]
     if face.format.scaled:  # its stored values first (`get_weights`)
-        layouts.insert(0, (list(face.entries), "stored"))
+        layouts.insert(0, (list(face.entries), "stored", None))
     mine = layouts[0][0]
-    for layout, name in layouts:
+    for layout, name, shapes in layouts:
+        shapes = shapes or [tuple(v.shape) for v in layout]
         if len(layout) == len(weights) and all(
-                tuple(v.shape) == w.shape for v, w in zip(layout, weights)):
+                s == w.shape for s, w in zip(shapes, weights)):
             if name == "stored":
                 assign(face, weights, None)
             elif name == "own":
@@ -819,8 +831,16 @@ def set_weights(face, weights):
     )
 
 
+def _decoded_shapes(face, entries):
+    """The shapes of `entries`' decoded values: a moment's is its model
+    variable's (packed 4-bit codes have another)."""
+    shapes = {f"{label(v).replace('/', '_')}_{kind}": tuple(v.shape)
+              for v in face.model for kind in MOMENTS}
+    return [shapes.get(e.name, tuple(e.shape)) for e in entries]
+
+
 def check_codes(name, variable, value):
-    """Refuses a float value for a slot of 8-bit codes, or codes for a
+    """Refuses a float value for a slot of low-bit codes, or codes for a
     float slot (a state saved with another `state_format_min_size`)."""
     codes = dtype_of(variable) == "uint8"
     if codes != (np.asarray(value).dtype == np.uint8):

@@ -263,7 +263,7 @@ def check_name(value):
 
 EPSILON_MODES = ("paper", "hat")
 MOMENT_DTYPES = ("float32",)
-STATE_FORMATS = ("native", "8bit")
+STATE_FORMATS = ("native", "8bit", "4bit")
 WEIGHT_DECAY_MODES = ("decoupled", "decoupled_unscaled", "l2")
 
 

@@ -138,34 +138,50 @@ def run_reference_average(config, params, grad_steps, decay):
     return params, [a / (1 - decay**t) for a in averages]
 
 
-# ------------------------------------------------- 8-bit block-wise state --
-# Dettmers et al., "8-bit Optimizers via Block-wise Quantization" (ICLR
-# 2022, Section 2): blocks of 256 elements, each scaled by its absmax and
-# each value stored as the index of the nearest entry of a "dynamic tree"
-# map (bitsandbytes' create_dynamic_map: per decimal exponent 10**-6 ...
-# 10**0, evenly spaced fractions in [0.1, 1], more of them for larger
-# exponents; m signed, v unsigned), here all in float64.
+# ------------------------------------------------ low-bit block-wise state --
+# 8 bits: Dettmers et al., "8-bit Optimizers via Block-wise Quantization"
+# (ICLR 2022, Section 2): blocks of 256 elements, each scaled by its absmax
+# and each value stored as the index of the nearest entry of a "dynamic
+# tree" map (bitsandbytes' create_dynamic_map: per decimal exponent 10**-6
+# ... 10**0, evenly spaced fractions in [0.1, 1], more of them for larger
+# exponents; m signed, v unsigned).
+# 4 bits: torchao's Adam4bit (Li et al., "Memory Efficient Optimizers with
+# 4-bit States", NeurIPS 2023): blocks of 128; m on the same construction
+# with 3 exponents (10**-2 ... 10**0, 16 entries), v on the 16 entries
+# k / 16, k = 1 ... 16 (no zero); two codes a byte, the first element in
+# the high nibble. Here all in float64.
 
-def reference_dynamic_map(signed):
-    """The 256 map entries, ascending, in float64."""
+BLOCK = {8: 256, 4: 128}
+
+
+def reference_dynamic_map(signed, bits=8):
+    """The 2**bits dynamic map entries, ascending, in float64."""
     entries = {0.0, 1.0}
-    for exponent in range(-6, 1):
-        count = 2 ** (exponent + 6) * (1 if signed else 2)
+    for exponent in range(2 - bits, 1):
+        count = 2 ** (exponent + bits - 2) * (1 if signed else 2)
         fractions = 0.1 + 0.9 * (np.arange(count) + 0.5) / count
         for value in fractions * 10.0 ** exponent:
             entries.add(float(value))
             if signed:
                 entries.add(-float(value))
     table = np.array(sorted(entries))
-    assert table.shape == (256,)
+    assert table.shape == (2 ** bits,)
     return table
 
 
-def reference_quantize(values, signed, block=256):
+def reference_map(signed, bits=8):
+    """The map of a format: 4-bit v's is linear without zero."""
+    if bits == 4 and not signed:
+        return np.arange(1, 17) / 16.0
+    return reference_dynamic_map(signed, bits)
+
+
+def reference_quantize(values, signed, bits=8):
     """`(codes, scales)`: per block of the flattened `values` its absmax,
     and per value the index of the nearest map entry to value / absmax
-    (the larger one on a tie); an all-zero block has scale 0."""
-    table = reference_dynamic_map(signed)
+    (the larger one on a tie); an all-zero block has scale 0. The codes
+    have the shape of `values` (unpacked)."""
+    table, block = reference_map(signed, bits), BLOCK[bits]
     flat = np.asarray(values, np.float64).reshape(-1)
     codes = np.zeros(flat.shape, np.int64)
     scales = []
@@ -176,13 +192,34 @@ def reference_quantize(values, signed, block=256):
         normalized = piece / scale if scale > 0 else np.zeros_like(piece)
         distance = np.abs(normalized[:, None] - table[None, :])
         # argmin takes the first minimum: search the reversed table.
-        codes[start:start + block] = 255 - np.argmin(distance[:, ::-1], 1)
+        codes[start:start + block] = (table.size - 1 - np.argmin(
+            distance[:, ::-1], 1))
     return codes.reshape(np.shape(values)), np.array(scales)
 
 
-def reference_dequantize(codes, scales, signed, block=256):
-    """map[code] * the scale of the code's block, in float64."""
-    table = reference_dynamic_map(signed)
+def reference_dequantize(codes, scales, signed, bits=8):
+    """map[code] * the scale of the code's block, in float64 (unpacked
+    codes)."""
+    table = reference_map(signed, bits)
     flat = np.asarray(codes).reshape(-1).astype(np.int64)
-    per_value = np.repeat(np.asarray(scales, np.float64), block)[:flat.size]
+    per_value = np.repeat(np.asarray(scales, np.float64),
+                          BLOCK[bits])[:flat.size]
     return (table[flat] * per_value).reshape(np.shape(codes))
+
+
+def reference_pack(codes):
+    """4-bit codes two a byte: element 2i in the high nibble of byte i."""
+    flat = [int(c) for c in np.asarray(codes).reshape(-1)]
+    if len(flat) % 2:
+        flat.append(0)
+    return np.array([16 * hi + lo for hi, lo in zip(flat[::2], flat[1::2])],
+                    np.uint8)
+
+
+def reference_unpack(packed, shape):
+    """The codes (int64) of `shape` in `reference_pack`'s bytes."""
+    flat = []
+    for byte in np.asarray(packed).reshape(-1):
+        flat.extend((int(byte) >> 4, int(byte) & 15))
+    size = int(np.prod(shape))
+    return np.array(flat[:size], np.int64).reshape(shape)

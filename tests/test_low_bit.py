@@ -1,7 +1,8 @@
-"""`state_format="8bit"`: block-wise 8-bit m, v (v_max, u).
+"""`state_format="8bit"` and `"4bit"`: block-wise low-bit m, v (v_max, u).
 
-Checked against the independent float64 quantizer of `tests/reference.py`
-to the code's own rounding: from the package's stored codes and scales, a
+Every test runs over both formats (`FORMATS`). Checked against the
+independent float64 quantizer of `tests/reference.py` to the code's own
+rounding: from the package's stored codes and scales, a
 float64 Adam step then the reference's quantization gives the package's
 next codes, except where float32 and float64 land on opposite sides of a
 midpoint between two codes (counted: a handful in tens of thousands).
@@ -11,6 +12,7 @@ training run against float32 state.
 """
 
 import pickle
+import re
 
 import keras
 import numpy as np
@@ -21,12 +23,16 @@ from keras_adam_plus import AdamPlus, lowbit
 from tests.reference import (
     ReferenceAdam,
     reference_dequantize,
-    reference_dynamic_map,
+    reference_map,
+    reference_pack,
     reference_quantize,
+    reference_unpack,
 )
 
 BACKEND = keras.backend.backend()
-SHAPE = (40, 130)  # 5200 elements: 20 blocks of 256 and one of 80
+FORMATS = {"8bit": 8, "4bit": 4}  # state_format: bits per code
+# 5200 elements: 20 blocks of 256 and one of 80; 40 of 128 and one of 80.
+SHAPE = (40, 130)
 # torch.compile takes ~30 s a model on 2 cores: behind --runslow there.
 TORCH_JIT = pytest.mark.slow if BACKEND == "torch" else ()
 
@@ -40,35 +46,92 @@ def _state(optimizer):
     return {v.path: _numpy(v) for v in optimizer.variables}
 
 
-def test_the_maps_are_the_references_rounded_to_float32():
+def _codes(stored, bits, shape):
+    """Stored codes as int64 codes of `shape` (4 bits: unpacked by the
+    reference)."""
+    if bits == 4:
+        return reference_unpack(stored, shape)
+    return np.asarray(stored).astype(np.int64).reshape(shape)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_the_maps_are_the_references_rounded_to_float32(bits):
     for signed in (True, False):
-        want = reference_dynamic_map(signed)
-        np.testing.assert_array_equal(lowbit.TABLES[signed],
+        want = reference_map(signed, bits)
+        np.testing.assert_array_equal(lowbit.TABLES[bits, signed],
                                       want.astype(np.float32))
-        assert want[-1] == 1.0 and 0.0 in want
-        assert (want.min() < -0.99) if signed else want.min() == 0.0
+        assert want[-1] == 1.0 and want.shape == (2 ** bits,)
+        if bits == 8:
+            assert (want.min() < -0.99) if signed else want.min() == 0.0
+    if bits == 4:
+        # torchao's create_dynamic_map(True, 3, 4) and
+        # linspace(0, 1, 17)[1:], as torchao prints them (float32).
+        half = [0.0055, 0.0325, 0.0775, 0.2125, 0.4375, 0.6625, 0.8875]
+        np.testing.assert_array_equal(
+            lowbit.TABLES[4, True], np.array(
+                [-x for x in half[::-1]] + [0.0] + half + [1.0], np.float32))
+        np.testing.assert_array_equal(lowbit.TABLES[4, False],
+                                      np.arange(1, 17, dtype=np.float32) / 16)
 
 
-def test_encoding_is_the_references_quantization():
+@pytest.mark.parametrize("bits", [8, 4])
+def test_encoding_is_the_references_quantization(bits):
     rng = np.random.default_rng(0)
     values = (rng.standard_t(3, size=SHAPE) * 1e-3).astype("float32")
     values[3] = 0.0  # zeros (a whole block below) and a partial last block
     values[:2] = 0.0
     for signed in (True, False):
         x = values if signed else np.abs(values)
-        codes, scales = lowbit.encode(ops.convert_to_tensor(x), signed)
-        want_codes, want_scales = reference_quantize(x, signed)
+        codes, scales = lowbit.encode(ops.convert_to_tensor(x), signed, bits)
+        want_codes, want_scales = reference_quantize(x, signed, bits)
         assert _numpy(codes).dtype == np.uint8
-        assert _numpy(scales).shape == (21,)
+        assert _numpy(codes).shape == (SHAPE if bits == 8 else (2600,))
+        assert _numpy(scales).shape == ({8: 21, 4: 41}[bits],)
         np.testing.assert_array_equal(_numpy(scales), want_scales)
-        differ = _numpy(codes).astype(int) != want_codes
+        got = _codes(_numpy(codes), bits, SHAPE)
+        differ = got != want_codes
         assert differ.sum() <= 2, differ.sum()
-        assert np.all(np.abs(_numpy(codes).astype(int) - want_codes) <= 1)
+        assert np.all(np.abs(got - want_codes) <= 1)
+        if bits == 4:  # torchao's packing, byte for byte
+            np.testing.assert_array_equal(_numpy(codes),
+                                          reference_pack(got))
         # The float32 map's entries are the reference's to 6e-8.
         np.testing.assert_allclose(
-            _numpy(lowbit.decode(codes, scales, "float32", signed)),
-            reference_dequantize(_numpy(codes), _numpy(scales), signed),
+            _numpy(lowbit.decode(codes, scales, "float32", signed, SHAPE,
+                                 bits)),
+            reference_dequantize(got, _numpy(scales), signed, bits),
             rtol=2e-7, atol=0)
+
+
+def test_four_bit_codes_pack_an_odd_count_and_zeros():
+    # 129 elements: a block of 128 and one of 1; 65 bytes, the last low
+    # nibble 0. An all-zero tensor encodes to the all-zero start state
+    # (zero scales; code 0 is -0.8875 for m and 1/16 for v) and decodes
+    # to zeros.
+    x = np.linspace(-1.0, 1.0, 129).astype("float32").reshape(3, 43)
+    for signed in (True, False):
+        value = x if signed else np.abs(x)
+        codes, scales = lowbit.encode(ops.convert_to_tensor(value), signed,
+                                      4)
+        want, want_scales = reference_quantize(value, signed, 4)
+        np.testing.assert_array_equal(_numpy(codes), reference_pack(want))
+        assert _numpy(codes).shape == (65,) and _numpy(codes)[-1] % 16 == 0
+        np.testing.assert_array_equal(_numpy(scales), want_scales)
+        np.testing.assert_allclose(
+            _numpy(lowbit.decode(codes, scales, "float32", signed, (3, 43),
+                                 4)),
+            reference_dequantize(want, want_scales, signed, 4), rtol=2e-7,
+            atol=0)
+        zero_codes, zero_scales = lowbit.encode(ops.zeros((3, 43)), signed,
+                                                4)
+        assert not _numpy(zero_scales).any()
+        np.testing.assert_array_equal(_numpy(zero_codes), reference_pack(
+            np.full(129, 7 if signed else 0)))
+        np.testing.assert_array_equal(_numpy(lowbit.decode(
+            ops.zeros((65,), "uint8"), ops.zeros((2,)), "float32", signed,
+            (3, 43), 4)), np.zeros((3, 43), np.float32))
+    # The signed map's code of 0 is 7: m's zeros read 0x77.
+    assert lowbit.TABLES[4, True][7] == 0.0
 
 
 MODES = {
@@ -82,15 +145,17 @@ MODES = {
 }
 
 
+@pytest.mark.parametrize("state_format", list(FORMATS))
 @pytest.mark.parametrize("mode", list(MODES))
-def test_each_step_is_the_references_step_requantized(mode):
+def test_each_step_is_the_references_step_requantized(mode, state_format):
     # Lockstep: every step starts the float64 reference from the
     # package's stored state (dequantized by the reference) and theta.
-    config = MODES[mode]
+    config, bits = MODES[mode], FORMATS[state_format]
     rng = np.random.default_rng(1)
     theta = keras.Variable(rng.normal(size=SHAPE).astype("float32"),
                            name="theta")
-    optimizer = AdamPlus(learning_rate=0.01, state_format="8bit", **config)
+    optimizer = AdamPlus(learning_rate=0.01, state_format=state_format,
+                         **config)
     optimizer.build([theta])
     reference = ReferenceAdam(**config)
     kinds = ["momentum", "velocity"] + (
@@ -102,8 +167,8 @@ def test_each_step_is_the_references_step_requantized(mode):
         grad[0] = 0.0  # coordinates that never see a gradient
         before = _state(optimizer)
         stored = {k: reference_dequantize(
-            before[f"adam_plus/theta_{k}"],
-            before[f"adam_plus/theta_{k}_scale"], k == "momentum")
+            _codes(before[f"adam_plus/theta_{k}"], bits, SHAPE),
+            before[f"adam_plus/theta_{k}_scale"], k == "momentum", bits)
             for k in kinds}
         before_theta = _numpy(theta).astype(np.float64)
         params = [before_theta.copy()]
@@ -115,9 +180,9 @@ def test_each_step_is_the_references_step_requantized(mode):
         reference.step(params, [grad], 0.01)
         optimizer.apply([ops.convert_to_tensor(grad)], [theta])
         after = _state(optimizer)
-        # Decrements: where v's code is 0 and m's is not (a value under
-        # 1e-7 of its block's absmax) the step is m / epsilon, large and
-        # as sensitive to float32 as any.
+        # Decrements: where v's code is 0 and m's is not (8 bits: a value
+        # under 1e-7 of its block's absmax) the step is m / epsilon, large
+        # and as sensitive to float32 as any.
         # theta is float32: to 1e-3 of the decrement (a code's error is
         # 1e-2) plus two of its ulps (Nesterov's numerator may cancel).
         got_theta = _numpy(theta)
@@ -132,8 +197,9 @@ def test_each_step_is_the_references_step_requantized(mode):
                             ("velocity_max", reference.v_max[0])):
             if kind not in kinds:
                 continue
-            codes, scales = reference_quantize(value, kind == "momentum")
-            got = after[f"adam_plus/theta_{kind}"].astype(int)
+            codes, scales = reference_quantize(value, kind == "momentum",
+                                               bits)
+            got = _codes(after[f"adam_plus/theta_{kind}"], bits, SHAPE)
             np.testing.assert_allclose(
                 after[f"adam_plus/theta_{kind}_scale"], scales, rtol=1e-6)
             assert np.all(np.abs(got - codes) <= 1), kind
@@ -141,32 +207,70 @@ def test_each_step_is_the_references_step_requantized(mode):
     assert flips <= 20, flips  # of 4 steps x 5200 x 2 or 3 codes
 
 
-def test_the_threshold_is_per_variable():
+@pytest.mark.parametrize("state_format", list(FORMATS))
+def test_the_threshold_is_per_variable(state_format):
     small = keras.Variable(np.ones((4095,), "float32"), name="small")
     large = keras.Variable(np.ones((4096,), "float32"), name="large")
-    optimizer = AdamPlus(state_format="8bit")
+    optimizer = AdamPlus(state_format=state_format)
     optimizer.build([small, large])
-    dtypes = {v.name: keras.backend.standardize_dtype(v.dtype)
-              for v in optimizer.variables}
-    assert dtypes["small_momentum"] == "float32"
-    assert dtypes["large_momentum"] == dtypes["large_velocity"] == "uint8"
-    assert "small_momentum_scale" not in dtypes
-    assert tuple(optimizer.variables[-1].shape) == (16,)
-    assert "1 of 2 variables quantized, the others keep the native " \
-        "format (1 under 4096 elements)" in optimizer.describe()
-    every = AdamPlus(state_format="8bit", state_format_min_size=0)
+    slots = {v.name: (keras.backend.standardize_dtype(v.dtype),
+                      tuple(v.shape)) for v in optimizer.variables}
+    packed = {"8bit": (4096,), "4bit": (2048,)}[state_format]
+    assert slots["small_momentum"] == ("float32", (4095,))
+    assert slots["large_momentum"] == slots["large_velocity"] == (
+        "uint8", packed)
+    assert "small_momentum_scale" not in slots
+    assert tuple(optimizer.variables[-1].shape) == (
+        {"8bit": 16, "4bit": 32}[state_format],)
+    block = {"8bit": 256, "4bit": 128}[state_format]
+    assert optimizer.describe().splitlines()[-1] == (
+        f"state_format={state_format} (blocks of {block}, min size 4096): "
+        "1 of 2 variables quantized, the others keep the native format "
+        "(1 under 4096 elements)")
+    every = AdamPlus(state_format=state_format, state_format_min_size=0)
     every.build([small])
     assert keras.backend.standardize_dtype(
         every.variables[2].dtype) == "uint8"
+    # 4095 codes: 2048 bytes, the last low nibble unused.
+    assert tuple(every.variables[2].shape) == (
+        {"8bit": (4095,), "4bit": (2048,)}[state_format])
     # float64 weights keep float64 state, whatever their size.
     with _x64():
         wide = keras.Variable(np.ones((4096,), "float64"), dtype="float64",
                               name="wide")
-        kept = AdamPlus(state_format="8bit")
+        kept = AdamPlus(state_format=state_format)
         kept.build([wide])
         assert [keras.backend.standardize_dtype(v.dtype)
                 for v in kept.variables[2:]] == ["float64", "float64"]
         assert "(1 float64)" in kept.describe()
+
+
+@pytest.mark.parametrize("state_format", [
+    pytest.param("8bit", marks=pytest.mark.xfail(strict=True, reason=(
+        "8-bit v's dynamic map has 0: a v under 1.6e-7 of its block's "
+        "absmax is stored as 0 while m (relative 1e-4) is not, and a zero "
+        "gradient then steps m / epsilon. Found measuring issue 22 item 2: "
+        "a digits MLP 64-256-256-10 at lr 1e-2 diverges with 8-bit state "
+        "(loss 5e17 after 4 epochs)."))),
+    "4bit"])
+def test_a_zero_gradient_after_a_tiny_one_steps_as_float32_state(
+        state_format):
+    # Step 1: gradients 1 and 1e-4 in one block; step 2: zero gradients.
+    # Float32 state moves the second weight by about 0.0067 at step 2;
+    # 4-bit v's map has no zero (1/16 of the absmax at least), so its
+    # step is smaller, never m / epsilon.
+    moves = {}
+    for fmt in ("native", state_format):
+        theta = keras.Variable(np.zeros((4096,), "float32"), name="theta")
+        optimizer = AdamPlus(learning_rate=0.01, state_format=fmt)
+        grad = np.zeros((4096,), "float32")
+        grad[:2] = (1.0, 1e-4)
+        optimizer.apply([ops.convert_to_tensor(grad)], [theta])
+        before = _numpy(theta)
+        optimizer.apply([ops.zeros((4096,))], [theta])
+        moves[fmt] = np.abs(_numpy(theta) - before)
+    assert moves["native"][1] == pytest.approx(0.0067, rel=0.01)
+    assert np.all(moves[state_format] <= 1.01 * moves["native"])
 
 
 def _x64():
@@ -190,7 +294,10 @@ def test_state_bytes_per_parameter():
         state = sum(_numpy(v).nbytes for v in optimizer.variables)
         return state / model.count_params()
 
-    assert ratio("8bit") <= 2.1
+    # 525,312 parameters; the biases keep float32 state.
+    assert ratio("8bit") == pytest.approx(2.0429, abs=1e-4)
+    assert ratio("4bit") == pytest.approx(1.0760, abs=1e-4)
+    assert ratio("4bit") <= 1.1 and ratio("8bit") <= 2.1
     assert 8.0 <= ratio("native") <= 8.01
 
 
@@ -217,11 +324,12 @@ def _train(model, first, last):
                 "float32") * 1e-2) for v in variables], variables)
 
 
+@pytest.mark.parametrize("state_format", list(FORMATS))
 @pytest.mark.parametrize("route", ["keras_file", "weights_h5", "pickle",
                                    "set_weights", "state_tree"])
-def test_a_resumed_run_continues_bit_exactly(route, tmp_path):
+def test_a_resumed_run_continues_bit_exactly(route, state_format, tmp_path):
     def optimizer():
-        return AdamPlus(learning_rate=0.01, state_format="8bit",
+        return AdamPlus(learning_rate=0.01, state_format=state_format,
                         amsgrad=True)
 
     straight = _model(optimizer())
@@ -245,7 +353,7 @@ def test_a_resumed_run_continues_bit_exactly(route, tmp_path):
         else:
             target.set_weights(source.get_weights())
             target.optimizer.set_weights(source.optimizer.get_weights())
-    assert target.optimizer.state_format == "8bit"
+    assert target.optimizer.state_format == state_format
     _train(target, 2, 4)
     for got, want in zip(target.get_weights(), straight.get_weights()):
         np.testing.assert_array_equal(got, want)
@@ -267,46 +375,64 @@ MODE_ROWS = {
 }
 
 
+@pytest.mark.parametrize("state_format", list(FORMATS))
 @pytest.mark.parametrize("row", list(MODE_ROWS))
-def test_other_modes_take_the_steps_of_float32_state(row):
-    # 8-bit moments move the steps by about a code's error (1e-2).
+def test_other_modes_take_the_steps_of_float32_state(row, state_format):
+    # 8-bit moments move the steps by about a code's error (1e-2); 4-bit
+    # ones more (see `_close_steps`).
     changes = {}
-    for state_format in ("native", "8bit"):
+    for fmt in ("native", state_format):
         keras.utils.set_random_seed(3)
         dtype = "bfloat16" if row.startswith("bfloat16") else "float32"
         model = keras.Sequential([
             keras.Input((64,)), keras.layers.Dense(80, dtype=dtype),
             keras.layers.Dense(3, name="out", dtype=dtype)])
-        model.optimizer = AdamPlus(learning_rate=0.01,
-                                   state_format=state_format,
+        model.optimizer = AdamPlus(learning_rate=0.01, state_format=fmt,
                                    **MODE_ROWS[row])
         start = [_numpy(v).astype("float32")
                  for v in model.trainable_variables]
         _train(model, 0, 3)
-        changes[state_format] = [_numpy(v).astype("float32") - s for v, s in
-                                 zip(model.trainable_variables, start)]
-        if state_format == "8bit":
+        changes[fmt] = [_numpy(v).astype("float32") - s for v, s in
+                        zip(model.trainable_variables, start)]
+        if fmt != "native":
             kinds = [keras.backend.standardize_dtype(v.dtype)
                      for v in model.optimizer.variables]
             assert "uint8" in kinds
-    for a, b in zip(changes["8bit"], changes["native"]):
-        assert np.all(np.isfinite(a))
+    for a, b in zip(changes[state_format], changes["native"]):
+        _close_steps(a, b, state_format)
+
+
+def _close_steps(a, b, state_format):
+    """`a` (low-bit state's change of a weight) is `b` (float32 state's)
+    to a code's error: 8 bits elementwise to 10%. 4 bits as a whole: v's
+    linear map reads a value under 3/32 of its block's absmax as 1/16 of
+    it, so small-gradient coordinates take smaller steps (v at 1/256 of
+    the absmax: 4 times smaller); measured on the quantized kernel: 14% of
+    the change's norm, 97% of the signs equal, one element off by 60% of
+    the largest change."""
+    assert np.all(np.isfinite(a))
+    if state_format == "8bit":
         np.testing.assert_allclose(a, b, rtol=0.1,
                                    atol=0.1 * np.abs(b).max())
+        return
+    assert np.linalg.norm(a - b) <= 0.2 * np.linalg.norm(b)
+    assert np.mean(np.sign(a) == np.sign(b)) >= 0.95
 
 
-def test_another_format_is_refused_or_converted(tmp_path):
-    model = _model(AdamPlus(state_format="8bit"))
+@pytest.mark.parametrize("state_format", list(FORMATS))
+def test_another_format_is_refused_or_converted(state_format, tmp_path):
+    model = _model(AdamPlus(state_format=state_format))
     model.fit(X, Y, batch_size=4, verbose=0)
     model.save_weights(tmp_path / "m.weights.h5")
     native = _model(AdamPlus())
     native.optimizer.build(native.trainable_variables)
     with pytest.raises(ValueError, match="Cannot load the state of "
                        "optimizer 'adam_plus': it was saved in state format "
-                       "'8bit', this optimizer keeps 'native'"):
+                       f"'{state_format}', this optimizer keeps 'native'"):
         native.load_weights(tmp_path / "m.weights.h5")
     # Another threshold: other slots keep scales.
-    lower = _model(AdamPlus(state_format="8bit", state_format_min_size=100))
+    lower = _model(AdamPlus(state_format=state_format,
+                            state_format_min_size=100))
     lower.optimizer.build(lower.trainable_variables)
     with pytest.raises(ValueError, match="Cannot load the state of "
                        "optimizer 'adam_plus': the saved state has 12 values"
@@ -331,18 +457,59 @@ def test_another_format_is_refused_or_converted(tmp_path):
     model.optimizer.set_weights(native.optimizer.get_weights())
     state = _state(model.optimizer)
     m = native.optimizer.variables[2]
-    codes, scales = reference_quantize(_numpy(m), True)
-    stored = state["adam_plus/net_hidden_kernel_momentum"].astype(int)
+    bits = FORMATS[state_format]
+    codes, scales = reference_quantize(_numpy(m), True, bits)
+    stored = _codes(state["adam_plus/net_hidden_kernel_momentum"], bits,
+                    m.shape)
     assert np.sum(stored != codes) <= 2
     np.testing.assert_allclose(
         state["adam_plus/net_hidden_kernel_momentum_scale"], scales,
         rtol=1e-6)
 
 
+@pytest.mark.parametrize("saved, loading", [("8bit", "4bit"),
+                                            ("4bit", "8bit")])
+def test_the_other_low_bit_format_is_refused(saved, loading, tmp_path):
+    # Files and pickles name both formats; set_weights refuses the shapes
+    # (8-bit codes have the variable's shape, 4-bit ones half its size).
+    # Nothing is written.
+    source = _model(AdamPlus(state_format=saved))
+    source.fit(X, Y, batch_size=4, verbose=0)
+    source.save_weights(tmp_path / "m.weights.h5")
+    message = ("Cannot load the state of optimizer 'adam_plus': it was "
+               f"saved in state format '{saved}', this optimizer keeps "
+               f"'{loading}'. Load it into an optimizer of the saved "
+               "format.")
+    for built in (True, False):
+        target = _model(AdamPlus(state_format=loading))
+        if built:
+            target.optimizer.build(target.trainable_variables)
+        before = _state(target.optimizer)
+        # Keras wraps it in its list of objects not loaded.
+        with pytest.raises(ValueError, match=re.escape(message)):
+            target.load_weights(tmp_path / "m.weights.h5")
+        assert target.optimizer._pending_state is None
+        assert _state(target.optimizer).keys() == before.keys()
+        for path, value in before.items():
+            np.testing.assert_array_equal(_state(target.optimizer)[path],
+                                          value)
+    # A pickle's state (with its format's name) into another config.
+    unpickle, (cls, config, state) = source.optimizer.__reduce__()
+    assert state[2] == saved
+    with pytest.raises(ValueError) as error:
+        unpickle(cls, {**config, "state_format": loading}, state)
+    assert str(error.value) == message
+    target.optimizer.build(target.trainable_variables)
+    with pytest.raises(ValueError, match="Cannot set the weights of "
+                       "optimizer 'adam_plus': .*Nothing was assigned."):
+        target.optimizer.set_weights(source.optimizer.get_weights())
+
+
+@pytest.mark.parametrize("state_format", list(FORMATS))
 @pytest.mark.parametrize("jit_compile", [
     False, pytest.param(True, marks=TORCH_JIT)])
-def test_a_skipped_step_leaves_codes_and_scales(jit_compile):
-    model = _model(AdamPlus(state_format="8bit", skip_nonfinite=True,
+def test_a_skipped_step_leaves_codes_and_scales(jit_compile, state_format):
+    model = _model(AdamPlus(state_format=state_format, skip_nonfinite=True,
                             amsgrad=True))
     model.compile(optimizer=model.optimizer, loss="mse",
                   jit_compile=jit_compile)
@@ -360,9 +527,10 @@ def test_a_skipped_step_leaves_codes_and_scales(jit_compile):
 
 @pytest.mark.skipif(BACKEND == "tensorflow", reason="Keras has no "
                     "stateless_apply on TensorFlow")
-def test_a_skipped_stateless_step_returns_codes_and_scales():
+@pytest.mark.parametrize("state_format", list(FORMATS))
+def test_a_skipped_stateless_step_returns_codes_and_scales(state_format):
     theta = keras.Variable(np.ones(SHAPE, "float32"), name="theta")
-    optimizer = AdamPlus(state_format="8bit", skip_nonfinite=True)
+    optimizer = AdamPlus(state_format=state_format, skip_nonfinite=True)
     optimizer.build([theta])
     state = [v.value for v in optimizer.variables]
     good = ops.convert_to_tensor(np.full(SHAPE, 0.5, "float32"))
@@ -386,12 +554,13 @@ EXECUTIONS = ["apply", "fit", pytest.param("fit_jit", marks=TORCH_JIT),
               "loss_scale", "accumulate"]
 
 
+@pytest.mark.parametrize("state_format", list(FORMATS))
 @pytest.mark.parametrize("execution", EXECUTIONS)
-def test_every_execution_takes_the_same_steps(execution):
+def test_every_execution_takes_the_same_steps(execution, state_format):
     # Each execution's 4 steps against eager `apply`'s: the same codes but
     # where float32 round-off of another fusion crosses a midpoint.
     def run(execution):
-        config = dict(learning_rate=0.01, state_format="8bit",
+        config = dict(learning_rate=0.01, state_format=state_format,
                       nesterov=True, beta_1=lambda t: 0.9)
         if execution == "accumulate":
             config["gradient_accumulation_steps"] = 2
@@ -444,37 +613,43 @@ def test_every_execution_takes_the_same_steps(execution):
                  for o in (reference.optimizer, inner))
     codes = [i for i, w in enumerate(want) if w.dtype == np.uint8]
     assert codes and len(got) == len(want)
-    for i in codes:
-        assert np.sum(got[i] != want[i]) <= 4, i
-        assert np.all(np.abs(got[i].astype(int) - want[i]) <= 1)
+    bits = FORMATS[state_format]
+    for i in codes:  # every nibble of 4-bit bytes
+        a, b = (_codes(x, bits, (x.size * 8 // bits,))
+                for x in (got[i], want[i]))
+        assert np.sum(a != b) <= 4, i
+        assert np.all(np.abs(a - b) <= 1)
     for a, b in zip(model.get_weights(), reference.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_arguments_are_checked_and_configured():
+@pytest.mark.parametrize("state_format", list(FORMATS))
+def test_arguments_are_checked_and_configured(state_format):
     with pytest.raises(ValueError, match=r"^Argument `state_format` must be "
-                       r"one of \"native\", \"8bit\". Received: "
-                       r"state_format='4bit'$"):
-        AdamPlus(state_format="4bit")
+                       r"one of \"native\", \"8bit\", \"4bit\". Received: "
+                       r"state_format='2bit'$"):
+        AdamPlus(state_format="2bit")
     with pytest.raises(ValueError, match=r"^Argument `state_format_min_size`"
                        r" must be an integer >= 0. Received: "
                        r"state_format_min_size=-1$"):
         AdamPlus(state_format_min_size=-1)
     for flag in ("lazy_sparse", "group_small_variables"):
         with pytest.raises(ValueError, match=(
-                rf"^Argument `state_format` '8bit' cannot combine with "
-                rf"`{flag}=True` yet \(.*\)\. Received: "
-                rf"state_format='8bit', {flag}=True$")):
-            AdamPlus(state_format="8bit", **{flag: True})
-    optimizer = AdamPlus(state_format="8bit", state_format_min_size=10)
+                rf"^Argument `state_format` '{state_format}' cannot combine "
+                rf"with `{flag}=True` yet \(.*\)\. Received: "
+                rf"state_format='{state_format}', {flag}=True$")):
+            AdamPlus(state_format=state_format, **{flag: True})
+    optimizer = AdamPlus(state_format=state_format, state_format_min_size=10)
     config = optimizer.get_config()
-    assert config["state_format"] == "8bit"
+    assert config["state_format"] == state_format
     assert config["state_format_min_size"] == 10
     again = AdamPlus.from_config(config)
-    assert (again.state_format, again.state_format_min_size) == ("8bit", 10)
+    assert (again.state_format, again.state_format_min_size) == (
+        state_format, 10)
+    assert again._state_format.bits == FORMATS[state_format]
     old = {k: v for k, v in config.items() if not k.startswith("state_")}
     assert AdamPlus.from_config(old).state_format == "native"
-    assert "state format '8bit'" in optimizer.fast_path
+    assert f"state format '{state_format}'" in optimizer.fast_path
     assert AdamPlus(state_format_min_size=np.int64(5)) \
         .state_format_min_size == 5
 
@@ -485,7 +660,7 @@ def test_digits_train_as_with_float32_state():
     x, y = load_digits(return_X_y=True)
     x = (x / 16.0).astype("float32")
     losses = {}
-    for state_format in ("native", "8bit"):
+    for state_format in ("native", *FORMATS):
         keras.utils.set_random_seed(0)
         model = keras.Sequential([keras.Input((64,)),
                                   keras.layers.Dense(256, activation="relu"),
@@ -498,4 +673,6 @@ def test_digits_train_as_with_float32_state():
                             verbose=0)
         losses[state_format] = history.history["loss"][-1]
     assert losses["native"] < 0.3
-    assert abs(losses["8bit"] - losses["native"]) <= 0.05 * losses["native"]
+    for state_format in FORMATS:  # measured: +2.3% (8bit), +0.4% (4bit)
+        assert abs(losses[state_format] - losses["native"]) <= (
+            0.05 * losses["native"]), losses

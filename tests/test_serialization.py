@@ -33,6 +33,7 @@ RICH_CONFIGS = [
          weight_decay=keras.optimizers.schedules.ExponentialDecay(
              0.01, 10, 0.5)),
     dict(lazy_sparse=True, weight_decay=0.01),
+    dict(state_format="4bit", state_format_min_size=128, amsgrad=True),
 ]
 
 

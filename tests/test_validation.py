@@ -80,6 +80,13 @@ INVALID = [
      "Argument `weight_decay` must be >= 0. Received: weight_decay=-0.01"),
     (dict(weight_decay=float("nan")), ValueError,
      "Argument `weight_decay` must be finite. Received: weight_decay=nan"),
+    (dict(state_format="int4"), ValueError,
+     'Argument `state_format` must be one of "native", "8bit", "4bit". '
+     "Received: state_format='int4'"),
+    (dict(state_format="4bit", lazy_sparse=True), ValueError,
+     "Argument `state_format` '4bit' cannot combine with `lazy_sparse=True` "
+     "yet (sparse rows would need their blocks decoded and encoded whole). "
+     "Received: state_format='4bit', lazy_sparse=True"),
     (dict(weight_decay_mode="adamw"), ValueError,
      'Argument `weight_decay_mode` must be one of "decoupled", '
      '"decoupled_unscaled", "l2". Received: weight_decay_mode=\'adamw\''),
