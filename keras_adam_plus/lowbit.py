@@ -11,7 +11,8 @@ back for its size). A code `c` of a block of scale `s` stands for
   bitsandbytes >= 0.44's and torchao's block of 256: uint8 codes of the
   variable's shape on the dynamic ("dynamic tree") map of bitsandbytes'
   `create_dynamic_map`, signed for m, unsigned for v, v_max and AdaMax's
-  u (Section 2.2; a linear map for v diverges).
+  u (Section 2.2; a linear map for v diverges), v's without its zero
+  (`table`).
 - `"4bit"`: torchao's `Adam4bit` (Li et al., "Memory Efficient Optimizers
   with 4-bit States", NeurIPS 2023, https://arxiv.org/abs/2309.01507,
   without its rank-1 normalization, as torchao): blocks of 128; m on the
@@ -64,12 +65,25 @@ def dynamic_map(signed, bits=8):
     return table
 
 
+# 8-bit v's lowest entry, in place of bitsandbytes' 0: the one entry (0.55)
+# of a seventh decade below 1e-6.
+V_FLOOR_8BIT = 0.55e-7
+
+
 def table(bits, signed):
-    """The map of codes of `bits` bits: 4-bit v's is linear without zero
-    (torchao's `linspace(0, 1, 17)[1:]`, exact in float32)."""
+    """The map of codes of `bits` bits. v's has no zero (Li et al. 2023,
+    Section 4.1: a v read as 0 under an m that is not makes the step
+    m / epsilon): 4 bits, linear (torchao's `linspace(0, 1, 17)[1:]`,
+    exact in float32); 8 bits, bitsandbytes' dynamic map with its 0
+    replaced by `V_FLOOR_8BIT` (with the 0, a v under 1.6e-7 of its
+    block's largest read as 0 and steps of thousands of times float32
+    state's diverged training)."""
     if bits == 4 and not signed:
         return (np.arange(1, 17) / 16.0).astype(np.float32)
-    return dynamic_map(signed, bits)
+    entries = dynamic_map(signed, bits)
+    if not signed:
+        entries[0] = np.float32(V_FLOOR_8BIT)
+    return entries
 
 
 def midpoints(entries):

@@ -170,10 +170,15 @@ def reference_dynamic_map(signed, bits=8):
 
 
 def reference_map(signed, bits=8):
-    """The map of a format: 4-bit v's is linear without zero."""
+    """The map of a format. v's has no zero: 4-bit v's is linear; 8-bit
+    v's lowest entry is 0.55e-7 (one entry for the decade below 1e-6) in
+    place of the dynamic map's 0."""
     if bits == 4 and not signed:
         return np.arange(1, 17) / 16.0
-    return reference_dynamic_map(signed, bits)
+    table = reference_dynamic_map(signed, bits)
+    if not signed:
+        table[0] = 0.55e-7
+    return table
 
 
 def reference_quantize(values, signed, bits=8):

@@ -61,8 +61,9 @@ def test_the_maps_are_the_references_rounded_to_float32(bits):
         np.testing.assert_array_equal(lowbit.TABLES[bits, signed],
                                       want.astype(np.float32))
         assert want[-1] == 1.0 and want.shape == (2 ** bits,)
-        if bits == 8:
-            assert (want.min() < -0.99) if signed else want.min() == 0.0
+        if bits == 8:  # v's map has no zero (was bitsandbytes' 0)
+            assert (want.min() < -0.99) if signed else (
+                want.min() == 0.55e-7 and want[1] == 0.325e-6)
     if bits == 4:
         # torchao's create_dynamic_map(True, 3, 4) and
         # linspace(0, 1, 17)[1:], as torchao prints them (float32).
@@ -245,32 +246,31 @@ def test_the_threshold_is_per_variable(state_format):
         assert "(1 float64)" in kept.describe()
 
 
-@pytest.mark.parametrize("state_format", [
-    pytest.param("8bit", marks=pytest.mark.xfail(strict=True, reason=(
-        "8-bit v's dynamic map has 0: a v under 1.6e-7 of its block's "
-        "absmax is stored as 0 while m (relative 1e-4) is not, and a zero "
-        "gradient then steps m / epsilon. Found measuring issue 22 item 2: "
-        "a digits MLP 64-256-256-10 at lr 1e-2 diverges with 8-bit state "
-        "(loss 5e17 after 4 epochs)."))),
-    "4bit"])
-def test_a_zero_gradient_after_a_tiny_one_steps_as_float32_state(
-        state_format):
-    # Step 1: gradients 1 and 1e-4 in one block; step 2: zero gradients.
-    # Float32 state moves the second weight by about 0.0067 at step 2;
-    # 4-bit v's map has no zero (1/16 of the absmax at least), so its
-    # step is smaller, never m / epsilon.
+@pytest.mark.parametrize("state_format", ["8bit", "4bit"])
+@pytest.mark.parametrize("small", [1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-8])
+def test_a_zero_gradient_after_a_small_one_steps_as_float32_state(
+        state_format, small):
+    # Step 1: gradients 1 and `small` in one block; step 2: zero gradients.
+    # Was (8 bits): v's map had 0, a v under 1.6e-7 of its block's absmax
+    # was stored as 0 while m was not, and the zero gradient then stepped
+    # m / epsilon, thousands of times float32 state's step (a digits MLP
+    # 64-256-256-10 at lr 1e-2 diverged to a loss of 5e17). Without a zero
+    # in v's map a tiny v reads larger, never 0: the step stays within the
+    # codes' rounding of float32 state's, or smaller.
     moves = {}
     for fmt in ("native", state_format):
         theta = keras.Variable(np.zeros((4096,), "float32"), name="theta")
         optimizer = AdamPlus(learning_rate=0.01, state_format=fmt)
         grad = np.zeros((4096,), "float32")
-        grad[:2] = (1.0, 1e-4)
+        grad[:2] = (1.0, small)
         optimizer.apply([ops.convert_to_tensor(grad)], [theta])
         before = _numpy(theta)
         optimizer.apply([ops.zeros((4096,))], [theta])
         moves[fmt] = np.abs(_numpy(theta) - before)
-    assert moves["native"][1] == pytest.approx(0.0067, rel=0.01)
-    assert np.all(moves[state_format] <= 1.01 * moves["native"])
+    if small == 1e-4:  # the case found: float32 state moves it 0.0067
+        assert moves["native"][1] == pytest.approx(0.0067, rel=0.01)
+    assert moves["native"][1] > 0
+    assert np.all(moves[state_format] <= 2.0 * moves["native"])
 
 
 def _x64():
