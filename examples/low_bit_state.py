@@ -1,4 +1,4 @@
-"""Training within a memory budget for optimizer state: state_format="8bit".
+"""Training within a memory budget for optimizer state: 8- or 4-bit state.
 
     python examples/low_bit_state.py           # any KERAS_BACKEND
     python examples/low_bit_state.py --small   # a smaller model (CI)
@@ -26,7 +26,7 @@ from sklearn.datasets import load_digits  # noqa: E402
 from keras_adam_plus import AdamPlus  # noqa: E402
 
 # From the most precise to the smallest: the first that fits is used.
-FORMATS = ("native", "8bit")
+FORMATS = ("native", "8bit", "4bit")
 
 
 def model_and_optimizer(width, state_format):
