@@ -188,33 +188,47 @@ def layer_decay_groups(layers, decay=0.75, weight_decay_1d=None):
     Returns:
         A list of rules for `AdamPlus(variable_groups=...)`, one per layer
         (and per layer a rule for its 1-D variables when
-        `weight_decay_1d` is set), deepest first.
+        `weight_decay_1d` is set), deepest first. Of a model, each rule
+        matches its variables' paths with or without the model's name in
+        front: Keras names a Sequential's variables "net/dense/kernel"
+        when it is built and "dense/kernel" when `load_model` rebuilds it
+        (or the reverse), and the rules must hold for both.
     """
     decay = validation.check_float("decay", decay, low=0.0, high=1.0,
                                    low_inclusive=False)
     if weight_decay_1d is not None:
         weight_decay_1d = validation.check_float(
             "weight_decay_1d", weight_decay_1d, low=0.0)
-    flat = _owning(layers.layers if hasattr(layers, "layers") else layers)
+    model = hasattr(layers, "layers")
+    flat = _owning(layers.layers if model else layers)
     if not flat:
         raise ValueError("Argument `layers` has no layer with variables. "
                          f"Received: layers={layers!r}")
+    prefix = f"{layers.name}/" if model else None
+
+    def match(variables):
+        paths = [_label(v) for v in variables]
+        if prefix is None:
+            return "^(" + "|".join(map(re.escape, paths)) + ")$"
+        paths = [p[len(prefix):] if p.startswith(prefix) else p
+                 for p in paths]
+        return (f"^({re.escape(prefix)})?("
+                + "|".join(map(re.escape, paths)) + ")$")
+
     rules = []
     count = len(flat)
     for depth, layer in reversed(list(enumerate(flat))):
         multiplier = float(decay ** (count - 1 - depth))
-        paths = [re.escape(_label(v)) for v in layer.trainable_weights]
         if weight_decay_1d is not None:
-            flat_paths = [re.escape(_label(v))
-                          for v in layer.trainable_weights
-                          if len(v.shape) <= 1]
-            if flat_paths:
+            flat_variables = [v for v in layer.trainable_weights
+                              if len(v.shape) <= 1]
+            if flat_variables:
                 rules.append({
-                    "match": "^(" + "|".join(flat_paths) + ")$",
+                    "match": match(flat_variables),
                     "name": f"{layer.name} (1-D, depth {depth})",
                     "learning_rate_multiplier": multiplier,
                     "weight_decay": weight_decay_1d})
-        rules.append({"match": "^(" + "|".join(paths) + ")$",
+        rules.append({"match": match(layer.trainable_weights),
                       "name": f"{layer.name} (depth {depth})",
                       "learning_rate_multiplier": multiplier})
     return rules
