@@ -179,3 +179,15 @@ class Blockwise(storage.Format):
                 "variables quantized" + (
                     f", the others keep the native format ({kept})"
                     if kept else ""))
+
+
+# The quantized formats by `state_format` name: each a class taking the
+# `state_format_min_size`. A format joins by its name here and in
+# `validation.STATE_FORMATS`.
+FORMATS = {"8bit": Blockwise}
+
+
+def make(name, min_size):
+    """The `storage.Format` of `state_format=name` (a new one: a format
+    may be a group's, `variable_groups`)."""
+    return storage.NATIVE if name == "native" else FORMATS[name](min_size)
