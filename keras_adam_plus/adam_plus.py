@@ -143,8 +143,8 @@ class AdamPlus(keras.optimizers.Optimizer):
         for key, value in own.items():
             setattr(self, key, value)
         # Of m, v (v_max), before build (tests may set another one).
-        self._state_format = lowbit.make(self.state_format,
-                                         self.state_format_min_size)
+        self._state_format = lowbit.format_of(self.state_format,
+                                              self.state_format_min_size)
         self._pending_state = None  # a state loaded before build
         self._step = None  # this step's `plan.Step`, while it runs
 

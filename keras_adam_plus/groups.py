@@ -139,7 +139,7 @@ def assign(default, rules, variables, built, min_size=4096):
                                  "weight_decay_mode") if k in rule})
         state_format = default.state_format
         if {"state_format", "state_format_min_size"} & set(rule):
-            state_format = lowbit.make(
+            state_format = lowbit.format_of(
                 rule.get("state_format", default.state_format.name),
                 rule.get("state_format_min_size", min_size))
         settings.append(Setting(

@@ -187,7 +187,9 @@ class Blockwise(storage.Format):
 FORMATS = {"8bit": Blockwise}
 
 
-def make(name, min_size):
-    """The `storage.Format` of `state_format=name` (a new one: a format
-    may be a group's, `variable_groups`)."""
-    return storage.NATIVE if name == "native" else FORMATS[name](min_size)
+def format_of(state_format, min_size):
+    """The `storage.Format` of a `state_format` argument (a new one: a
+    format may be a group's, `variable_groups`)."""
+    if state_format == "native":
+        return storage.NATIVE
+    return FORMATS[state_format](min_size)

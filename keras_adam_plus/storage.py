@@ -904,16 +904,16 @@ def check_format(face, saved):
     raise ValueError(
         f"Cannot load the state of optimizer '{face.name}': it was saved "
         f"in state format {_formats(saved)}, this optimizer keeps "
-        f"{_formats(names if len(set(names)) > 1 else names[0])}. Load it "
-        "into an optimizer of the saved format.")
+        f"{_formats(names if len(set(names)) > 1 else names[0], face.built)}"
+        ". Load it into an optimizer of the saved format.")
 
 
-def _formats(record_):
-    """A format record as a message shows it."""
+def _formats(record_, per_variable=True):
+    """A format record (or the groups' formats) as a message shows it."""
     if isinstance(record_, str):
         return repr(record_)
-    return " and ".join(repr(n) for n in sorted(set(record_))) + \
-        " (per variable)"
+    return " and ".join(repr(n) for n in sorted(set(record_))) + (
+        " (per variable)" if per_variable else " (per variable group)")
 
 
 def load(face, store, plan, use_ema, accumulates):

@@ -106,6 +106,37 @@ def test_mixed_formats_equal_one_optimizer_per_group(row):
         assert together.fast_path.startswith("generic (")
 
 
+@pytest.mark.skipif(BACKEND == "tensorflow", reason="Keras has no "
+                    "stateless_apply on TensorFlow")
+def test_stateless_apply_takes_the_steps_of_apply():
+    # On torch: the fused kernel on copies for the native group, the
+    # generic step on the 8-bit one, in one StatelessScope.
+    config, rule = ROWS["amsgrad_decay_own_betas"]
+    runs = []
+    for stateless in (False, True):
+        variables = _variables()
+        optimizer = AdamPlus(0.01, variable_groups=[rule], **config)
+        optimizer.build(variables)
+        state = [v.value for v in optimizer.variables]
+        values = [v.value for v in variables]
+        for step in _grads():
+            grads = [ops.convert_to_tensor(g) for g in step]
+            if stateless:
+                values, state = optimizer.stateless_apply(state, grads,
+                                                          values)
+            else:
+                optimizer.apply(grads, variables)
+        if stateless:
+            for v, value in zip(optimizer.variables + variables,
+                                list(state) + list(values)):
+                v.assign(value)
+        runs.append([_numpy(v) for v in optimizer.variables + variables])
+    assert len(runs[0]) == len(runs[1])
+    for a, b in zip(*runs):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+
+
 def test_describe_and_fast_path_name_each_groups_format():
     optimizer = AdamPlus(state_format="8bit", variable_groups=[
         {"match": "^embedding", "state_format": "native",
@@ -148,8 +179,8 @@ def test_describe_and_fast_path_name_each_groups_format():
 
 def test_every_format_name_is_registered():
     assert set(validation.STATE_FORMATS) == {"native", *lowbit.FORMATS}
-    assert lowbit.make("native", 0) is storage.NATIVE
-    assert lowbit.make("8bit", 7).min_size == 7
+    assert lowbit.format_of("native", 0) is storage.NATIVE
+    assert lowbit.format_of("8bit", 7).min_size == 7
 
 
 BAD = [
