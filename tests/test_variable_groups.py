@@ -264,8 +264,12 @@ def test_layer_decay_rules_hold_in_a_loaded_model(tmp_path):
     model.fit(x, y, verbose=0)
     model.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras")
-    loaded.fit(x, y, verbose=0)
-    model.fit(x, y, verbose=0)
+    # Fixed gradients: on torch, `fit` of a loaded model may round its
+    # gradients 1 ulp off the original's (keras Adam's too).
+    grads = [ops.convert_to_tensor(np.full(v.shape, 0.3, "float32"))
+             for v in model.trainable_variables]
+    for each in (model, loaded):
+        each.optimizer.apply(grads, each.trainable_variables)
     assert loaded.optimizer._plan.setting_of == (4, 3, 2, 1)
     for a, b in zip(model.get_weights(), loaded.get_weights()):
         np.testing.assert_array_equal(a, b)
