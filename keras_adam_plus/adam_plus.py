@@ -90,7 +90,8 @@ class AdamPlus(keras.optimizers.Optimizer):
             name matches one is not decayed. Defaults to `None`.
         variable_groups: Per-variable settings: rules `{"match": regex,
             "learning_rate_multiplier": 0.1, ...}`, first match on a
-            variable's path wins (`groups`). Defaults to `None`.
+            variable's path wins (`groups`); a group may keep its own
+            `state_format`. Defaults to `None`.
         clipnorm: Clip each gradient to this L2 norm. Defaults to `None`.
         clipvalue: Clip gradients to +-clipvalue. Defaults to `None`.
         global_clipnorm: Clip all gradients jointly. Defaults to `None`.
@@ -165,8 +166,9 @@ class AdamPlus(keras.optimizers.Optimizer):
         """The `plan.Plan` for `var_list` (a preview when not `built`)."""
         hyper = rule.Hyper(*(getattr(self, f) for f in rule.Hyper._fields))
         settings, setting_of = groups.assign(
-            groups.Setting(hyper, 1.0, self.weight_decay, "default"),
-            self.variable_groups, var_list, built)
+            groups.Setting(hyper, 1.0, self.weight_decay, "default",
+                           self._state_format), self.variable_groups,
+            var_list, built, self.state_format_min_size)
         decays = tuple(bool(settings[k].weight_decay) and self._decays(v)
                        for v, k in zip(var_list, setting_of))
         generic = getattr(self, "_force_generic", None)  # tests compare
@@ -182,10 +184,8 @@ class AdamPlus(keras.optimizers.Optimizer):
 
     def describe(self):
         """Each group's settings and the variables it took (once built)."""
-        table = groups.describe(self._plan.settings, self._plan.setting_of,
-                                self._trainable_variables)
-        state = self._state_format.describe(self._trainable_variables)
-        return table if state is None else f"{table}\n{state}"
+        return groups.describe(self._plan.settings, self._plan.setting_of,
+                               self._trainable_variables)
 
     def _face(self):
         """The state as every saving route sees it (`storage.Face`)."""
@@ -197,8 +197,8 @@ class AdamPlus(keras.optimizers.Optimizer):
         model = list(getattr(self, "_trainable_variables", []))
         return storage.Face(self.name, store.entries(own) if store else own,
                             own, model, scalars, self._pending_state,
-                            self.built, self._state_format)
-
+                            self.built, store.formats if store else
+                            self._make_plan(()).group_formats)
 
     def _new_step(self, learning_rate):
         return plan.Step(self._plan, self._store, self.iterations,
@@ -318,7 +318,6 @@ class AdamPlus(keras.optimizers.Optimizer):
         """Steps skipped for non-finite gradients (a saved variable), or
         `None` before build or without `skip_nonfinite`."""
         return getattr(getattr(self, "_store", None), "skipped", None)
-
 
     def get_config(self):
         """Returns the JSON-serializable config; every key is an argument."""

@@ -10,6 +10,11 @@ its name) and the settings its variables take instead of the optimizer's:
     weight_decay_mode         "decoupled", "decoupled_unscaled" or "l2"
     beta_1, beta_2            in [0, 1) (floats; not with scheduled betas)
     epsilon                   > 0
+    state_format              how the group's m, v are stored: "native" or
+                              "8bit" or "4bit" (`lowbit.FORMATS`)
+    state_format_min_size     with a quantized format, the size under
+                              which a variable keeps the native format
+                              (default: the optimizer's)
     name                      how `describe()` shows the group (optional)
 
 The first rule that matches a variable wins; variables no rule matches
@@ -23,23 +28,26 @@ backbone at full learning rate). `weight_decay_exclude` and Keras's
 import collections
 import re
 
-from keras_adam_plus import validation
+from keras_adam_plus import lowbit, validation
 
 KEYS = ("match", "name", "learning_rate_multiplier", "weight_decay",
-        "weight_decay_mode", "beta_1", "beta_2", "epsilon")
+        "weight_decay_mode", "beta_1", "beta_2", "epsilon", "state_format",
+        "state_format_min_size")
 
 # One group's settings: the rule's hyperparameters (`rule.Hyper`), its
 # learning-rate multiplier and weight decay (a float, a schedule or None),
-# and its name.
+# its name and the `storage.Format` of its state (None: the plan's).
 Setting = collections.namedtuple(
-    "Setting", ["hyper", "lr_multiplier", "weight_decay", "name"])
+    "Setting", ["hyper", "lr_multiplier", "weight_decay", "name",
+                "state_format"], defaults=(None,))
 
 
-def check(value, betas_scheduled):
+def check(value, betas_scheduled, state_format="native"):
     """Validates `variable_groups`; returns a list of plain dicts.
 
     Each error is one line naming the rule (`variable_groups[i]`), the key
-    and the value received.
+    and the value received. `state_format` is the optimizer's (a rule's
+    `state_format_min_size` needs a quantized format in its group).
     """
     if value is None:
         return []
@@ -88,6 +96,12 @@ def check(value, betas_scheduled):
                 f"Argument `{where}` sets a beta, but the optimizer's betas "
                 "are scheduled (their bias correction is shared). Received: "
                 f"{where}={rule!r}")
+        if "state_format_min_size" in rule and checked.get(
+                "state_format", state_format) == "native":
+            raise ValueError(
+                f"Argument `{where}['state_format_min_size']` needs a "
+                "quantized `state_format` in its group, which keeps "
+                f"\"native\" state. Received: {where}={rule!r}")
         result.append(checked)
     return result
 
@@ -104,24 +118,34 @@ _CHECKS = {
         n, v, low=0.0, high=1.0, high_inclusive=False),
     "epsilon": lambda n, v: validation.check_float(
         n, v, low=0.0, low_inclusive=False),
+    "state_format": lambda n, v: validation.check_choice(
+        n, v, validation.STATE_FORMATS),
+    "state_format_min_size": lambda n, v: validation.check_int(n, v, 0),
 }
 
 
-def assign(default, rules, variables, built):
+def assign(default, rules, variables, built, min_size=4096):
     """`(settings, setting_of)`: the groups' settings and each variable's.
 
     `default` is the default group's `Setting` (settings[0]); rule i is
-    settings[i + 1]. When `built`, a rule that matches no variable raises.
+    settings[i + 1]. A rule with a `state_format` (or a min size) has a
+    format of its own, `min_size` (the optimizer's) unless it sets one.
+    When `built`, a rule that matches no variable raises.
     """
     settings = [default]
     for i, rule in enumerate(rules):
         hyper = default.hyper._replace(**{
             k: rule[k] for k in ("beta_1", "beta_2", "epsilon",
                                  "weight_decay_mode") if k in rule})
+        state_format = default.state_format
+        if {"state_format", "state_format_min_size"} & set(rule):
+            state_format = lowbit.format_of(
+                rule.get("state_format", default.state_format.name),
+                rule.get("state_format_min_size", min_size))
         settings.append(Setting(
             hyper, rule.get("learning_rate_multiplier", 1.0),
             rule.get("weight_decay", default.weight_decay),
-            rule.get("name", f"variable_groups[{i}]")))
+            rule.get("name", f"variable_groups[{i}]"), state_format))
     setting_of = []
     taken = set()
     for variable in variables:
@@ -141,18 +165,27 @@ def assign(default, rules, variables, built):
 
 
 def describe(settings, setting_of, variables):
-    """A table: each group, its settings and the variables it took."""
-    lines = []
+    """A table: each group, its settings and the variables it took; then
+    a line per quantized state format (one for all groups when they share
+    the optimizer's, else one per group, after its name)."""
+    lines, states = [], []
+    mixed = any(s.state_format is not settings[0].state_format
+                for s in settings)
     for k, setting in enumerate(settings):
-        members = [_label(v) for v, i in zip(variables, setting_of) if i == k]
-        h = setting.hyper
+        taken = [v for v, i in zip(variables, setting_of) if i == k]
+        h, fmt = setting.hyper, setting.state_format
         lines.append(
             f"{setting.name}: lr x{setting.lr_multiplier:g}, weight_decay="
             f"{_show(setting.weight_decay)} ({h.weight_decay_mode}), "
             f"beta_1={_show(h.beta_1)}, beta_2={_show(h.beta_2)}, "
-            f"epsilon={h.epsilon:g}: {_count(len(members), 'variable')}")
-        lines.extend(f"    {m}" for m in members)
-    return "\n".join(lines)
+            f"epsilon={h.epsilon:g}"
+            + (f", state_format={fmt.name}" if mixed else "")
+            + f": {_count(len(taken), 'variable')}")
+        lines.extend(f"    {_label(v)}" for v in taken)
+        state = fmt.describe(taken if mixed else variables)
+        if state is not None and (mixed or not k):
+            states.append(f"{setting.name}: {state}" if mixed else state)
+    return "\n".join(lines + states)
 
 
 def _count(n, noun):
@@ -190,33 +223,47 @@ def layer_decay_groups(layers, decay=0.75, weight_decay_1d=None):
     Returns:
         A list of rules for `AdamPlus(variable_groups=...)`, one per layer
         (and per layer a rule for its 1-D variables when
-        `weight_decay_1d` is set), deepest first.
+        `weight_decay_1d` is set), deepest first. Of a model, each rule
+        matches its variables' paths with or without the model's name in
+        front: Keras names a Sequential's variables "net/dense/kernel"
+        when it is built and "dense/kernel" when `load_model` rebuilds it
+        (or the reverse), and the rules must hold for both.
     """
     decay = validation.check_float("decay", decay, low=0.0, high=1.0,
                                    low_inclusive=False)
     if weight_decay_1d is not None:
         weight_decay_1d = validation.check_float(
             "weight_decay_1d", weight_decay_1d, low=0.0)
-    flat = _owning(layers if hasattr(layers, "layers") else None,
-                   layers.layers if hasattr(layers, "layers") else layers)
+    model = hasattr(layers, "layers")
+    flat = _owning(layers if model else None,
+                   layers.layers if model else layers)
     if not flat:
         raise ValueError("Argument `layers` has no layer with variables. "
                          f"Received: layers={layers!r}")
+    prefix = f"{layers.name}/" if model else None
+
+    def match(variables):
+        paths = [_label(v) for v in variables]
+        if prefix is None:
+            return "^(" + "|".join(map(re.escape, paths)) + ")$"
+        paths = [p[len(prefix):] if p.startswith(prefix) else p
+                 for p in paths]
+        return (f"^({re.escape(prefix)})?("
+                + "|".join(map(re.escape, paths)) + ")$")
+
     rules = []
     count = len(flat)
     for depth, (name, weights) in reversed(list(enumerate(flat))):
         multiplier = float(decay ** (count - 1 - depth))
-        paths = [re.escape(_label(v)) for v in weights]
         if weight_decay_1d is not None:
-            flat_paths = [re.escape(_label(v)) for v in weights
-                          if len(v.shape) <= 1]
-            if flat_paths:
+            flat_variables = [v for v in weights if len(v.shape) <= 1]
+            if flat_variables:
                 rules.append({
-                    "match": "^(" + "|".join(flat_paths) + ")$",
+                    "match": match(flat_variables),
                     "name": f"{name} (1-D, depth {depth})",
                     "learning_rate_multiplier": multiplier,
                     "weight_decay": weight_decay_1d})
-        rules.append({"match": "^(" + "|".join(paths) + ")$",
+        rules.append({"match": match(weights),
                       "name": f"{name} (depth {depth})",
                       "learning_rate_multiplier": multiplier})
     return rules

@@ -183,7 +183,9 @@ def decode(codes, scales, dtype, signed, shape=None, bits=8):
 
 
 def format_of(state_format, min_size):
-    """The `storage.Format` of a `state_format` argument."""
+    """The `storage.Format` of a `state_format` argument (a new one: a
+    format may be a group's, `variable_groups`). A format joins by its
+    name in `FORMATS` and in `validation.STATE_FORMATS`."""
     if state_format == "native":
         return storage.NATIVE
     return Blockwise(min_size, FORMATS[state_format])
@@ -252,3 +254,4 @@ class Blockwise(storage.Format):
                 "variables quantized" + (
                     f", the others keep the native format ({kept})"
                     if kept else ""))
+

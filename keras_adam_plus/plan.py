@@ -24,7 +24,9 @@ class Plan:
         decays: Per variable (build order): whether weight decay applies.
         groups: Positions of variables that share flat slots (JAX's
             `group_small_variables`), or ().
-        state_format: How m, v (v_max) are stored (`storage.Format`).
+        state_format: How m, v (v_max) are stored (`storage.Format`):
+            the default group's; a group's own is its setting's
+            (`format`).
         moment_dtype: None or "float32" (half-precision weights' state).
         lazy_sparse: TensorFlow's sparse rows path on.
         skip_nonfinite: Steps with a NaN or an Inf gradient are skipped.
@@ -59,6 +61,18 @@ class Plan:
     def group(self, index):
         """The position of variable `index`'s group in `settings`."""
         return self.setting_of[index] if self.setting_of else 0
+
+    def format(self, index):
+        """The `storage.Format` of variable `index`'s state (its group's)."""
+        return self.setting(index).state_format or self.state_format or \
+            storage.NATIVE
+
+    @property
+    def group_formats(self):
+        """Each group's `storage.Format`, the default group's first."""
+        return tuple(s.state_format or self.state_format or storage.NATIVE
+                     for s in self.settings) or (
+            self.state_format or storage.NATIVE,)
 
     @property
     def betas_scheduled(self):
@@ -113,7 +127,8 @@ class Step:
         """The rule on `variables` (one, or a group with flat `slots`), of
         one group and weight decay: those of variable `index`."""
         dtype = rule.compute_dtype(storage.dtype_of(variables[0]))
-        state = storage.SlotState(self.store, variables, slots, dtype)
+        state = storage.SlotState(self.store, variables, slots, dtype,
+                                  self.store.formats[index])
         group = self.plan.group(index)
         rule.step(self.plan.setting(index).hyper, self.scalars(dtype, group),
                   storage.flat([ops.cast(g, dtype) for g in grads]), state,

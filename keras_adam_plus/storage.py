@@ -9,11 +9,13 @@
 - `Format`: how a slot stores values (the weight's dtype or
   `moment_dtype`; block-wise 8- or 4-bit codes with a scale slot each,
   `keras_adam_plus.lowbit`), read into the compute dtype and written back
-  once per step (`read`, `write`, `put`, `SlotState`, `Target`).
+  once per step (`read`, `write`, `put`, `SlotState`, `Target`). Each
+  variable's is its group's (`Store.formats`, `variable_groups`).
 - The face every saving route sees (`Face`): the per-variable layout
   whatever the grouping, the kind of each value ("momentum", "velocity",
-  ...) and the format. A state loads only into an optimizer with the same
-  kinds in the same order with the same shapes, and the same format; a
+  ...) and the formats. A state loads only into an optimizer with the same
+  kinds in the same order with the same shapes, and the same format per
+  variable; a
   load that raises changes nothing; loading before build keeps the state
   pending until `build`.
 """
@@ -27,7 +29,9 @@ from keras import ops
 
 LOW_PRECISION = ("float16", "bfloat16")
 KINDS_KEY = "slot_kinds"
-FORMAT_KEY = "state_format"  # saved only for a format other than "native"
+# Saved only for a format other than "native": its name, or where the
+# variables' formats differ (`variable_groups`), a list of one per variable.
+FORMAT_KEY = "state_format"
 
 
 def per_variables(cache, name, variables, compute, extra=()):
@@ -81,7 +85,8 @@ class Store:
     """The one owner of AdamPlus's state: its slots, writes and faces.
 
     Made at build from the plan: per variable and kind a slot in the
-    format's dtype with the variable's layout (its sharding), or, for a
+    dtype of the variable's format (`formats`, its group's) with the
+    variable's layout (its sharding), or, for a
     plan's groups (JAX), one flat slot per kind of which each variable's
     slot is a `GroupSlice`; then a block-wise format's scale slots (one
     per quantized moment slot, `scale_of`), the temporal averages, the
@@ -102,8 +107,9 @@ class Store:
 
     def __init__(self, plan, variables, add_variable, assign, name,
                  step_dtype):
-        self.plan, self.format = plan, plan.state_format or NATIVE
-        self.variables = list(variables)
+        self.plan, self.variables = plan, list(variables)
+        self.formats = tuple(plan.format(i)
+                             for i in range(len(self.variables)))
         self._assign, self._assign_add, self._assign_sub = assign
         self.cache = {}  # facts per variable list (`per_variables`)
         self.finite = None  # a bool tensor while a step is guarded
@@ -111,9 +117,10 @@ class Store:
         self.blocks = []
         names = list(MOMENTS[:3 if plan.hyper.amsgrad else 2])
         columns = self._add(add_variable, names, name, plan.groups,
-                            lambda var: self.format.slot_dtype(
-                                var, plan.moment_dtype),
-                            self.format.slot_shape)
+                            lambda i: self.formats[i].slot_dtype(
+                                self.variables[i], plan.moment_dtype),
+                            lambda i: self.formats[i].slot_shape(
+                                self.variables[i]))
         self.m, self.v = columns[0], columns[1]
         self.v_max = columns[2] if plan.hyper.amsgrad else None
         self.scales = self._add_scales(add_variable, names, columns)
@@ -121,7 +128,8 @@ class Store:
         if plan.average_decay is not None:
             self.averages = self._add(
                 add_variable, [AVERAGE], name, (),
-                lambda var: state_dtype(var, plan.moment_dtype))[0]
+                lambda i: state_dtype(self.variables[i],
+                                      plan.moment_dtype))[0]
         self.beta_powers = None
         if plan.betas_scheduled:
             # prod_{i<=t} beta_i, the bias correction of scheduled betas,
@@ -138,8 +146,10 @@ class Store:
                                         name="skipped_steps")
 
     def _add(self, add_variable, names, prefix, groups, dtype,
-             shape=lambda var: tuple(var.shape)):
-        """One list of slots per name, `None` where Keras wants none."""
+             shape=None):
+        """One list of slots per name, `None` where Keras wants none;
+        `dtype(i)` is variable i's slot dtype, `shape(i)` its slot shape
+        (default: the variable's)."""
         var_list = self.variables
         group_of = {i: g for g, members in enumerate(groups) for i in members}
         offsets = {}
@@ -158,8 +168,8 @@ class Store:
                 slot_name = f"{label(var).replace('/', '_')}_{name}"
                 if i not in group_of:
                     slot = add_variable(
-                        shape(var), initializer="zeros",
-                        dtype=dtype(var),
+                        shape(i) if shape else tuple(var.shape),
+                        initializer="zeros", dtype=dtype(i),
                         layout=getattr(var, "_layout", None), name=slot_name)
                     block.add(id(slot))
                     column.append(slot)
@@ -169,7 +179,7 @@ class Store:
                     members = groups[g]
                     flats[g] = add_variable(
                         (sum(size(var_list[j].shape) for j in members),),
-                        initializer="zeros", dtype=dtype(var),
+                        initializer="zeros", dtype=dtype(i),
                         name=f"group_{g}_{name}")
                     block.add(id(flats[g]))
                 column.append(GroupSlice(flats[g], offsets[i],
@@ -185,9 +195,9 @@ class Store:
         (m's map is signed)."""
         scales = {}
         for name, column in zip(names, columns):
-            for var, slot in zip(self.variables, column):
+            for var, fmt, slot in zip(self.variables, self.formats, column):
                 shape = None if slot is None or isinstance(
-                    slot, GroupSlice) else self.format.scale_shape(var)
+                    slot, GroupSlice) else fmt.scale_shape(var)
                 if shape is None:
                     continue
                 scales[id(slot)] = (add_variable(
@@ -387,22 +397,24 @@ class Format:
 NATIVE = Format()
 
 
-def write(store, slot, old, increment, dtype):
-    """Writes `old + increment` (compute dtype) to `slot`; returns it.
+def write(store, slot, old, increment, dtype, fmt=NATIVE):
+    """Writes `old + increment` (compute dtype) to `slot` of format `fmt`;
+    returns it.
 
     In the slot's own dtype this is `assign_add`; otherwise the sum is
     rounded to the slot's dtype (encoded) once.
     """
-    if (store.format.native and not isinstance(slot, GroupSlice)
+    if (fmt.native and not isinstance(slot, GroupSlice)
             and dtype_of(slot) == dtype):
         store.assign_add(slot, increment)
         return slot
-    return put(store, slot, ops.add(old, increment), dtype)
+    return put(store, slot, ops.add(old, increment), dtype, fmt)
 
 
-def put(store, slot, new, dtype):
-    """Writes `new` (compute dtype) to `slot`, encoded once; returns it."""
-    fmt, slot_dtype = store.format, dtype_of(slot)
+def put(store, slot, new, dtype, fmt=NATIVE):
+    """Writes `new` (compute dtype) to `slot` of format `fmt`, encoded
+    once; returns it."""
+    slot_dtype = dtype_of(slot)
     scaled = store.scale_of(slot)
     if scaled is not None:
         codes, scales = fmt.encode_scaled(new, scaled[1])
@@ -485,14 +497,15 @@ def _eager_jax(tensor):
 class SlotState:
     """`rule.step`'s state for one variable or a group (flat slots).
 
-    `slots` are the m, v and v_max slots (v_max None without AMSGrad):
-    a variable's own, or a group's flat ones, whose gradients and theta are
-    flattened and concatenated (`flat`) and whose decrements are cut back
-    per variable (`sub_pieces`). `finish()` rounds theta copies back.
+    `slots` are the m, v and v_max slots (v_max None without AMSGrad) in
+    format `fmt` (the variables' group's): a variable's own, or a group's
+    flat ones, whose gradients and theta are flattened and concatenated
+    (`flat`) and whose decrements are cut back per variable
+    (`sub_pieces`). `finish()` rounds theta copies back.
     """
 
-    def __init__(self, store, variables, slots, dtype):
-        self.store, self.dtype = store, dtype
+    def __init__(self, store, variables, slots, dtype, fmt=NATIVE):
+        self.store, self.dtype, self.format = store, dtype, fmt
         self.slots = dict(zip(("m", "v", "v_max"), slots))
         self.targets = [Target(store, v, dtype) for v in variables]
 
@@ -504,15 +517,16 @@ class SlotState:
 
     def read(self, kind):
         slot = self.slots[kind]
-        return read(slot, self.dtype, self.store.format,
+        return read(slot, self.dtype, self.format,
                     self.store.scale_of(slot))
 
     def add(self, kind, old, increment):
         return write(self.store, self.slots[kind], old, increment,
-                     self.dtype)
+                     self.dtype, self.format)
 
     def put(self, kind, new):
-        return put(self.store, self.slots[kind], new, self.dtype)
+        return put(self.store, self.slots[kind], new, self.dtype,
+                   self.format)
 
     def finish(self):
         for target in self.targets:
@@ -551,7 +565,7 @@ class Target:
 
 class Face(collections.namedtuple("Face", [
         "name", "entries", "own", "model", "scalars", "pending", "built",
-        "format"])):
+        "formats"])):
     """How every saving route sees an optimizer's state.
 
     `name`: the optimizer's; `entries`: its state in the per-variable
@@ -559,8 +573,26 @@ class Face(collections.namedtuple("Face", [
     `model`: the model variables it was built with; `scalars`: the state
     variables that exist before build, by kind ("iteration",
     "learning_rate"); `pending`: a state loaded before build, or None;
-    `built`: whether it is built; `format`: its `Format`.
+    `built`: whether it is built; `formats`: built, each model variable's
+    `Format` (`Store.formats`); before, each group's, the default's first
+    (`plan.Plan.group_formats`).
     """
+
+
+def _owned(face):
+    """`(model variable position or None, kind)` of each of `entries`."""
+    prefixes = sorted(
+        ((label(v).replace("/", "_") + "_", i)
+         for i, v in enumerate(face.model)),
+        key=lambda p: len(p[0]), reverse=True,
+    )
+    result = []
+    for variable in face.entries:
+        name = variable.name
+        prefix, owner = next(((p, i) for p, i in prefixes
+                              if name.startswith(p)), ("", None))
+        result.append((owner, name[len(prefix):]))
+    return result
 
 
 def kinds(face):
@@ -570,21 +602,26 @@ def kinds(face):
     ("momentum", "velocity", "average", "gradient_accumulator", ...); a
     scalar's is its name ("iteration", "learning_rate", "skipped_steps").
     """
-    prefixes = sorted(
-        (label(v).replace("/", "_") + "_"
-         for v in face.model),
-        key=len, reverse=True,
-    )
-    result = []
-    for variable in face.entries:
-        name = variable.name
-        prefix = next((p for p in prefixes if name.startswith(p)), "")
-        result.append(name[len(prefix):])
-    return result
+    return [kind for _, kind in _owned(face)]
+
+
+def _entry_formats(face):
+    """The `Format` of each moment of `entries` (None for other kinds)."""
+    return [face.formats[owner] if kind in MOMENTS and owner is not None
+            and face.built else None for owner, kind in _owned(face)]
+
+
+def record(face):
+    """The format record saved with the state: one name where every
+    variable keeps one format, else the list of each variable's."""
+    names = [f.name for f in face.formats]
+    if not face.built or len(set(names)) <= 1:
+        return names[0] if names else NATIVE.name
+    return names
 
 
 def snapshot(face):
-    """`(values, kinds, format name)` of the state, built or pending.
+    """`(values, kinds, format record)` of the state, built or pending.
 
     A pending state (loaded before build) is returned with the current
     step count and learning rate, which were assigned at load and may have
@@ -592,7 +629,7 @@ def snapshot(face):
     """
     pending = face.pending
     if pending is None:
-        return numpy_values(face.entries), kinds(face), face.format.name
+        return numpy_values(face.entries), kinds(face), record(face)
     # Plain lists: Keras tracks an optimizer's list attributes (the pending
     # state) as TrackedList, which does not pickle.
     values, saved_kinds = pending[:2]
@@ -603,7 +640,11 @@ def snapshot(face):
         for i, kind in enumerate(saved_kinds):
             if kind in scalars:
                 values[i] = np.array(ops.convert_to_numpy(scalars[kind]))
-    return values, saved_kinds, face.format.name
+    saved = record(face)
+    if isinstance(pending, tuple) and len(pending) > 2:
+        saved = pending[2] if isinstance(pending[2], str) else list(
+            pending[2])
+    return values, saved_kinds, saved
 
 
 def assign_scalars(scalars, values, saved_kinds):
@@ -620,13 +661,13 @@ def save(face, store):
 
     An optimizer not built yet saves the state it was given (pending).
     """
-    values, saved_kinds, _ = snapshot(face)
+    values, saved_kinds, saved = snapshot(face)
     for i, value in enumerate(values):
         store[str(i)] = value
     if saved_kinds is not None:
         store[KINDS_KEY] = _encode(saved_kinds)
-    if not face.format.native:
-        store[FORMAT_KEY] = _encode(face.format.name)
+    if saved != NATIVE.name:
+        store[FORMAT_KEY] = _encode(saved)
 
 
 def read_store(store):
@@ -717,8 +758,9 @@ def logical(face, values, kinds_, encode=False):
     takes the decoded layout of a native optimizer (`encode`: `values`
     lack the scales, which are encoded in their places): a conversion.
     """
-    fmt = face.format
-    if fmt.native or (fmt.scaled and not encode):
+    formats = _entry_formats(face)
+    if all(f is None or f.native or (f.scaled and not encode)
+           for f in formats):
         return list(values)
     pairs = _scaled_pairs(face, kinds_)
     scale_at = set(pairs.values())
@@ -729,7 +771,8 @@ def logical(face, values, kinds_, encode=False):
     result = list(values)
     for i, (value, entry, kind) in enumerate(zip(values, face.entries,
                                                  kinds_)):
-        if kind not in MOMENTS:
+        fmt = formats[i]
+        if kind not in MOMENTS or fmt is None or fmt.native:
             continue
         slot_dtype = dtype_of(entry)
         if i in pairs:
@@ -763,7 +806,7 @@ def _scaled_pairs(face, kinds_):
 def logical_entries(face):
     """`face.entries` less the scales of a block-wise format: the layout
     of `get_weights`."""
-    if face.format.native:
+    if not any(f.scaled for f in face.formats):
         return list(face.entries)
     scale_at = set(_scaled_pairs(face, kinds(face)).values())
     return [e for i, e in enumerate(face.entries) if i not in scale_at]
@@ -799,7 +842,7 @@ def set_weights(face, weights):
     per_variable = logical_entries(face)
     layouts = [(per_variable, "per-variable", _decoded_shapes(
         face, per_variable)), (list(face.own), "own", None)]
-    if face.format.scaled:  # its stored values first (`get_weights`)
+    if any(f.scaled for f in face.formats):  # stored values first
         layouts.insert(0, (list(face.entries), "stored", None))
     mine = layouts[0][0]
     for layout, name, shapes in layouts:
@@ -852,13 +895,47 @@ def check_codes(name, variable, value):
 
 
 def check_format(face, saved):
-    """Refuses a state saved in another format than the face's."""
-    if saved != face.format.name:
-        raise ValueError(
-            f"Cannot load the state of optimizer '{face.name}': it was "
-            f"saved in state format {saved!r}, this optimizer keeps "
-            f"{face.format.name!r}. Load it into an optimizer of the saved "
-            "format.")
+    """Refuses a state saved in other formats than the face's.
+
+    `saved` is the saved record (`record`): one name, every variable's,
+    or a list of each variable's. Built, each variable must keep its saved
+    format (the first that does not is named); before build, each saved
+    name must be one of the groups' (the rest is checked at build). A list
+    of another length is left to the kinds' check.
+    """
+    names = [f.name for f in face.formats]
+    per_variable = [saved] * len(names) if isinstance(saved, str) else saved
+    if face.built:
+        if len(per_variable) != len(names):
+            return
+        bad = next((i for i, (a, b) in enumerate(zip(per_variable, names))
+                    if a != b), None)
+        if bad is None:
+            return
+        if isinstance(saved, list) or len(set(names)) > 1:
+            raise ValueError(
+                f"Cannot load the state of optimizer '{face.name}': "
+                f"variable {label(face.model[bad])} was saved in state "
+                f"format {per_variable[bad]!r}, this optimizer keeps it in "
+                f"{names[bad]!r} (`state_format` or a `variable_groups` "
+                "rule's differs from the saver's). Load it into an "
+                "optimizer of the saved formats.")
+    elif set(per_variable if isinstance(saved, list) else [saved]) <= set(
+            names):
+        return
+    raise ValueError(
+        f"Cannot load the state of optimizer '{face.name}': it was saved "
+        f"in state format {_formats(saved)}, this optimizer keeps "
+        f"{_formats(names if len(set(names)) > 1 else names[0], face.built)}"
+        ". Load it into an optimizer of the saved format.")
+
+
+def _formats(record_, per_variable=True):
+    """A format record (or the groups' formats) as a message shows it."""
+    if isinstance(record_, str):
+        return repr(record_)
+    return " and ".join(repr(n) for n in sorted(set(record_))) + (
+        " (per variable)" if per_variable else " (per variable group)")
 
 
 def load(face, store, plan, use_ema, accumulates):
@@ -872,8 +949,9 @@ def load(face, store, plan, use_ema, accumulates):
     assigned at build (`assign_pending`).
     """
     values, saved_kinds = read_store(store)
-    check_format(face, _decode(store[FORMAT_KEY])
-                 if FORMAT_KEY in store.keys() else NATIVE.name)
+    saved = _decode(store[FORMAT_KEY]) if FORMAT_KEY in store.keys() \
+        else NATIVE.name
+    check_format(face, saved)
     if face.built:
         assign(face, values, saved_kinds)
         return None
@@ -886,14 +964,14 @@ def load(face, store, plan, use_ema, accumulates):
         "skipped_steps": plan.skip_nonfinite, "average": use_ema,
         "gradient_accumulator": accumulates}
     # A block-wise format keeps scales only for large enough variables.
-    scales = {f"{k}_scale" for k in MOMENTS} if face.format.scaled \
-        else set()
+    scales = {f"{k}_scale" for k in MOMENTS} if any(
+        f.scaled for f in face.formats) else set()
     check_kinds_before_build(face.name, saved_kinds, {
         "iteration", "momentum", "velocity"} | {
         k for k, on in optional.items() if on} | (
         scales & set(saved_kinds or ())))
     assign_scalars(face.scalars, values, saved_kinds)
-    return values, saved_kinds
+    return values, saved_kinds, saved
 
 
 def assign_pending(face, pending):
@@ -909,7 +987,9 @@ def assign_pending(face, pending):
         return
     if isinstance(pending, list):  # pickled by 0.1.0: values only
         pending = (pending, None)
-    pending = pending[:2]  # (values, kinds[, format name])
+    if len(pending) > 2:  # (values, kinds[, format record])
+        check_format(face, pending[2])  # per variable, now they are known
+    pending = pending[:2]
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 

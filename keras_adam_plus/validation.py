@@ -8,6 +8,7 @@ argument and the value received, in Keras's shape:
 """
 
 import inspect
+import itertools
 import math
 import numbers
 import re
@@ -355,19 +356,23 @@ def arguments(learning_rate, beta_1, beta_2, epsilon, epsilon_mode, amsgrad,
             f"moment_dtype={own['moment_dtype']!r}")
     from keras_adam_plus import groups
 
-    own["variable_groups"] = groups.check(variable_groups, scheduled)
-    if own["state_format"] != "native":
-        for flag, why in (
-                ("lazy_sparse", "sparse rows would need their blocks "
-                 "decoded and encoded whole"),
-                ("group_small_variables", "flat groups would share blocks "
-                 "across variables")):
-            if own[flag]:
-                raise ValueError(
-                    f"Argument `state_format` {own['state_format']!r} "
-                    f"cannot combine with `{flag}=True` yet ({why}). "
-                    f"Received: state_format={own['state_format']!r}, "
-                    f"{flag}=True")
+    own["variable_groups"] = groups.check(variable_groups, scheduled,
+                                          own["state_format"])
+    # The optimizer's format, then each rule's: any quantized one refuses.
+    formats = [("state_format", own["state_format"])] + [
+        (f"variable_groups[{i}]['state_format']", rule["state_format"])
+        for i, rule in enumerate(own["variable_groups"])
+        if "state_format" in rule]
+    for (name, value), (flag, why) in itertools.product(formats, (
+            ("lazy_sparse", "sparse rows would need their blocks decoded "
+             "and encoded whole"),
+            ("group_small_variables", "flat groups would share blocks "
+             "across variables"))):
+        if value != "native" and own[flag]:
+            raise ValueError(
+                f"Argument `{name}` {value!r} cannot combine with "
+                f"`{flag}=True` yet ({why}). Received: {name}={value!r}, "
+                f"{flag}=True")
     if own["adamax"] and own["amsgrad"]:
         raise ValueError(
             "Arguments `adamax` and `amsgrad` cannot both be True: "

@@ -28,7 +28,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_adam_plus import AdamPlus
+from keras_adam_plus import AdamPlus, layer_decay_groups
 from tests.pairwise import all_pairs
 
 BACKEND = keras.backend.backend()
@@ -69,8 +69,9 @@ LOST = {
 # silent; our `set_weights` takes the legacy layout when Keras gets there.
 BROKEN_IN_KERAS = {"legacy_h5"}
 
-X = np.random.default_rng(0).normal(size=(8, 4)).astype("float32")
-Y = np.random.default_rng(1).normal(size=(8, 2)).astype("float32")
+# 3 steps of 4 rows (most tests take the first 2: the same rows as before).
+X = np.random.default_rng(0).normal(size=(12, 4)).astype("float32")
+Y = np.random.default_rng(1).normal(size=(12, 2)).astype("float32")
 
 
 def _model(mode, layout, optimizer=None):
@@ -291,7 +292,8 @@ OTHER = {"tensorflow": "jax", "jax": "torch", "torch": "tensorflow"}[BACKEND]
 SAVE_ON_OTHER_BACKEND = """
 import sys
 import numpy as np
-from tests.test_state_routes import MODES, _fit, _model
+from keras import ops
+from tests.test_state_routes import MODES, _fit, _groups_model, _model
 folder = sys.argv[1]
 for mode in MODES:
     model = _model(mode, "one")
@@ -299,7 +301,31 @@ for mode in MODES:
     _fit(model, 0, 1)
     model.save(f"{folder}/{mode}.keras")
     model.save_weights(f"{folder}/{mode}.weights.h5")
+model = _groups_model()
+_fit(model, 0, 2)
+model.save(f"{folder}/groups.keras")
+np.savez(f"{folder}/groups_weights.npz", *model.get_weights())
+np.savez(f"{folder}/groups_optimizer.npz", *[
+    ops.convert_to_numpy(v) for v in model.optimizer.variables])
 """
+
+
+def _groups_model():
+    """A model whose AdamPlus has layer-wise decay groups (issue 24), the
+    first layer's kernel with its own weight decay, beta_2 and 8-bit
+    state."""
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([keras.Input((4,)),
+                              keras.layers.Dense(3, name="hidden"),
+                              keras.layers.Dense(2, name="out")], name="net")
+    rules = layer_decay_groups(model, decay=0.5, weight_decay_1d=0.0)
+    assert rules[-1]["name"] == "hidden (depth 0)"  # its kernel
+    rules[-1].update(weight_decay=0.1, beta_2=0.99, state_format="8bit",
+                     state_format_min_size=0)
+    model.compile(optimizer=AdamPlus(learning_rate=0.05, weight_decay=0.01,
+                                     amsgrad=True, variable_groups=rules),
+                  loss=keras.losses.MeanSquaredError())
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -350,3 +376,52 @@ def test_a_state_saved_on_another_backend_continues(route, mode,
     for got, want in zip(target.get_weights(), straight.get_weights()):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert _steps(target) == _steps(straight)
+
+
+def _arrays(path):
+    arrays = np.load(path)
+    return [arrays[f"arr_{i}"] for i in range(len(arrays))]
+
+
+def _same(got, want):
+    """Every array of `got` is `want`'s, bit for bit (a step count may be
+    another integer dtype on another backend)."""
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        a = np.asarray(keras.ops.convert_to_numpy(a))
+        assert a.dtype == b.dtype or a.dtype.kind == b.dtype.kind == "i"
+        np.testing.assert_array_equal(a, b)
+
+
+def test_groups_saved_on_another_backend_resume_bit_exactly(
+        other_backend_files):
+    # Issue 24: a .keras file with groups (layer-wise decay, a group of its
+    # own weight decay, beta_2 and 8-bit state) loads on another backend
+    # with every value as saved, and resumes as a run that never stopped.
+    weights = _arrays(other_backend_files / "groups_weights.npz")
+    state = _arrays(other_backend_files / "groups_optimizer.npz")
+    loaded = keras.models.load_model(other_backend_files / "groups.keras")
+    optimizer = loaded.optimizer
+    if not optimizer.built:
+        optimizer.build(loaded.trainable_variables)
+    assert [optimizer._plan.group(i) for i in range(4)] == [4, 3, 2, 1]
+    assert {np.asarray(x).dtype.name for x in state} >= {"uint8", "float32"}
+    _same(loaded.get_weights(), weights)
+    _same(optimizer.variables, state)
+    here = _groups_model()  # this backend, set from the saved values
+    here.optimizer.build(here.trainable_variables)
+    here.set_weights(weights)
+    here.optimizer.set_weights(state)
+    _same(here.optimizer.variables, state)
+    # One step of fixed gradients: `fit` would also compare train steps (a
+    # file saved on torch carries `jit_compile=False`: the loaded model's
+    # loss then runs eagerly, 1 ulp from a jitted one here).
+    rng = np.random.default_rng(4)
+    grads = [rng.normal(size=w.shape).astype("float32") for w in weights]
+    for model in (loaded, here):
+        model.optimizer.apply([keras.ops.convert_to_tensor(g) for g in grads],
+                              model.trainable_variables)
+    _same(loaded.get_weights(), [np.asarray(w) for w in here.get_weights()])
+    _same(optimizer.variables, [np.asarray(keras.ops.convert_to_numpy(v))
+                                for v in here.optimizer.variables])
+    assert _steps(loaded) == _steps(here) == 3

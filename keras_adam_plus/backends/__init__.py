@@ -47,12 +47,19 @@ def fast_path(plan, variables, store):
 
 def describe(plan, variables, store):
     """`AdamPlus.fast_path`: the path's name, with the fallback reason
-    (a state format other than the native one is always named)."""
+    (a state format other than the native one is always named, with its
+    groups where groups keep different formats)."""
     text = _describe(plan, variables, store)
-    fmt = plan.state_format
-    if fmt is None or fmt.native or "state format" in text:
+    formats = plan.group_formats
+    if all(f.native for f in formats) or "state format" in text:
         return text
-    return f"{text} (state format {fmt.name!r})"
+    if not any(f.native for f in formats):
+        names = ", ".join(dict.fromkeys(repr(f.name) for f in formats))
+        return f"{text} (state format {names})"
+    named = "; ".join(f"{f.name!r} in {s.name}" for s, f in zip(
+        plan.settings, formats) if not f.native)
+    return f"{text} (state format {named}, the other groups native" + (
+        ", fused)" if text.startswith("torch_fused") else ")")
 
 
 def _describe(plan, variables, store):

@@ -47,7 +47,7 @@ class _Rows:
 
     def __init__(self, store, index, rows, var, dtype):
         self.finite, self.rows, self.dtype = store.finite, rows, dtype
-        self.format = store.format
+        self.format = store.formats[index]
         self.var = var
         self.slots = {k: _tf_variable(v) for k, v in zip(
             ("m", "v", "v_max"), store.slots(index)) if v is not None}

@@ -18,6 +18,12 @@ generic path does (`keras_adam_plus.rule`). Modes map onto the kernel as:
   wd` first; `"decoupled_unscaled"`: `theta -= wd * theta` first.
   Variables excluded from weight decay form their own group.
 
+Only variables of the native state format are fused: where a group keeps
+another format (`variable_groups` with a `state_format`), its variables
+take the generic step, one at a time, in the same `update` (the kernel
+reads and writes m, v as stored); with no native variable, the path falls
+back whole.
+
 Nothing is read back to the host: no step count, no learning rate.
 Configurations and executions it does not handle (see `fallback_reason`)
 run the generic path; `AdamPlus.fast_path` says which one runs.
@@ -40,9 +46,10 @@ def fallback_reason(plan, variables, store):
     hyper = plan.hyper
     if not hasattr(torch, "_fused_adam_"):
         return f"torch {torch.__version__} has no torch._fused_adam_"
-    fmt = plan.state_format
-    if fmt is not None and not fmt.native:
-        return (f"state format {fmt.name!r}: the fused kernel reads and "
+    formats = _formats(plan, variables)
+    if not any(f.native for f in formats):
+        names = ", ".join(dict.fromkeys(repr(f.name) for f in formats))
+        return (f"state format {names}: the fused kernel reads and "
                 "writes m, v as they are stored")
     if hyper.adamax:
         return "adamax has no fused torch kernel"
@@ -61,6 +68,19 @@ def fallback_reason(plan, variables, store):
         return "under torch.compile (jit_compile=True) the generic path " \
                "is compiled"
     return None
+
+
+def _formats(plan, variables):
+    """Each variable's state format (before build, each group's)."""
+    if len(plan.setting_of) == len(variables) and variables:
+        return [plan.format(i) for i in range(len(variables))]
+    return plan.group_formats
+
+
+def _fused(plan, variables):
+    """`(position, variable)` of the variables of the native format."""
+    return [(i, v) for i, v in enumerate(variables)
+            if plan.format(i).native]
 
 
 def _on_accelerator(variable):
@@ -97,14 +117,15 @@ def _hat(plan):
 
 
 def _check_layout(plan, variables):
-    fmt = plan.state_format or storage.NATIVE
-    if any(fmt.slot_dtype(v, plan.moment_dtype) != storage.dtype_of(v)
-           for v in variables):
+    fused = _fused(plan, variables)
+    variables = [v for _, v in fused]
+    if any(plan.format(i).slot_dtype(v, plan.moment_dtype)
+           != storage.dtype_of(v) for i, v in fused):
         return ("moment_dtype: the fused kernel keeps state in the "
                 "parameters' dtype")
-    if any(storage.dtype_of(v) in storage.LOW_PRECISION and decays
+    if any(storage.dtype_of(v) in storage.LOW_PRECISION and plan.decays[i]
            and _decay_outside_kernel(plan, plan.setting(i))
-           for i, (v, decays) in enumerate(zip(variables, plan.decays))):
+           for i, v in fused):
         # Found by the conformance matrix (decoupled_unscaled, float16,
         # fit): theta rounded after the decay and again after the kernel
         # ended 2-3 float16 spacings off the reference, which rounds once.
@@ -137,10 +158,12 @@ def _groups(step, variables, stateless):
     """Variables grouped by (device, dtype, decays, `variable_groups` group)
 
     Each group holds the positions of its variables in `variables`, and
-    the tensors of the parameters and of their m, v (and v_max) slots. The
-    groups are cached per variable list (Keras's torch variables keep their
-    tensor across `assign`), except in a StatelessScope, where the tensors
-    are copies of the scope's values, written back with `assign`.
+    the tensors of the parameters and of their m, v (and v_max) slots;
+    returned with the positions of the variables of another state format
+    (generic). The groups are cached per variable list (Keras's torch
+    variables keep their tensor across `assign`), except in a
+    StatelessScope, where the tensors are copies of the scope's values,
+    written back with `assign`.
     """
     if stateless:
         return _build_groups(step, variables, stateless)
@@ -154,9 +177,12 @@ def _build_groups(step, variables, stateless):
         value = variable.value
         return value.clone() if stateless else value
 
-    groups = {}
+    groups, rest = {}, []
     for position, variable in enumerate(variables):
         index = step.index(variable)
+        if not step.store.formats[index].native:
+            rest.append(position)
+            continue
         slots = [variable] + [s for s in step.store.slots(index)
                               if s is not None]
         param = tensor(variable)
@@ -169,14 +195,17 @@ def _build_groups(step, variables, stateless):
         for column, slot in zip(group[1:5], slots):
             column.append(tensor(slot) if slot is not variable else param)
         group[5].append(slots)
-    return groups
+    return groups, rest
 
 
 @torch.no_grad()
 def update(step, grads, variables):
     """Applies one AdamPlus step to `variables` with fused torch kernels."""
     stateless = _stateless()
-    groups = _groups(step, variables, stateless)
+    groups, rest = _groups(step, variables, stateless)
+    for p in rest:  # another state format: the generic step
+        index = step.index(variables[p])
+        step.run([grads[p]], [variables[p]], step.store.slots(index), index)
     plan = step.plan
     hat = _hat(plan)
     scalars = {}
