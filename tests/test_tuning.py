@@ -913,6 +913,14 @@ def test_the_end_of_a_search_prints_how_to_use_best_json(tmp_path,
     schedule = scope["optimizer"]._learning_rate
     assert isinstance(schedule, InverseSqrtDecay)
     assert schedule.initial_learning_rate == 0.02
+    # The paper's defaults won: nothing to confirm them against (was: the
+    # same --confirm advice, and "tuned 1.2981, paper defaults 1.2981").
+    rundir.write_json(tmp_path / "best.json", dict(PAPER_DEFAULTS))
+    lines = next_steps(tmp_path, ["--epochs", "4"], False)
+    assert lines[-2:] == [
+        "  the best trial is the paper's defaults (AdamPlus() as it is); to "
+        "search further, add trials (a rerun resumes):",
+        "    adam-plus-tune --epochs 4 --max-trials N"]
 
 
 def test_the_cli_offers_every_oracle():

@@ -33,7 +33,13 @@ from tuning.errors import (
     quoted,
 )
 from tuning.rundir import is_distributed_child
-from tuning.search_space import LAYERWISE, NAMES, TUNABLE, SearchSpace
+from tuning.search_space import (
+    LAYERWISE,
+    NAMES,
+    TUNABLE,
+    SearchSpace,
+    is_paper_default,
+)
 from tuning.sweep import (
     DEFAULT_TRIALS,
     MAXIMUMS,
@@ -310,9 +316,17 @@ def next_steps(directory, argv, confirmed):
         # and run again before the confirmation (found by a new user).
         kept = [a for a in argv if a != "--overwrite"]
         rerun = " ".join([command(), *map(quoted, kept)])
-        lines += ["  check that it beats the paper's defaults beyond seed "
-                  "noise (retrains the best and the defaults over new "
-                  "seeds):", f"    {rerun} --confirm"]
+        if is_paper_default(rundir.read_json(directory / "best.json") or {
+                "learning_rate": None}):
+            # Nothing to check it against (a new user saw "tuned 1.2981,
+            # paper defaults 1.2981").
+            lines += ["  the best trial is the paper's defaults (AdamPlus() "
+                      "as it is); to search further, add trials (a rerun "
+                      "resumes):", f"    {rerun} --max-trials N"]
+        else:
+            lines += ["  check that it beats the paper's defaults beyond "
+                      "seed noise (retrains the best and the defaults over "
+                      "new seeds):", f"    {rerun} --confirm"]
     return lines
 
 
