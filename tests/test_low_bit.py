@@ -614,13 +614,24 @@ def test_every_execution_takes_the_same_steps(execution, state_format):
     codes = [i for i, w in enumerate(want) if w.dtype == np.uint8]
     assert codes and len(got) == len(want)
     bits = FORMATS[state_format]
+    flipped = 0
     for i in codes:  # every nibble of 4-bit bytes
         a, b = (_codes(x, bits, (x.size * 8 // bits,))
                 for x in (got[i], want[i]))
         assert np.sum(a != b) <= 4, i
         assert np.all(np.abs(a - b) <= 1)
+        flipped += int(np.sum(a != b))
+    # A flipped code moves its weight's next steps by up to a code's step
+    # (in v's lowest decade, entries 2.4 to 6 times apart): such weights
+    # differ by at most a few learning-rate steps, the others to round-off
+    # (TensorFlow's fit_jit flipped one 8-bit v code here).
+    off = 0
     for a, b in zip(model.get_weights(), reference.get_weights()):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        close = np.isclose(a, b, rtol=1e-5, atol=1e-7)
+        off += int(np.sum(~close))
+        np.testing.assert_allclose(a, b, atol=4 * 0.01)
+    # A code may also flip and flip back within the 4 steps.
+    assert off <= max(flipped, 4)
 
 
 @pytest.mark.parametrize("state_format", list(FORMATS))
