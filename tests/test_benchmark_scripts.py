@@ -85,7 +85,8 @@ def test_the_quick_cases_are_choices_of_case(case, capsys):
     assert exit.value.code == 0, capsys.readouterr().err
 
 
-@once_on("tensorflow")
+# On torch, the backend with the shortest test run (CI's budget).
+@once_on("torch")
 def test_the_quality_smoke_run_gives_each_format_a_ratio(tmp_path):
     out = tmp_path / "rows.json"
     process = subprocess.run(
