@@ -39,9 +39,21 @@ def _transformer(vocab=32, length=32, width=64, heads=4, blocks=2):
     import keras
     from keras import layers
 
+    class Positions(layers.Layer):
+        """Adds a learned embedding of each position (inside `call`: a
+        tensor made while the graph is built is kept, on torch, with the
+        autograd graph of its first use)."""
+
+        def build(self, shape):
+            self.table = self.add_weight(shape=tuple(shape[1:]),
+                                         initializer="random_normal",
+                                         name="positions")
+
+        def call(self, x):
+            return x + self.table
+
     tokens = keras.Input((length,), dtype="int32")
-    h = layers.Embedding(vocab, width)(tokens)
-    h = h + layers.Embedding(length, width)(keras.ops.arange(length))
+    h = Positions()(layers.Embedding(vocab, width)(tokens))
     for _ in range(blocks):
         a = layers.MultiHeadAttention(heads, width // heads)(
             h, h, use_causal_mask=True)
