@@ -471,7 +471,7 @@ def test_report_on_a_running_search_does_not_say_rerun_it(tmp_path):
     last = out.stdout.splitlines()[-1]
     assert last.startswith(f"next step: a search is running there (pid "
                            f"{os.getpid()} ")
-    assert rundir.busy(tmp_path) is None
+    assert rundir.running(tmp_path) is None
     # A finished search rerun says so before its summary (was: silent).
     again = run("--directory", str(tmp_path), *SMALL, "--epochs", "1",
                 "--max-trials", "1")

@@ -262,7 +262,7 @@ def _report(args):
     report.write(directory, plots=not args.no_plots)
     _print_outputs(directory)
     confirmed = (directory / report.CONFIRM).is_file()
-    running = rundir.busy(directory)
+    running = rundir.running(directory)
     if running:  # its rerun would be refused: the folder is in use
         print(f"next step: a search is running there ({running}); rerun "
               "this report when it ends, or now for the trials done so far")

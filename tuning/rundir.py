@@ -325,24 +325,6 @@ def _take(directory, path, created):
         os.close(fd)  # its holder removed it as it finished: the new one
 
 
-def busy(directory):
-    """Who holds `directory`'s lock (as a busy error names it), or None
-    if no search runs there now. Holds a shared lock for an instant only
-    where nobody holds it."""
-    path = Path(directory) / LOCK
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return _holder(path)
-    finally:
-        os.close(fd)  # releases a shared flock taken
-    return None
-
-
 def _same_file(fd, path):
     """Whether the open `fd` is the file at `path` now."""
     try:
