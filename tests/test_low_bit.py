@@ -104,6 +104,33 @@ def test_encoding_is_the_references_quantization(bits):
             rtol=2e-7, atol=0)
 
 
+@pytest.mark.parametrize("key", lowbit.KEYS)
+def test_the_bucket_lookup_is_a_search_over_the_midpoints(key):
+    # `nearest` reads a code off the value's float32 bits; it must equal
+    # the count of midpoints <= the value (the nearest entry, a tie to
+    # the larger) everywhere a code can change: at both edges of every
+    # bucket of every sign and exponent, and at every midpoint +- 2 ulps.
+    mids = lowbit.MIDPOINTS[key]
+    starts = np.arange(lowbit.LOOKUP_MASK + 1, dtype=np.uint64) << np.uint64(
+        lowbit.LOOKUP_SHIFT)
+    edges = [starts | np.uint64(last) for last in
+             (0, 1, (1 << lowbit.LOOKUP_SHIFT) - 1)]
+    near = [mids]
+    for direction in (np.inf, -np.inf):
+        step = mids
+        for _ in range(2):
+            step = np.nextafter(step, np.float32(direction))
+            near.append(step)
+    values = np.concatenate(
+        [e.astype(np.uint32).view(np.float32) for e in edges]
+        + near + [np.float32([0.0, -0.0, 1.0, -1.0])])
+    values = values[np.isfinite(values)]
+    got = _numpy(lowbit.nearest(ops.convert_to_tensor(values),
+                                *lowbit.LOOKUPS[key]))
+    want = np.searchsorted(mids, values, side="right")
+    np.testing.assert_array_equal(got, want)
+
+
 def test_four_bit_codes_pack_an_odd_count_and_zeros():
     # 129 elements: a block of 128 and one of 1; 65 bytes, the last low
     # nibble 0. An all-zero tensor encodes to the all-zero start state
