@@ -10,6 +10,9 @@ prints the final training loss (the mean over the last epoch), its ratio
 to float32 state (`native`) measured in the same run, whether the run
 diverged, and the optimizer's bytes of state per trainable parameter.
 Issue 22's bar: 8-bit within 1% of float32 state, 4-bit within 3%.
+On torch, where installed (neither is a dependency), torchao's and
+bitsandbytes' `Adam8bit` train the same models from the same start in the
+same `fit` (rows "torchao 8bit", "bitsandbytes 8bit"; `TorchPeer`).
 
 Models: the paper's MLP (784-1000-1000-10, dropout 0.5, Section 6.2) on
 MNIST; its VAE (784-500-50, Section 6.4) on MNIST; a c16-c32-64 CNN on
@@ -110,6 +113,47 @@ def _data(name, n, mnist_idx):
         from_logits=True), x, y)
 
 
+# The torch libraries with an 8-bit Adam: row name -> (module, class).
+TORCH_PEERS = {"torchao 8bit": ("torchao.optim", "Adam8bit"),
+               "bitsandbytes 8bit": ("bitsandbytes.optim", "Adam8bit")}
+
+
+def torch_peer(name, learning_rate):
+    """A Keras optimizer whose step is torch library `name`'s `Adam8bit`
+    on the variables' torch parameters (`TORCH_PEERS`), or None where it
+    does not import. Keras's torch `fit` has set each parameter's `.grad`
+    when it calls `apply`; the library's state is its own (its bytes are
+    not counted)."""
+    import importlib
+
+    import keras
+
+    module, attribute = TORCH_PEERS[name]
+    try:
+        make = getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError, RuntimeError) as err:
+        print(f"# {name}: not run ({type(err).__name__}: "
+              f"{str(err).splitlines()[0][:120]})", file=sys.stderr,
+              flush=True)
+        return None
+
+    class TorchPeer(keras.optimizers.Optimizer):
+        def __init__(self):
+            super().__init__(learning_rate=learning_rate, name=name)
+            self.peer = None
+
+        def build(self, var_list):
+            super().build(var_list)
+            self.peer = make([v.value for v in var_list],
+                             lr=learning_rate)
+
+        def apply(self, grads, trainable_variables=None):
+            self.peer.step()
+            self.iterations.assign_add(1)
+
+    return TorchPeer()
+
+
 def state_bytes_per_parameter(optimizer, model):
     """The optimizer's variables' bytes over the trainable parameters."""
     import numpy as np
@@ -129,17 +173,23 @@ def worker(models_, formats, small, mnist_idx):
 
     epochs, n = SIZES[small]
     rows = []
+    peers = list(TORCH_PEERS) if keras.backend.backend() == "torch" else []
     for name in models_:
         found = _data(name, n, mnist_idx)
         if found is None:
             continue
         build, loss, x, y = found
-        for state_format in formats:
+        for state_format in formats + peers:
             keras.utils.clear_session()
             keras.utils.set_random_seed(0)
             model = build()
-            optimizer = AdamPlus(learning_rate=1e-3,
-                                 state_format=state_format)
+            if state_format in TORCH_PEERS:
+                optimizer = torch_peer(state_format, 1e-3)
+                if optimizer is None:
+                    continue
+            else:
+                optimizer = AdamPlus(learning_rate=1e-3,
+                                     state_format=state_format)
             model.compile(optimizer=optimizer, loss=loss)
             optimizer.build(model.trainable_variables)
             history = model.fit(x, y, batch_size=128, epochs=epochs,
@@ -147,7 +197,8 @@ def worker(models_, formats, small, mnist_idx):
             final = float(history.history["loss"][-1])
             rows.append({"model": name, "format": state_format,
                          "loss": final, "diverged": not math.isfinite(final),
-                         "bytes_per_param": state_bytes_per_parameter(
+                         "bytes_per_param": None if state_format in
+                         TORCH_PEERS else state_bytes_per_parameter(
                              optimizer, model)})
             print(f"# {keras.backend.backend()} {name} {state_format}: "
                   f"{final:.4f}", file=sys.stderr, flush=True)
@@ -164,8 +215,10 @@ def print_table(backend, rows):
         base = native.get(r["model"])
         ratio = f"{r['loss'] / base:.4f}" if base else ""
         loss = "diverged" if r["diverged"] else f"{r['loss']:.4f}"
+        size = ("" if r["bytes_per_param"] is None
+                else f"{r['bytes_per_param']:.2f}")
         print(f"| {r['model']} | {r['format']} | {loss} | {ratio} | "
-              f"{r['bytes_per_param']:.2f} |", flush=True)
+              f"{size} |", flush=True)
 
 
 def main(argv=None):

@@ -18,7 +18,7 @@ class ReferenceAdam:
                  epsilon_mode="paper", amsgrad=False, bias_correction=True,
                  adamax=False, nesterov=False,
                  weight_decay=None, weight_decay_mode="decoupled",
-                 decay_mask=None, round_state=None):
+                 decay_mask=None, round_state=None, state_bits=None):
         self.b1_spec, self.b2_spec, self.eps = beta_1, beta_2, epsilon
         self.p1 = self.p2 = 1.0
         self.epsilon_mode = epsilon_mode
@@ -30,6 +30,8 @@ class ReferenceAdam:
         self.decay_mask = decay_mask
         # Rounds m, v, v_max as they are stored, after the step used them.
         self.round_state = round_state
+        # Or stores them block-wise in 8 or 4 bits (m signed, v unsigned).
+        self.state_bits = state_bits
         self.t = 0
         self.m = self.v = self.v_max = None
 
@@ -94,22 +96,31 @@ class ReferenceAdam:
             if self.round_state is not None:
                 for state in (self.m, self.v, self.v_max):
                     state[i] = self.round_state(state[i])
+            if self.state_bits is not None:
+                for state, signed in ((self.m, True), (self.v, False),
+                                      (self.v_max, False)):
+                    state[i] = reference_dequantize(*reference_quantize(
+                        state[i], signed, self.state_bits), signed,
+                        self.state_bits)
         return params
 
 
 def run_reference(config, params, grad_steps, lr_of_step=None,
-                  round_theta=None, round_state=None):
+                  round_theta=None, round_state=None, state_bits=None):
     """Runs `ReferenceAdam(**config)` over a list of per-step gradient lists.
 
     `lr_of_step(t)` gives the learning rate at step t = 0, 1, ...; by default
     the constant `config["learning_rate"]`. `round_theta(array)` and
     `round_state(array)`, if given, round the parameters and m, v (v_max)
     to their storage dtype after every step (half precisions: each step is
-    computed exactly from the stored values, then stored rounded).
+    computed exactly from the stored values, then stored rounded);
+    `state_bits` (8 or 4) stores m, v (v_max) block-wise quantized
+    instead (`reference_quantize`).
     """
     config = dict(config)
     lr = config.pop("learning_rate", 0.001)
-    ref = ReferenceAdam(**config, round_state=round_state)
+    ref = ReferenceAdam(**config, round_state=round_state,
+                        state_bits=state_bits)
     params = [np.array(p, np.float64) for p in params]
     for t, grads in enumerate(grad_steps):
         ref.step(params, grads, lr_of_step(t) if lr_of_step else lr)
@@ -119,7 +130,8 @@ def run_reference(config, params, grad_steps, lr_of_step=None,
     return params
 
 
-def run_reference_average(config, params, grad_steps, decay):
+def run_reference_average(config, params, grad_steps, decay,
+                          state_bits=None):
     """Like `run_reference`, also returning the Section 7.2 average.
 
     theta_bar = decay * theta_bar + (1 - decay) * theta after every step,
@@ -127,7 +139,7 @@ def run_reference_average(config, params, grad_steps, decay):
     """
     config = dict(config)
     lr = config.pop("learning_rate", 0.001)
-    ref = ReferenceAdam(**config)
+    ref = ReferenceAdam(**config, state_bits=state_bits)
     params = [np.array(p, np.float64) for p in params]
     averages = [np.zeros_like(p) for p in params]
     for grads in grad_steps:
