@@ -5,7 +5,8 @@ group, 8-bit state against float32 state): a chosen row is timed beside
 its peer and the labels the command line offers are the rows that exist,
 not how fast anything is. low_bit_quality.py trains each state format from
 the same start: its smoke run gives a row per format with the ratio to
-float32 state.
+float32 state, and its table averages over seeds. low_bit_peers.py names
+a peer it could not time.
 """
 
 import importlib.util
@@ -106,3 +107,66 @@ def test_the_quality_smoke_run_gives_each_format_a_ratio(tmp_path):
     assert abs(bytes_["native"] - 8.0) < 0.01
     assert bytes_["8bit"] < 2.5
     assert "| transformer | 8bit |" in process.stdout
+
+
+low_bit_peers = _script("low_bit_peers")
+
+
+def test_the_quality_table_averages_each_format_over_its_seeds(capsys):
+    rows = [
+        {"model": "mlp", "format": "native", "seed": 0, "loss": 0.2,
+         "diverged": False, "bytes_per_param": 8.0},
+        {"model": "mlp", "format": "8bit", "seed": 0, "loss": 0.21,
+         "diverged": False, "bytes_per_param": 2.04},
+        {"model": "mlp", "format": "native", "seed": 1, "loss": 0.4,
+         "diverged": False, "bytes_per_param": 8.0},
+        {"model": "mlp", "format": "8bit", "seed": 1, "loss": 0.38,
+         "diverged": False, "bytes_per_param": 2.04},
+        {"model": "mlp", "format": "native", "seed": 2, "loss": 0.3,
+         "diverged": False, "bytes_per_param": 8.0},
+        {"model": "mlp", "format": "8bit", "seed": 2,
+         "loss": float("nan"), "diverged": True, "bytes_per_param": 2.04},
+    ]
+    low_bit_quality.print_table("jax", rows)
+    out = capsys.readouterr().out
+    # Ratios per seed 1.05 and 0.95 (the diverged run is counted apart).
+    assert "| mlp | 8bit | 3 | 0.2950 | 1.0000 (0.9500-1.0500) | 1 | 2.04 |" \
+        in out
+    assert "| mlp | native | 3 | 0.3000 | 1.0000 (1.0000-1.0000) | 0 | " \
+        "8.00 |" in out
+
+
+def test_a_torch_peer_that_does_not_import_is_not_run(monkeypatch, capsys):
+    monkeypatch.setitem(low_bit_quality.TORCH_PEERS, "nope 8bit",
+                        ("no_such_module_here", "Adam8bit"))
+    assert low_bit_quality.torch_peer("nope 8bit", 1e-3) is None
+    assert "# nope 8bit: not run (ModuleNotFoundError" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    (low_bit_quality, ["--seeds", "0"],
+     "argument --seeds: must be at least 1, got 0"),
+    (low_bit_peers, ["--rounds", "0"],
+     "argument --rounds: must be at least 1, got 0"),
+    (low_bit_peers, ["--steps", "-1"],
+     "argument --steps: must be at least 1, got -1"),
+])
+def test_a_count_under_one_is_refused(script, argv, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        script.main(argv)
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_the_peer_table_names_a_peer_it_could_not_time(capsys):
+    low_bit_peers._print("1M x 1", {
+        "AdamPlus": 0.01, "AdamPlus 8bit": 0.05,
+        "torchao Adam8bit": 0.1,
+        "bitsandbytes Adam8bit": "ModuleNotFoundError: no bitsandbytes"})
+    out = capsys.readouterr().out
+    assert "| AdamPlus 8bit | 50.0 | 1.00 | 5.00 |" in out
+    assert "| torchao Adam8bit | 100.0 | 2.00 | 10.00 |" in out
+    assert "| bitsandbytes Adam8bit | not timed (ModuleNotFoundError: " \
+        "no bitsandbytes) | | |" in out
