@@ -79,6 +79,8 @@ def check_floating(var_list):
 
 MOMENTS = ("momentum", "velocity", "velocity_max")
 AVERAGE = "temporal_average"
+# The slots that start at ones; every other value of a state starts at 0.
+BETA_POWERS = ("beta_1_power", "beta_2_power")
 
 
 class Store:
@@ -137,8 +139,8 @@ class Store:
             dtype = "float64" if any(dtype_of(v) == "float64"
                                      for v in variables) else "float32"
             self.beta_powers = [
-                add_variable((), initializer="ones", dtype=dtype,
-                             name=f"beta_{i}_power") for i in (1, 2)]
+                add_variable((), initializer="ones", dtype=dtype, name=name)
+                for name in BETA_POWERS]
         self.skipped = None
         if plan.skip_nonfinite:
             self.skipped = add_variable((), initializer="zeros",
@@ -946,12 +948,16 @@ def load(face, store, plan, use_ema, accumulates):
     (`plan`, `use_ema`, gradient accumulation) keeps; the step count and
     learning rate, which exist before build, are assigned now (a later
     `optimizer.learning_rate = ...` wins) and the rest is returned, to be
-    assigned at build (`assign_pending`).
+    assigned at build (`assign_pending`). A state saved before build (the
+    step count, at 0, and the learning rate alone) loads as a fresh
+    optimizer's (`_load_fresh`).
     """
     values, saved_kinds = read_store(store)
     saved = _decode(store[FORMAT_KEY]) if FORMAT_KEY in store.keys() \
         else NATIVE.name
     check_format(face, saved)
+    if _saved_unbuilt(face, values, saved_kinds):
+        return _load_fresh(face, values, saved_kinds)
     if face.built:
         assign(face, values, saved_kinds)
         return None
@@ -959,8 +965,7 @@ def load(face, store, plan, use_ema, accumulates):
         "learning_rate": "learning_rate" in face.scalars,
         "velocity_max": plan.hyper.amsgrad,
         AVERAGE: plan.average_decay is not None,
-        "beta_1_power": plan.betas_scheduled,
-        "beta_2_power": plan.betas_scheduled,
+        **dict.fromkeys(BETA_POWERS, plan.betas_scheduled),
         "skipped_steps": plan.skip_nonfinite, "average": use_ema,
         "gradient_accumulator": accumulates}
     # A block-wise format keeps scales only for large enough variables.
@@ -972,6 +977,35 @@ def load(face, store, plan, use_ema, accumulates):
         scales & set(saved_kinds or ())))
     assign_scalars(face.scalars, values, saved_kinds)
     return values, saved_kinds, saved
+
+
+def _saved_unbuilt(face, values, saved_kinds):
+    """Whether a saved state is that of an optimizer never built: this
+    one's scalars alone (the step count, the learning rate), at step 0.
+
+    A model compiled and saved before its first step saves only these
+    (the slots are made at build); at a step count > 0 the moments were
+    lost (see `_check_nothing_lost`), which the kinds' check refuses.
+    """
+    if saved_kinds is None or sorted(saved_kinds) != sorted(face.scalars):
+        return False
+    return int(np.asarray(values[saved_kinds.index("iteration")])) == 0
+
+
+def _load_fresh(face, values, saved_kinds):
+    """Loads a state saved before build (`_saved_unbuilt`) as a fresh
+    optimizer's: the learning rate and step count 0 now; built, every
+    other value as build makes it (the beta products ones, the rest
+    zeros: codes and scales of zero are the zero state), all or nothing.
+    Returns the state left pending: None."""
+    if not face.built:
+        assign_scalars(face.scalars, values, saved_kinds)
+        return None
+    saved, mine = dict(zip(saved_kinds, values)), kinds(face)
+    assign(face, [saved[kind] if kind in saved else np.full(
+        tuple(entry.shape), 1 if kind in BETA_POWERS else 0, dtype_of(entry))
+        for entry, kind in zip(face.entries, mine)], mine)
+    return None
 
 
 def assign_pending(face, pending):
