@@ -17,7 +17,9 @@
   kinds in the same order with the same shapes, and the same format per
   variable; a
   load that raises changes nothing; loading before build keeps the state
-  pending until `build`.
+  pending until `build`. Routes that bypass these checks (Keras's state
+  trees, and so Orbax) meet each slot's own: it refuses a value of
+  another format (`guard`).
 """
 
 import collections
@@ -28,6 +30,7 @@ import numpy as np
 from keras import ops
 
 LOW_PRECISION = ("float16", "bfloat16")
+CODES = "uint8"  # the dtype of a block-wise format's codes
 KINDS_KEY = "slot_kinds"
 # Saved only for a format other than "native": its name, or where the
 # variables' formats differ (`variable_groups`), a list of one per variable.
@@ -79,6 +82,8 @@ def check_floating(var_list):
 
 MOMENTS = ("momentum", "velocity", "velocity_max")
 AVERAGE = "temporal_average"
+# The slots that start at ones; every other value of a state starts at 0.
+BETA_POWERS = ("beta_1_power", "beta_2_power")
 
 
 class Store:
@@ -94,6 +99,8 @@ class Store:
     (Keras saves the optimizer's variables by index). Every write of a
     step goes through `assign`/`assign_add`/`assign_sub`, which keep the
     old value while a step is guarded (`keras_adam_plus.nonfinite`).
+    Every slot it makes (moments, codes, scales, averages) refuses a value
+    of another format (`guard`).
 
     Args:
         plan: The `plan.Plan`.
@@ -137,8 +144,8 @@ class Store:
             dtype = "float64" if any(dtype_of(v) == "float64"
                                      for v in variables) else "float32"
             self.beta_powers = [
-                add_variable((), initializer="ones", dtype=dtype,
-                             name=f"beta_{i}_power") for i in (1, 2)]
+                add_variable((), initializer="ones", dtype=dtype, name=name)
+                for name in BETA_POWERS]
         self.skipped = None
         if plan.skip_nonfinite:
             self.skipped = add_variable((), initializer="zeros",
@@ -171,6 +178,8 @@ class Store:
                         shape(i) if shape else tuple(var.shape),
                         initializer="zeros", dtype=dtype(i),
                         layout=getattr(var, "_layout", None), name=slot_name)
+                    guard(slot, self.formats[i] if name in MOMENTS
+                          else NATIVE, var)
                     block.add(id(slot))
                     column.append(slot)
                     continue
@@ -181,6 +190,7 @@ class Store:
                         (sum(size(var_list[j].shape) for j in members),),
                         initializer="zeros", dtype=dtype(i),
                         name=f"group_{g}_{name}")
+                    guard(flats[g], NATIVE, var)  # groups keep floats
                     block.add(id(flats[g]))
                 column.append(GroupSlice(flats[g], offsets[i],
                                          tuple(var.shape), slot_name, prefix))
@@ -200,10 +210,12 @@ class Store:
                     slot, GroupSlice) else fmt.scale_shape(var)
                 if shape is None:
                     continue
-                scales[id(slot)] = (add_variable(
+                scale = add_variable(
                     shape, initializer="zeros", dtype="float32",
-                    name=f"{label(var).replace('/', '_')}_{name}_scale"),
-                    name == "momentum", tuple(var.shape))
+                    name=f"{label(var).replace('/', '_')}_{name}_scale")
+                guard(scale, fmt, var, "scales")
+                scales[id(slot)] = (scale, name == "momentum",
+                                    tuple(var.shape))
         return scales
 
     def scale_of(self, slot):
@@ -277,6 +289,69 @@ class Store:
             return self.assign(variable, ops.subtract(
                 variable, ops.cast(value, variable.dtype)))
         self._assign_sub(variable, value)
+
+
+def guard(slot, fmt, variable, kept="values"):
+    """Makes `slot.assign` refuse, in one line, a value of another format.
+
+    Keras's `set_state_tree` (and so its Orbax checkpoints) assigns each
+    value to the variable of the same path by `variable.assign`, which
+    casts: a state of another `state_format` or `state_format_min_size`
+    would land in the slots of this one, float m cast into uint8 codes,
+    codes read as moments. So each slot the store makes refuses a value
+    of the other dtype kind (uint8 codes against floats) or of another
+    shape. The check is static, so it holds in traced steps too, and never
+    fires on AdamPlus's own writes, which keep the slot's dtype and shape.
+    The routes AdamPlus loads itself check every value before the first
+    write (`assign`, `check_format`); this is the last line, for Keras's
+    routes that bypass them. Wrapped per instance, the least magic that
+    works on every backend's `keras.Variable`.
+
+    Args:
+        slot: The slot (a `keras.Variable`), of `variable`'s.
+        fmt: The `Format` of the slot's values (a moment's: the
+            variable's; `NATIVE` for the rest).
+        variable: The model variable the slot belongs to.
+        kept: What the slot keeps, as the refusal names it: "values"
+            (codes when uint8) or "scales".
+    """
+    assign, path, shape = slot.assign, slot.path, tuple(slot.shape)
+    codes = dtype_of(slot) == CODES
+    is_codes = {}  # per dtype of a value
+
+    def checked(value):
+        dtype = getattr(value, "dtype", None)
+        if dtype is None:
+            dtype = np.asarray(value).dtype
+        if dtype not in is_codes:
+            is_codes[dtype] = keras.backend.standardize_dtype(dtype) == CODES
+        got = getattr(value, "shape", None)
+        got = tuple(got) if got is not None else np.shape(value)
+        if is_codes[dtype] != codes or len(got) != len(shape) or any(
+                a is not None and a != b for a, b in zip(got, shape)):
+            raise ValueError(
+                f"Cannot assign a {keras.backend.standardize_dtype(dtype)} "
+                f"value of shape {got} to optimizer variable {path}: it "
+                f"keeps state format {_kept(slot, fmt, variable, kept)}; a "
+                "state of another state_format or state_format_min_size (a "
+                "state tree, an Orbax checkpoint) is refused: load it into "
+                "an optimizer of the format that saved it.")
+        return assign(value)
+
+    slot.assign = checked
+
+
+def _kept(slot, fmt, variable, kept):
+    """What `slot` keeps, as `guard` names it: "'8bit' (uint8 codes of
+    shape (64, 80))", "'native' (float32 values of shape (80,); '8bit'
+    keeps it native: under 4096 elements)"."""
+    dtype, shape = dtype_of(slot), tuple(slot.shape)
+    if kept == "scales" or dtype == CODES:
+        what = "codes" if dtype == CODES else kept
+        return f"{fmt.name!r} ({dtype} {what} of shape {shape})"
+    reason = fmt.keeps(variable)
+    why = f"; {fmt.name!r} keeps it native: {reason}" if reason else ""
+    return f"{NATIVE.name!r} ({dtype} values of shape {shape}{why})"
 
 
 def label(variable):
@@ -357,6 +432,11 @@ class Format:
         """The shape of `variable`'s own moment slots (packed codes may
         differ from the variable's)."""
         return tuple(variable.shape)
+
+    def keeps(self, variable):
+        """Why `variable`'s slots keep the native format rather than this
+        one, or None (they keep this one)."""
+        return None
 
     def decode(self, stored, dtype):
         """`stored` (a slot's value) as a tensor of the compute `dtype`."""
@@ -885,8 +965,8 @@ def _decoded_shapes(face, entries):
 def check_codes(name, variable, value):
     """Refuses a float value for a slot of low-bit codes, or codes for a
     float slot (a state saved with another `state_format_min_size`)."""
-    codes = dtype_of(variable) == "uint8"
-    if codes != (np.asarray(value).dtype == np.uint8):
+    codes = dtype_of(variable) == CODES
+    if codes != (np.asarray(value).dtype == CODES):
         raise ValueError(
             f"Cannot load the state of optimizer '{name}': variable "
             f"{variable.path} keeps {dtype_of(variable)} values, the saved "
@@ -946,12 +1026,16 @@ def load(face, store, plan, use_ema, accumulates):
     (`plan`, `use_ema`, gradient accumulation) keeps; the step count and
     learning rate, which exist before build, are assigned now (a later
     `optimizer.learning_rate = ...` wins) and the rest is returned, to be
-    assigned at build (`assign_pending`).
+    assigned at build (`assign_pending`). A state saved before build (the
+    step count, at 0, and the learning rate alone) loads as a fresh
+    optimizer's (`_load_fresh`).
     """
     values, saved_kinds = read_store(store)
     saved = _decode(store[FORMAT_KEY]) if FORMAT_KEY in store.keys() \
         else NATIVE.name
     check_format(face, saved)
+    if _saved_unbuilt(face, values, saved_kinds):
+        return _load_fresh(face, values, saved_kinds)
     if face.built:
         assign(face, values, saved_kinds)
         return None
@@ -959,8 +1043,7 @@ def load(face, store, plan, use_ema, accumulates):
         "learning_rate": "learning_rate" in face.scalars,
         "velocity_max": plan.hyper.amsgrad,
         AVERAGE: plan.average_decay is not None,
-        "beta_1_power": plan.betas_scheduled,
-        "beta_2_power": plan.betas_scheduled,
+        **dict.fromkeys(BETA_POWERS, plan.betas_scheduled),
         "skipped_steps": plan.skip_nonfinite, "average": use_ema,
         "gradient_accumulator": accumulates}
     # A block-wise format keeps scales only for large enough variables.
@@ -972,6 +1055,35 @@ def load(face, store, plan, use_ema, accumulates):
         scales & set(saved_kinds or ())))
     assign_scalars(face.scalars, values, saved_kinds)
     return values, saved_kinds, saved
+
+
+def _saved_unbuilt(face, values, saved_kinds):
+    """Whether a saved state is that of an optimizer never built: this
+    one's scalars alone (the step count, the learning rate), at step 0.
+
+    A model compiled and saved before its first step saves only these
+    (the slots are made at build); at a step count > 0 the moments were
+    lost (see `_check_nothing_lost`), which the kinds' check refuses.
+    """
+    if saved_kinds is None or sorted(saved_kinds) != sorted(face.scalars):
+        return False
+    return int(np.asarray(values[saved_kinds.index("iteration")])) == 0
+
+
+def _load_fresh(face, values, saved_kinds):
+    """Loads a state saved before build (`_saved_unbuilt`) as a fresh
+    optimizer's: the learning rate and step count 0 now; built, every
+    other value as build makes it (the beta products ones, the rest
+    zeros: codes and scales of zero are the zero state), all or nothing.
+    Returns the state left pending: None."""
+    if not face.built:
+        assign_scalars(face.scalars, values, saved_kinds)
+        return None
+    saved, mine = dict(zip(saved_kinds, values)), kinds(face)
+    assign(face, [saved[kind] if kind in saved else np.full(
+        tuple(entry.shape), 1 if kind in BETA_POWERS else 0, dtype_of(entry))
+        for entry, kind in zip(face.entries, mine)], mine)
+    return None
 
 
 def assign_pending(face, pending):

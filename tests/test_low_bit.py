@@ -532,6 +532,70 @@ def test_the_other_low_bit_format_is_refused(saved, loading, tmp_path):
         target.optimizer.set_weights(source.optimizer.get_weights())
 
 
+# Per state format: its config and what the hidden layer's m slots keep
+# (the kernel's 5120 elements, then the bias's 80, in the tree's order):
+# the dtype and shape a state tree carries, and the slot's own words.
+TREE_FORMATS = {
+    "native": ({}, [
+        ("float32", (64, 80), "'native' (float32 values of shape (64, 80))"),
+        ("float32", (80,), "'native' (float32 values of shape (80,))")]),
+    "8bit": (dict(state_format="8bit"), [
+        ("uint8", (64, 80), "'8bit' (uint8 codes of shape (64, 80))"),
+        ("float32", (80,), "'native' (float32 values of shape (80,); "
+         "'8bit' keeps it native: under 4096 elements)")]),
+    "4bit": (dict(state_format="4bit"), [
+        ("uint8", (2560,), "'4bit' (uint8 codes of shape (2560,))"),
+        ("float32", (80,), "'native' (float32 values of shape (80,); "
+         "'4bit' keeps it native: under 4096 elements)")]),
+    "8bit_min_size_64": (dict(state_format="8bit", state_format_min_size=64), [
+        ("uint8", (64, 80), "'8bit' (uint8 codes of shape (64, 80))"),
+        ("uint8", (80,), "'8bit' (uint8 codes of shape (80,))")]),
+}
+
+
+@pytest.mark.parametrize("target", list(TREE_FORMATS))
+@pytest.mark.parametrize("source", list(TREE_FORMATS))
+def test_a_state_tree_of_another_format_is_refused(source, target):
+    # Was: Keras's set_state_tree (and Orbax, through it) assigns by path
+    # with `variable.assign`, which casts: float m landed in code slots,
+    # codes (0..255) became float moments. Every slot the store makes now
+    # refuses a value of another dtype kind (codes or floats) or shape.
+    trained = _model(AdamPlus(learning_rate=0.01, **TREE_FORMATS[source][0]))
+    _train(trained, 0, 2)
+    loaded = _model(AdamPlus(learning_rate=0.01, **TREE_FORMATS[target][0]))
+    loaded.optimizer.build(loaded.trainable_variables)
+    tree = trained.get_state_tree()
+    if source == target:
+        loaded.set_state_tree(tree)
+        assert _state(loaded.optimizer).keys() == _state(
+            trained.optimizer).keys()
+        for path, value in _state(trained.optimizer).items():
+            got = _state(loaded.optimizer)[path]
+            assert got.dtype == value.dtype
+            np.testing.assert_array_equal(got, value)
+        for a, b in zip(loaded.get_weights(), trained.get_weights()):
+            np.testing.assert_array_equal(a, b)
+        return
+    name, saved, kept = next(
+        (name, saved, kept) for name, saved, kept in zip(
+            ("kernel", "bias"), TREE_FORMATS[source][1],
+            TREE_FORMATS[target][1]) if saved[:2] != kept[:2])
+    with pytest.raises(ValueError) as error:
+        loaded.set_state_tree(tree)
+    assert str(error.value) == (
+        f"Cannot assign a {saved[0]} value of shape {saved[1]} to optimizer "
+        f"variable adam_plus/net_hidden_{name}_momentum: it keeps state "
+        f"format {kept[2]}; a state of another state_format or "
+        "state_format_min_size (a state tree, an Orbax checkpoint) is "
+        "refused: load it into an optimizer of the format that saved it.")
+    # Keras assigns the tree in its order, the model's weights first, then
+    # the step count and the slots before the one that refuses: half
+    # loaded, as docs/guide/saving.md says.
+    for a, b in zip(loaded.get_weights(), trained.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert int(loaded.optimizer.iterations) == 2
+
+
 @pytest.mark.parametrize("state_format", list(FORMATS))
 @pytest.mark.parametrize("jit_compile", [
     False, pytest.param(True, marks=TORCH_JIT)])

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-from keras_adam_plus import AdamPlus, storage
+from keras_adam_plus import AdamPlus, BetaDecay, storage
 
 rng = np.random.default_rng(0)
 X = rng.normal(size=(32, 4)).astype("float32")
@@ -56,6 +56,64 @@ def test_load_into_unbuilt_optimizer_then_continue(config, tmp_path):
     for a, b in zip(resumed.get_weights(), uninterrupted.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     assert int(ops.convert_to_numpy(resumed.optimizer.iterations)) == 12
+
+
+FRESH_CONFIGS = {
+    "native": {},
+    "8bit": dict(state_format="8bit", state_format_min_size=0),
+    # Slots of every kind, the beta products starting at ones.
+    "modes": dict(amsgrad=True, skip_nonfinite=True, average_decay=0.9,
+                  use_ema=True, beta_1=BetaDecay(0.9, 0.99)),
+}
+
+
+@pytest.mark.parametrize("route", ["load_model", "unbuilt", "built",
+                                   "trained"])
+@pytest.mark.parametrize("config", list(FRESH_CONFIGS))
+def test_a_never_trained_optimizer_loads_as_a_fresh_one(config, route,
+                                                       tmp_path):
+    # Was: "this optimizer keeps momentum, velocity, which the saved state
+    # lacks": a model compiled but never trained saves its optimizer's step
+    # count (0) and learning rate only (keras Adam's loads, with a warning
+    # at most). Loaded, the state is a fresh one's, by every route: the
+    # next step equals a fresh model's, bit for bit.
+    config = FRESH_CONFIGS[config]
+    fresh = _model(config)
+    if route == "load_model":
+        fresh.save(tmp_path / "m.keras")
+        loaded = keras.models.load_model(tmp_path / "m.keras")
+    else:
+        fresh.save_weights(tmp_path / "m.weights.h5")
+        loaded = _model(config)
+        if route == "built":
+            loaded.optimizer.build(loaded.trainable_variables)
+        elif route == "trained":  # its moments and step count are reset
+            _fit(loaded, 1)
+        loaded.load_weights(tmp_path / "m.weights.h5")
+    assert int(ops.convert_to_numpy(loaded.optimizer.iterations)) == 0
+    for model in (fresh, loaded):
+        model.train_on_batch(X[:8], Y[:8])
+    for a, b in zip(loaded.get_weights(), fresh.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert len(loaded.optimizer.variables) == len(fresh.optimizer.variables)
+    for a, b in zip(_state(loaded.optimizer), _state(fresh.optimizer)):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("built", [True, False])
+def test_a_saved_step_count_without_moments_is_refused(built, tmp_path):
+    # An unbuilt optimizer whose step count was set (Keras's set_state_tree
+    # before build) saved no moments: a lost state, not a fresh one.
+    source = _model()
+    source.optimizer.iterations.assign(3)
+    source.save_weights(tmp_path / "m.weights.h5")
+    target = _model()
+    if built:
+        target.optimizer.build(target.trainable_variables)
+    with pytest.raises(ValueError, match=(
+            r"Cannot load the state of optimizer 'adam_plus': this optimizer "
+            r"keeps momentum, velocity, which the saved state lacks")):
+        target.load_weights(tmp_path / "m.weights.h5")
 
 
 @pytest.mark.parametrize("saved, loading", [

@@ -23,6 +23,7 @@ passes.
 """
 
 import pickle
+import re
 
 import keras
 import numpy as np
@@ -217,6 +218,35 @@ def test_a_moved_state_continues_as_the_uninterrupted_run(
         for name in ("dynamic_scale", "step_counter"):
             assert float(getattr(target.optimizer, name)) == float(
                 getattr(straight.optimizer, name)), name
+
+
+@pytest.mark.parametrize("saved, loading", [("8bit", "adam"),
+                                            ("adam", "8bit")])
+def test_an_orbax_checkpoint_of_another_format_is_refused(saved, loading,
+                                                          tmp_path):
+    # Keras's Orbax loading sets the state tree, past AdamPlus's load
+    # checks: the slot refuses the value (`storage.guard`). Orbax restores
+    # the tree's keys sorted: the optimizer's step count is assigned
+    # before the refusal, the model's trainable weights (after
+    # "optimizer_variables") are not (docs/guide/saving.md says so).
+    source = _model(saved, "one")
+    source.optimizer.build(source.trainable_variables)
+    _fit(source, 0, 1)
+    _orbax_save(source, tmp_path / "orbax")
+    target = _model(loading, "one")
+    target.optimizer.build(target.trainable_variables)
+    weights = target.get_weights()
+    kept = {"8bit": ("uint8", "'8bit' (uint8 codes"),
+            "adam": ("float32", "'native' (float32 values")}
+    with pytest.raises(ValueError, match=(
+            rf"^Cannot assign a {kept[saved][0]} value of shape \(\d+(,|, "
+            r"\d+)\) to optimizer variable adam_plus/net_\w+_momentum: it "
+            rf"keeps state format {re.escape(kept[loading][1])} of shape .*"
+            r"load it into an optimizer of the format that saved it\.$")):
+        target.load_weights(tmp_path / "orbax")
+    assert _steps(target) == 1
+    for got, want in zip(target.get_weights(), weights):
+        np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("route", ["state_tree", "orbax"])
