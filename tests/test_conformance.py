@@ -91,15 +91,17 @@ CELLS = all_pairs(list(COLUMNS))
 
 def _params(cells):
     """pytest params of the cells. On torch, torch.compile costs ~20 s a
-    cell on 2 cores: the default run keeps the first "jit" cell of each
-    dtype; the other mode x jit cells run with --runslow (marked slow)."""
+    cell on 2 cores (a low-bit step ~40 s): the default run keeps the first
+    "jit" cell of each dtype with native state and the first with low-bit
+    state; the other mode x jit cells run with --runslow (marked slow)."""
     seen, params = set(), []
     for cell in cells:
         marks = ()
         if BACKEND == "torch" and cell[2] == "jit":
-            if cell[1] in seen:
+            key = cell[1] if cell[4] == "native" else "low-bit"
+            if key in seen:
                 marks = (pytest.mark.slow,)
-            seen.add(cell[1])
+            seen.add(key)
         params.append(pytest.param(*cell, marks=marks, id="-".join(cell)))
     return params
 
