@@ -114,15 +114,11 @@ def lookup(mids):
     negative = keys >> (31 - LOOKUP_SHIFT) == 1
     # The bucket's least and largest value (a negative bucket's least has
     # the larger pattern); NaN buckets count as their signed infinity.
-    low = np.where(negative, ends[1], ends[0])
-    high = np.where(negative, ends[0], ends[1])
-    with np.errstate(invalid="ignore"):
-        low = np.where(np.isnan(low), np.where(negative, -np.inf, np.inf),
-                       low)
-        high = np.where(np.isnan(high), np.where(negative, -np.inf,
-                                                 np.inf), high)
-    first = np.searchsorted(mids, low, side="right")
-    last = np.searchsorted(mids, high, side="right")
+    infinity = np.where(negative, -np.inf, np.inf)
+    first, last = (np.searchsorted(mids, np.where(np.isnan(end), infinity,
+                                                  end), side="right")
+                   for end in (np.where(negative, ends[1], ends[0]),
+                               np.where(negative, ends[0], ends[1])))
     assert np.all((last - first >= 0) & (last - first <= 1)), (
         "a bucket of `nearest` holds two midpoints")
     threshold = np.where(last > first,
