@@ -138,24 +138,45 @@ def blocks(shape, bits=8):
     return -(-storage.size(shape) // BLOCKS[bits])
 
 
+def padded(flat, extra):
+    """1-D `flat` followed by `extra` zeros of its dtype.
+
+    A concatenation, not `ops.pad`: keras builds a `Pad` operation (and
+    binds its signature with `inspect`) on every eager call, Python time
+    per variable and step that an eager (torch) step pays.
+    """
+    return ops.concatenate([flat, ops.zeros((extra,), flat.dtype)])
+
+
+def to_blocks(flat, count, block):
+    """1-D `flat` as a `(count, block)` grid, its tail padded with
+    zeros."""
+    n = int(flat.shape[0])
+    if count * block != n:
+        flat = padded(flat, count * block - n)
+    return ops.reshape(flat, (count, block))
+
+
+def from_blocks(grid, n):
+    """The first `n` elements of `grid`, flattened (`to_blocks`'
+    inverse)."""
+    flat = ops.reshape(grid, (-1,))
+    return flat if int(flat.shape[0]) == n else flat[:n]
+
+
 def encode(value, signed, bits=8):
     """`(codes, scales)` of a float32 `value`: uint8 codes (8 bits: of its
     shape; 4 bits: two a byte, `pack`) and one float32 absmax per block of
     its flattened elements."""
-    shape, block = tuple(value.shape), BLOCKS[bits]
+    shape = tuple(value.shape)
     n = storage.size(shape)
-    count = blocks(shape, bits)
-    flat = ops.reshape(value, (-1,))
-    if count * block != n:
-        flat = ops.pad(flat, [(0, count * block - n)])
-    grid = ops.reshape(flat, (count, block))
+    grid = to_blocks(ops.reshape(value, (-1,)), blocks(shape, bits),
+                     BLOCKS[bits])
     scales = ops.max(ops.abs(grid), axis=1)
     safe = ops.where(ops.greater(scales, 0.0), scales,
                      ops.ones_like(scales))
-    codes = ops.reshape(nearest(ops.divide(grid, safe[:, None]),
-                                *LOOKUPS[bits, signed]), (-1,))
-    if count * block != n:
-        codes = codes[:n]
+    codes = from_blocks(nearest(ops.divide(grid, safe[:, None]),
+                                *LOOKUPS[bits, signed]), n)
     if bits == 4:
         return pack(codes), scales
     return ops.reshape(ops.cast(codes, "uint8"), shape), scales
@@ -165,7 +186,7 @@ def pack(codes):
     """4-bit `codes` (int32, 1-D) two a byte, the first in the high
     nibble: uint8 of shape (ceil(n/2),), an odd last nibble 0."""
     if int(codes.shape[0]) % 2:
-        codes = ops.pad(codes, [(0, 1)])
+        codes = padded(codes, 1)
     pairs = ops.reshape(codes, (-1, 2))
     return ops.cast(ops.add(ops.multiply(pairs[:, 0], 16), pairs[:, 1]),
                     "uint8")
@@ -174,9 +195,8 @@ def pack(codes):
 def unpack(packed, n):
     """The `n` 4-bit codes (int32, 1-D) of `pack`'s bytes."""
     wide = ops.cast(packed, "int32")
-    codes = ops.reshape(ops.stack([ops.floor_divide(wide, 16),
-                                   ops.mod(wide, 16)], axis=1), (-1,))
-    return codes if int(codes.shape[0]) == n else codes[:n]
+    return from_blocks(ops.stack([ops.floor_divide(wide, 16),
+                                  ops.mod(wide, 16)], axis=1), n)
 
 
 def nearest(normalized, first, threshold):
@@ -201,17 +221,21 @@ _TORCH_TABLES = {}
 def gather(table, indices):
     """`table[indices]` of a NumPy `table` and int32 `indices` in range.
 
-    On torch, the table is converted once and indexed directly: keras's
-    `take` widens the indices to int64 and wraps negative ones first,
-    three more passes over a tensor of the variable's size.
+    On torch, the table is converted once and read by `index_select` on
+    the int32 indices as they are: keras's `take` widens them to int64 and
+    wraps negative ones first (three more passes over a tensor of the
+    variable's size), and `table[indices]` converts int32 indices too.
     """
     if keras.backend.backend() != "torch":
         return ops.take(ops.convert_to_tensor(table), indices)
+    import torch
+
     tensor = _TORCH_TABLES.get(id(table))
     if tensor is None:
         tensor = _TORCH_TABLES[id(table)] = (
             table, ops.convert_to_tensor(table))
-    return tensor[1][indices]
+    return torch.index_select(tensor[1], 0, indices.reshape(-1)).reshape(
+        indices.shape)
 
 
 def decode(codes, scales, dtype, signed, shape=None, bits=8):
@@ -221,17 +245,12 @@ def decode(codes, scales, dtype, signed, shape=None, bits=8):
     n = storage.size(shape)
     flat = ops.reshape(codes, (-1,))
     indices = unpack(flat, n) if bits == 4 else ops.cast(flat, "int32")
-    values = gather(TABLES[bits, signed], indices)
-    count, block = int(scales.shape[0]), BLOCKS[bits]
-    if count * block != n:
-        values = ops.pad(values, [(0, count * block - n)])
+    values = to_blocks(gather(TABLES[bits, signed], indices),
+                       int(scales.shape[0]), BLOCKS[bits])
     # Each block times its scale by broadcasting (a repeated scale per
     # element would be one more tensor of the variable's size).
-    scaled = ops.reshape(ops.multiply(ops.reshape(values, (count, block)),
-                                      scales[:, None]), (-1,))
-    if count * block != n:
-        scaled = scaled[:n]
-    result = ops.reshape(scaled, shape)
+    result = ops.reshape(from_blocks(ops.multiply(values, scales[:, None]),
+                                     n), shape)
     return result if dtype == "float32" else ops.cast(result, dtype)
 
 
