@@ -49,6 +49,10 @@ MODES = {
     # default layout only (8-bit state refuses group_small_variables).
     "8bit": dict(state_format="8bit", state_format_min_size=0,
                  amsgrad=True, skip_nonfinite=True),
+    # Packed codes, two a byte (the hidden bias's 3 end in half a byte),
+    # and AdaMax's u as an unsigned code.
+    "4bit": dict(state_format="4bit", state_format_min_size=0,
+                 adamax=True, weight_decay=0.01),
 }
 ROUTES = ("keras_file", "weights_h5", "legacy_h5", "pickle", "set_weights",
           "state_tree", "orbax", "backup_and_restore") + (
@@ -158,9 +162,9 @@ def _orbax_save(model, folder):
 
 def _possible(cell):
     route, mode, layout = cell
-    # LossScaleOptimizer has neither route; 8-bit state refuses grouping.
+    # LossScaleOptimizer has neither route; low-bit state refuses grouping.
     return not ((route in ("set_weights", "pickle") and mode == "loss_scale")
-                or (mode == "8bit" and layout != ("one", "one")))
+                or (mode in ("8bit", "4bit") and layout != ("one", "one")))
 
 
 def _cells():
