@@ -138,30 +138,30 @@ def blocks(shape, bits=8):
     return -(-storage.size(shape) // BLOCKS[bits])
 
 
-def padded(flat, extra):
-    """1-D `flat` followed by `extra` zeros of its dtype.
+def grids(flat, block):
+    """1-D `flat` as grids of rows of `block` elements: its whole blocks,
+    `(n // block, block)`, and then its partial last block, `(1, rest)`
+    (each only where it has elements; an empty `flat` is one empty grid).
 
-    A concatenation, not `ops.pad`: keras builds a `Pad` operation (and
-    binds its signature with `inspect`) on every eager call, Python time
-    per variable and step that an eager (torch) step pays.
+    No padding to whole blocks: torch 2.13's inductor (CPU) miscompiles a
+    padded grid whose padding is cut off again (the last block's values
+    garbage; `tests/test_low_bit.py::test_a_compiled_step_is_the_eager_one`),
+    and a concatenation of zeros is one more tensor of the variable's size
+    on every backend.
     """
-    return ops.concatenate([flat, ops.zeros((extra,), flat.dtype)])
-
-
-def to_blocks(flat, count, block):
-    """1-D `flat` as a `(count, block)` grid, its tail padded with
-    zeros."""
     n = int(flat.shape[0])
-    if count * block != n:
-        flat = padded(flat, count * block - n)
-    return ops.reshape(flat, (count, block))
+    whole = n // block * block
+    parts = [ops.reshape(flat[:whole], (n // block, block))] if (
+        whole or not n) else []
+    if whole != n:
+        parts.append(ops.reshape(flat[whole:], (1, n - whole)))
+    return parts
 
 
-def from_blocks(grid, n):
-    """The first `n` elements of `grid`, flattened (`to_blocks`'
-    inverse)."""
-    flat = ops.reshape(grid, (-1,))
-    return flat if int(flat.shape[0]) == n else flat[:n]
+def joined(parts):
+    """The 1-D concatenation of `parts` (flattened), the one as it is."""
+    flat = [ops.reshape(p, (-1,)) for p in parts]
+    return flat[0] if len(flat) == 1 else ops.concatenate(flat)
 
 
 def encode(value, signed, bits=8):
@@ -169,34 +169,47 @@ def encode(value, signed, bits=8):
     shape; 4 bits: two a byte, `pack`) and one float32 absmax per block of
     its flattened elements."""
     shape = tuple(value.shape)
-    n = storage.size(shape)
-    grid = to_blocks(ops.reshape(value, (-1,)), blocks(shape, bits),
-                     BLOCKS[bits])
-    scales = ops.max(ops.abs(grid), axis=1)
-    safe = ops.where(ops.greater(scales, 0.0), scales,
-                     ops.ones_like(scales))
-    codes = from_blocks(nearest(ops.divide(grid, safe[:, None]),
-                                *LOOKUPS[bits, signed]), n)
+    if not storage.size(shape):  # no blocks (keras's TensorFlow `max`
+        # refuses an empty tensor)
+        return (ops.zeros(shape if bits == 8 else (0,), "uint8"),
+                ops.zeros((0,), "float32"))
+    codes, scales = [], []
+    for grid in grids(ops.reshape(value, (-1,)), BLOCKS[bits]):
+        # `amax`: keras's torch `max` reads `.values` off its result, a
+        # graph break under `torch.compile`.
+        scale = ops.amax(ops.abs(grid), axis=1)
+        safe = ops.where(ops.greater(scale, 0.0), scale,
+                         ops.ones_like(scale))
+        codes.append(ops.cast(nearest(ops.divide(grid, safe[:, None]),
+                                      *LOOKUPS[bits, signed]), "uint8"))
+        scales.append(scale)
+    codes, scales = joined(codes), joined(scales)
     if bits == 4:
         return pack(codes), scales
-    return ops.reshape(ops.cast(codes, "uint8"), shape), scales
+    return ops.reshape(codes, shape), scales
 
 
 def pack(codes):
-    """4-bit `codes` (int32, 1-D) two a byte, the first in the high
-    nibble: uint8 of shape (ceil(n/2),), an odd last nibble 0."""
-    if int(codes.shape[0]) % 2:
-        codes = padded(codes, 1)
-    pairs = ops.reshape(codes, (-1, 2))
-    return ops.cast(ops.add(ops.multiply(pairs[:, 0], 16), pairs[:, 1]),
-                    "uint8")
+    """4-bit `codes` (uint8, 1-D) two a byte, the first in the high
+    nibble: uint8 of shape (ceil(n/2),), an odd last nibble 0 (in uint8
+    throughout: 15 * 16 + 15 fits)."""
+    n = int(codes.shape[0])
+    parts = []
+    if n // 2 or not n:
+        pairs = ops.reshape(codes[:n - n % 2], (-1, 2))
+        parts.append(ops.add(ops.multiply(pairs[:, 0], ops.cast(16, "uint8")),
+                             pairs[:, 1]))
+    if n % 2:
+        parts.append(ops.multiply(codes[n - 1:], ops.cast(16, "uint8")))
+    return joined(parts)
 
 
 def unpack(packed, n):
     """The `n` 4-bit codes (int32, 1-D) of `pack`'s bytes."""
     wide = ops.cast(packed, "int32")
-    return from_blocks(ops.stack([ops.floor_divide(wide, 16),
-                                  ops.mod(wide, 16)], axis=1), n)
+    codes = ops.reshape(ops.stack([ops.floor_divide(wide, 16),
+                                   ops.mod(wide, 16)], axis=1), (-1,))
+    return codes if int(codes.shape[0]) == n else codes[:n]
 
 
 def nearest(normalized, first, threshold):
@@ -238,6 +251,14 @@ def gather(table, indices):
         indices.shape)
 
 
+def torch_tables():
+    """Converts every table of `gather` for torch now: inside a
+    `torch.compile`d step a conversion from NumPy is a graph break."""
+    for key in KEYS:
+        for table in (TABLES[key],) + LOOKUPS[key]:
+            gather(table, ops.zeros((1,), "int32"))
+
+
 def decode(codes, scales, dtype, signed, shape=None, bits=8):
     """`table[code] * scale` of each element, in `dtype`, of `shape`
     (8 bits: by default the codes')."""
@@ -245,12 +266,14 @@ def decode(codes, scales, dtype, signed, shape=None, bits=8):
     n = storage.size(shape)
     flat = ops.reshape(codes, (-1,))
     indices = unpack(flat, n) if bits == 4 else ops.cast(flat, "int32")
-    values = to_blocks(gather(TABLES[bits, signed], indices),
-                       int(scales.shape[0]), BLOCKS[bits])
     # Each block times its scale by broadcasting (a repeated scale per
     # element would be one more tensor of the variable's size).
-    result = ops.reshape(from_blocks(ops.multiply(values, scales[:, None]),
-                                     n), shape)
+    scaled, row = [], 0
+    for grid in grids(gather(TABLES[bits, signed], indices), BLOCKS[bits]):
+        rows = int(grid.shape[0])
+        scaled.append(ops.multiply(grid, scales[row:row + rows, None]))
+        row += rows
+    result = ops.reshape(joined(scaled), shape)
     return result if dtype == "float32" else ops.cast(result, dtype)
 
 

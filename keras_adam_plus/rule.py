@@ -20,6 +20,7 @@ Precision (shared/STYLE.md, rule 5):
 
 import collections
 
+import keras
 import numpy as np
 from keras import ops
 
@@ -44,6 +45,10 @@ def compute_dtype(dtype):
 
 def constant(value, dtype):
     """A Python number as a scalar tensor of `dtype`, converted exactly."""
+    if keras.backend.backend() == "torch":
+        # `torch.as_tensor` of the Python number: exact, and no NumPy
+        # array for `torch.compile` to trace (a graph break).
+        return ops.convert_to_tensor(value, dtype=dtype)
     return ops.convert_to_tensor(np.asarray(value, dtype=dtype))
 
 

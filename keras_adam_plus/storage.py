@@ -361,8 +361,15 @@ def label(variable):
 
 
 def size(shape):
-    """The number of elements of a tensor of `shape`."""
-    return int(np.prod(shape, dtype=np.int64))
+    """The number of elements of a tensor of `shape`.
+
+    A Python loop, not NumPy's product (nor `math.prod` of a generator):
+    `torch.compile` traces it without a graph break.
+    """
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
 
 
 class GroupSlice:
