@@ -11,7 +11,7 @@ import dataclasses
 
 from keras import ops
 
-from keras_adam_plus import averaging, groups, rule, storage
+from keras_adam_plus import averaging, backends, groups, rule, storage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +126,10 @@ class Step:
     def run(self, grads, variables, slots, index):
         """The rule on `variables` (one, or a group with flat `slots`), of
         one group and weight decay: those of variable `index`."""
+        compiled = backends.compiled_step(self, variables, index)
+        if compiled is not None and compiled.run(self, grads, variables,
+                                                 slots, index):
+            return
         dtype = rule.compute_dtype(storage.dtype_of(variables[0]))
         state = storage.SlotState(self.store, variables, slots, dtype,
                                   self.store.formats[index])

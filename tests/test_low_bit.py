@@ -725,6 +725,111 @@ def test_every_execution_takes_the_same_steps(execution, state_format):
     assert off <= max(flipped, 4)
 
 
+# On torch, eager steps of variables of at least `torch_compiled.MIN_SIZE`
+# elements run compiled. 201 x 201 = 40401 elements: 157 blocks of 256
+# and one of 209; 315 of 128 and one of 81, an odd count of nibbles.
+# Each configuration is a compilation (seconds): two here.
+COMPILED = {
+    "8bit amsgrad decoupled float32": (
+        dict(state_format="8bit", amsgrad=True, weight_decay=0.05),
+        "float32"),
+    "4bit adamax l2 bfloat16": (
+        dict(state_format="4bit", adamax=True, weight_decay=0.05,
+             weight_decay_mode="l2", beta_1=lambda t: 0.9), "bfloat16"),
+}
+
+
+def _compiled_run(config, dtype, generic=False, steps=3):
+    rng = np.random.default_rng(0)
+    variable = keras.Variable(rng.normal(size=(201, 201)).astype("float32"),
+                              dtype=dtype)
+    optimizer = AdamPlus(learning_rate=0.01, **config)
+    if generic:
+        optimizer._force_generic = "forced by the test"
+    optimizer.build([variable])
+    for _ in range(steps):
+        # Gradients over many decades, so that every code's range is used.
+        g = rng.normal(size=(201, 201)) * np.exp(rng.normal(size=(201,
+                                                                  201)) * 3)
+        optimizer.apply([ops.cast(g.astype("float32"), dtype)], [variable])
+    return _numpy(ops.cast(variable, "float32")), optimizer
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="torch's compiled path")
+@pytest.mark.parametrize("name", list(COMPILED))
+def test_a_compiled_step_is_the_eager_one(name, monkeypatch):
+    # The compiled step against the generic one run eagerly: the same
+    # codes and scales (which, before `lowbit.grids`, inductor got wrong
+    # in the last, partial block), theta within an ulp or two (torch's
+    # eager `sqrt` is not correctly rounded; see `torch_compiled`).
+    from keras_adam_plus.backends import torch_compiled
+
+    calls = []
+    compiled = torch_compiled._compiled
+    monkeypatch.setattr(torch_compiled, "_compiled",
+                        lambda *a: calls.append(1) or compiled(*a))
+    config, dtype = COMPILED[name]
+    theta, optimizer = _compiled_run(config, dtype)
+    assert calls == [1, 1, 1] and not torch_compiled._FAILED
+    assert "torch_compiled" in optimizer.fast_path
+    want_theta, generic = _compiled_run(config, dtype, generic=True)
+    # In order (the variables' automatic names differ).
+    got, want = (list(_state(o).items()) for o in (optimizer, generic))
+    assert len(got) == len(want)
+    assert any(v.dtype == np.uint8 for _, v in got)
+    for (path, a), (_, b) in zip(got, want):
+        np.testing.assert_array_equal(a, b, err_msg=path)
+    # Each step's decrement (about the learning rate, 0.01) may be off
+    # by an ulp or two of its own, theta by one of its own.
+    np.testing.assert_allclose(theta, want_theta, rtol=2.5e-7, atol=1e-8)
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="torch's compiled path")
+def test_a_failed_compilation_falls_back_to_the_generic_step(monkeypatch):
+    # Without a C++ compiler inductor fails at the first call, before it
+    # writes anything: one warning, then the generic step for good.
+    from keras_adam_plus.backends import torch_compiled
+
+    def fail(*args):
+        raise RuntimeError("no C++ compiler\nmore lines")
+
+    monkeypatch.setattr(torch_compiled, "_compiled", fail)
+    monkeypatch.setattr(torch_compiled, "_FAILED", [])
+    config, dtype = COMPILED["8bit amsgrad decoupled float32"]
+    with pytest.warns(UserWarning, match=r"compiled low-bit step failed "
+                      r"\(RuntimeError: no C\+\+ compiler\)"):
+        theta, optimizer = _compiled_run(config, dtype)
+    assert torch_compiled._FAILED == ["RuntimeError: no C++ compiler"]
+    want_theta, generic = _compiled_run(config, dtype, generic=True)
+    np.testing.assert_array_equal(theta, want_theta)
+    for a, b in zip(*(_state(o).values() for o in (optimizer, generic))):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="torch's compiled path")
+def test_small_forced_and_stateless_steps_are_not_compiled(monkeypatch):
+    from keras_adam_plus.backends import torch_compiled
+
+    def fail(*args):
+        raise AssertionError("compiled")
+
+    monkeypatch.setattr(torch_compiled, "_compiled", fail)
+    config, dtype = COMPILED["8bit amsgrad decoupled float32"]
+    _compiled_run(config, dtype, generic=True, steps=1)  # forced generic
+    small = keras.Variable(np.ones((181, 181), "float32"))  # 32761
+    optimizer = AdamPlus(state_format="8bit")
+    optimizer.build([small])
+    optimizer.apply([ops.ones((181, 181))], [small])
+    assert int(optimizer.iterations) == 1
+    large = keras.Variable(np.ones((201, 201), "float32"))
+    optimizer = AdamPlus(state_format="8bit")
+    optimizer.build([large])
+    state = [v.value for v in optimizer.variables]
+    values, state = optimizer.stateless_apply(state, [ops.ones((201, 201))],
+                                              [large.value])
+    assert not torch_compiled._FAILED
+
+
 @pytest.mark.parametrize("state_format", list(FORMATS))
 def test_arguments_are_checked_and_configured(state_format):
     with pytest.raises(ValueError, match=r"^Argument `state_format` must be "

@@ -24,6 +24,18 @@ def _module():
     return None
 
 
+def compiled_step(step, variables, index):
+    """The module that runs the generic step of `variables` (position
+    `index`) as one compiled function (torch, low-bit state:
+    `torch_compiled`), or None."""
+    if keras.backend.backend() != "torch":
+        return None
+    from keras_adam_plus.backends import torch_compiled
+
+    return torch_compiled if torch_compiled.handles(
+        step, variables, index) else None
+
+
 def slot_groups(var_list, keys, enabled):
     """Positions of `var_list` that share flat slots (JAX), at build:
     variables of equal `keys` (their decay and settings) may."""
@@ -48,7 +60,18 @@ def fast_path(plan, variables, store):
 def describe(plan, variables, store):
     """`AdamPlus.fast_path`: the path's name, with the fallback reason
     (a state format other than the native one is always named, with its
-    groups where groups keep different formats)."""
+    groups where groups keep different formats; on torch, with the
+    compiled step of large low-bit variables)."""
+    text = _with_formats(plan, variables, store)
+    if keras.backend.backend() == "torch" and not plan.generic_only and (
+            any(f.scaled for f in plan.group_formats)):
+        from keras_adam_plus.backends import torch_compiled
+
+        text = f"{text}; {torch_compiled.describe(plan)}"
+    return text
+
+
+def _with_formats(plan, variables, store):
     text = _describe(plan, variables, store)
     formats = plan.group_formats
     if all(f.native for f in formats) or "state format" in text:

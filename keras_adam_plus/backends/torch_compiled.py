@@ -1,0 +1,137 @@
+"""PyTorch backend: a low-bit variable's step as one compiled function.
+
+Run eagerly, a step of block-wise state (`keras_adam_plus.lowbit`) is
+about thirty `keras.ops` calls per variable (decode m and v, the rule,
+each block's absmax, encode), each a pass over memory and Python time.
+Here the same code, `rule.step` over the format's `decode_scaled` and
+`encode_scaled`, runs on the variable's tensors inside one
+`torch.compile`d function (`fullgraph=True`, one program per shape and
+configuration, as torchao compiles its low-bit Adam per parameter), which
+inductor fuses into a few loops.
+
+It takes the steps of variables of at least `MIN_SIZE` elements, run
+eagerly: where Keras compiles the whole step (`jit_compile=True`) the
+generic step is compiled with it, and small variables are not worth a
+compilation each (a few seconds a shape). It stands aside, for the
+generic step, where `plan.generic_only` says so, inside a stateless scope
+(`stateless_apply` records assignments), while a step is guarded
+(`Store.finite`), and once a compilation failed (a warning says why).
+
+Codes and scales are the generic step's; theta may differ from it in the
+last bit: torch's eager CPU `sqrt` is not correctly rounded (one float32
+element in several is one ulp off), inductor's is
+(`tests/test_low_bit.py::test_a_compiled_step_is_the_eager_one`).
+"""
+
+import contextlib
+import warnings
+
+import torch
+from keras import ops
+
+from keras_adam_plus import lowbit, rule, storage
+
+# Variables below this many elements take the generic step.
+MIN_SIZE = 32768
+# Set after a compilation failed: the reason, and no more attempts.
+_FAILED = []
+
+
+def handles(step, variables, index):
+    """Whether this path takes the step of `variables` (one: a group's
+    flat slots are never low-bit) of position `index`."""
+    if len(variables) != 1 or _FAILED or step.plan.generic_only:
+        return False
+    store = step.store
+    if store.finite is not None or store.scale_of(
+            store.slots(index)[0]) is None:
+        return False
+    if storage.size(variables[0].shape) < MIN_SIZE:
+        return False
+    from keras.src.backend.common.stateless_scope import in_stateless_scope
+
+    return not (in_stateless_scope() or torch.compiler.is_compiling())
+
+
+def describe(plan):
+    """The phrase `AdamPlus.fast_path` adds for low-bit formats."""
+    return (f"low-bit variables of {MIN_SIZE} elements or more step "
+            "through one compiled function each (torch_compiled)")
+
+
+@torch.no_grad()
+def run(step, grads, variables, slots, index):
+    """The rule on one low-bit variable, compiled; False where it could
+    not compile (the generic step then runs)."""
+    variable, store = variables[0], step.store
+    dtype = rule.compute_dtype(storage.dtype_of(variable))
+    fmt = store.formats[index]
+    tensors = tuple(None if slot is None else (
+        slot.value, store.scale_of(slot)[0].value) for slot in slots)
+    scalars = step.scalars(dtype, step.plan.group(index))
+    hyper = step.plan.setting(index).hyper
+    lowbit.torch_tables()
+    try:
+        with _no_recompile_limit():
+            _compiled(variable.value, grads[0], tensors, scalars, hyper,
+                      step.plan.decays[index], fmt, dtype)
+    except Exception as error:  # inductor needs a C++ compiler, etc.
+        _FAILED.append(f"{type(error).__name__}: {error}".splitlines()[0])
+        warnings.warn("AdamPlus: the compiled low-bit step failed "
+                      f"({_FAILED[0]}); low-bit variables take the "
+                      "generic step", stacklevel=2)
+        return False
+    return True
+
+
+def _step(theta, gradient, tensors, scalars, hyper, decays, fmt, dtype):
+    state = _State(theta, tensors, fmt, dtype)
+    rule.step(hyper, scalars, gradient.to(getattr(torch, dtype)), state,
+              decays)
+    theta.copy_(state.value.to(theta.dtype))
+    for kind, (new_codes, new_scales) in state.written.items():
+        codes, scales = state.slots[kind]
+        codes.copy_(new_codes)
+        scales.copy_(new_scales)
+
+
+_compiled = torch.compile(_step, fullgraph=True, dynamic=False)
+
+
+class _State:
+    """`rule.step`'s state over a variable's tensors (`SlotState`'s
+    reads and writes, kept in the function until its end)."""
+
+    def __init__(self, theta, tensors, fmt, dtype):
+        self.value = theta.to(getattr(torch, dtype))
+        self.shape, self.format, self.dtype = tuple(theta.shape), fmt, dtype
+        self.slots = dict(zip(("m", "v", "v_max"), tensors))
+        self.written = {}
+
+    def theta(self):
+        return self.value
+
+    def sub_theta(self, delta):
+        if delta is not None:
+            self.value = ops.subtract(self.value, delta)
+
+    def read(self, kind):
+        codes, scales = self.slots[kind]
+        return self.format.decode_scaled(codes, scales, self.dtype,
+                                         kind == "m", self.shape)
+
+    def add(self, kind, old, increment):
+        return self.put(kind, ops.add(old, increment))
+
+    def put(self, kind, new):
+        self.written[kind] = self.format.encode_scaled(new, kind == "m")
+        return new
+
+
+def _no_recompile_limit():
+    """Compile every shape and configuration (torchao does the same):
+    their number is fixed by the model, and past dynamo's limit a
+    function would run eagerly, silently."""
+    utils = getattr(torch._dynamo, "utils", None)
+    limit = getattr(utils, "disable_cache_limit", None)
+    return limit() if limit is not None else contextlib.nullcontext()
