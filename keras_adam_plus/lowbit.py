@@ -252,8 +252,11 @@ def gather(table, indices):
 
 
 def torch_tables():
-    """Converts every table of `gather` for torch now: inside a
-    `torch.compile`d step a conversion from NumPy is a graph break."""
+    """Converts every table of `gather` for torch, once: inside a
+    `torch.compile`d step (ours, or Keras's `jit_compile=True`) a
+    conversion from NumPy is a graph break."""
+    if len(_TORCH_TABLES) == 3 * len(KEYS):
+        return
     for key in KEYS:
         for table in (TABLES[key],) + LOOKUPS[key]:
             gather(table, ops.zeros((1,), "int32"))
@@ -301,6 +304,8 @@ class Blockwise(storage.Format):
     def __init__(self, min_size=4096, bits=8):
         self.min_size, self.bits = min_size, bits
         self.name, self.block = f"{bits}bit", BLOCKS[bits]
+        if keras.backend.backend() == "torch":
+            torch_tables()  # before any step is compiled (`gather`)
 
     def keeps(self, variable):
         """Why `variable` keeps the native format, or None (quantized)."""

@@ -22,10 +22,6 @@ from tests.helpers import make_variables
 from tests.test_low_bit import _train  # steps on fixed gradients
 
 BACKEND = keras.backend.backend()
-# What `fast_path` adds on torch where a group keeps low-bit state.
-COMPILED = "" if BACKEND != "torch" else (
-    "; low-bit variables of 32768 elements or more step through one "
-    "compiled function each (torch_compiled)")
 # 1200, 600 and 20 elements: quantized with a min size of 0; with 100 the
 # bias keeps the native format inside an 8-bit group.
 SHAPES = {"embedding": (40, 30), "kernel": (30, 20), "bias": (20,)}
@@ -116,7 +112,7 @@ def test_mixed_formats_equal_one_optimizer_per_group(row):
             f"torch_fused (state format '{fmt}' in ")
             for fmt in quantized - {None, "native"})
         assert together.fast_path.endswith(", the other groups native, "
-                                           "fused)" + COMPILED)
+                                           "fused)")
     else:
         assert together.fast_path.startswith("generic (")
 
@@ -171,7 +167,7 @@ def test_describe_and_fast_path_name_each_groups_format():
     if BACKEND == "torch":
         assert optimizer.fast_path == (
             "torch_fused (state format '8bit' in default; '8bit' in "
-            "variable_groups[1], the other groups native, fused)" + COMPILED)
+            "variable_groups[1], the other groups native, fused)")
     else:
         assert optimizer.fast_path == (
             "generic (state format '8bit' in default; '8bit' in "
@@ -189,7 +185,7 @@ def test_describe_and_fast_path_name_each_groups_format():
         everything.build(_variables())
         assert everything.fast_path == (
             "generic (state format '8bit': the fused kernel reads and "
-            "writes m, v as they are stored)" + COMPILED)
+            "writes m, v as they are stored)")
 
 
 def test_every_format_name_is_registered():

@@ -771,7 +771,9 @@ def test_a_compiled_step_is_the_eager_one(name, monkeypatch):
     config, dtype = COMPILED[name]
     theta, optimizer = _compiled_run(config, dtype)
     assert calls == [1, 1, 1] and not torch_compiled._FAILED
-    assert "torch_compiled" in optimizer.fast_path
+    assert optimizer.fast_path.endswith(
+        "; 1 low-bit variable of 32768 elements or more: one compiled "
+        "function each when run eagerly (torch_compiled)")
     want_theta, generic = _compiled_run(config, dtype, generic=True)
     # In order (the variables' automatic names differ).
     got, want = (list(_state(o).items()) for o in (optimizer, generic))
@@ -800,6 +802,9 @@ def test_a_failed_compilation_falls_back_to_the_generic_step(monkeypatch):
                       r"\(RuntimeError: no C\+\+ compiler\)"):
         theta, optimizer = _compiled_run(config, dtype)
     assert torch_compiled._FAILED == ["RuntimeError: no C++ compiler"]
+    assert optimizer.fast_path.endswith(
+        "; the compiled low-bit step failed (RuntimeError: no C++ "
+        "compiler): every variable takes the eager step")
     want_theta, generic = _compiled_run(config, dtype, generic=True)
     np.testing.assert_array_equal(theta, want_theta)
     for a, b in zip(*(_state(o).values() for o in (optimizer, generic))):
@@ -821,6 +826,10 @@ def test_small_forced_and_stateless_steps_are_not_compiled(monkeypatch):
     optimizer.build([small])
     optimizer.apply([ops.ones((181, 181))], [small])
     assert int(optimizer.iterations) == 1
+    assert "torch_compiled" not in optimizer.fast_path  # none that large
+    assert AdamPlus(state_format="8bit").fast_path.endswith(  # unbuilt
+        "; low-bit variables of 32768 elements or more: one compiled "
+        "function each when run eagerly (torch_compiled)")
     large = keras.Variable(np.ones((201, 201), "float32"))
     optimizer = AdamPlus(state_format="8bit")
     optimizer.build([large])

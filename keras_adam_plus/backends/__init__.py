@@ -67,7 +67,8 @@ def describe(plan, variables, store):
             any(f.scaled for f in plan.group_formats)):
         from keras_adam_plus.backends import torch_compiled
 
-        text = f"{text}; {torch_compiled.describe(plan)}"
+        compiled = torch_compiled.describe(variables, store)
+        text = text if compiled is None else f"{text}; {compiled}"
     return text
 
 

@@ -17,7 +17,9 @@ generic step, where `plan.generic_only` says so, inside a stateless scope
 (`stateless_apply` records assignments), while a step is guarded
 (`Store.finite`), and once a compilation failed (a warning says why).
 
-Codes and scales are the generic step's; theta may differ from it in the
+Codes and scales are the generic step's (but for a block whose scale is
+NaN: which of its end codes a NaN takes follows the NaN's sign, which
+inductor and eager torch set differently); theta may differ from it in the
 last bit: torch's eager CPU `sqrt` is not correctly rounded (one float32
 element in several is one ulp off), inductor's is
 (`tests/test_low_bit.py::test_a_compiled_step_is_the_eager_one`).
@@ -53,10 +55,24 @@ def handles(step, variables, index):
     return not (in_stateless_scope() or torch.compiler.is_compiling())
 
 
-def describe(plan):
-    """The phrase `AdamPlus.fast_path` adds for low-bit formats."""
-    return (f"low-bit variables of {MIN_SIZE} elements or more step "
-            "through one compiled function each (torch_compiled)")
+def describe(variables, store):
+    """What `AdamPlus.fast_path` adds where a group keeps low-bit state:
+    how many variables this path takes (built; None for none), or which
+    it would (before build), or that it failed."""
+    if _FAILED:
+        return (f"the compiled low-bit step failed ({_FAILED[0]}): every "
+                "variable takes the eager step")
+    if store is None:
+        return (f"low-bit variables of {MIN_SIZE} elements or more: one "
+                "compiled function each when run eagerly (torch_compiled)")
+    count = sum(1 for i, v in enumerate(variables)
+                if store.scale_of(store.slots(i)[0]) is not None
+                and storage.size(v.shape) >= MIN_SIZE)
+    if not count:
+        return None
+    return (f"{count} low-bit variable{'s' if count > 1 else ''} of "
+            f"{MIN_SIZE} elements or more: one compiled function each "
+            "when run eagerly (torch_compiled)")
 
 
 @torch.no_grad()
@@ -70,7 +86,7 @@ def run(step, grads, variables, slots, index):
         slot.value, store.scale_of(slot)[0].value) for slot in slots)
     scalars = step.scalars(dtype, step.plan.group(index))
     hyper = step.plan.setting(index).hyper
-    lowbit.torch_tables()
+    lowbit.torch_tables()  # once: inside the function a graph break
     try:
         with _no_recompile_limit():
             _compiled(variable.value, grads[0], tensors, scalars, hyper,
