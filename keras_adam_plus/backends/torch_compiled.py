@@ -31,7 +31,7 @@ import warnings
 import torch
 from keras import ops
 
-from keras_adam_plus import lowbit, rule, storage
+from keras_adam_plus import rule, storage
 
 # Variables below this many elements take the generic step.
 MIN_SIZE = 32768
@@ -45,10 +45,7 @@ def handles(step, variables, index):
     if len(variables) != 1 or _FAILED or step.plan.generic_only:
         return False
     store = step.store
-    if store.finite is not None or store.scale_of(
-            store.slots(index)[0]) is None:
-        return False
-    if storage.size(variables[0].shape) < MIN_SIZE:
+    if store.finite is not None or not _large(store, index, variables[0]):
         return False
     from keras.src.backend.common.stateless_scope import in_stateless_scope
 
@@ -65,14 +62,19 @@ def describe(variables, store):
     if store is None:
         return (f"low-bit variables of {MIN_SIZE} elements or more: one "
                 "compiled function each when run eagerly (torch_compiled)")
-    count = sum(1 for i, v in enumerate(variables)
-                if store.scale_of(store.slots(i)[0]) is not None
-                and storage.size(v.shape) >= MIN_SIZE)
+    count = sum(1 for i, v in enumerate(variables) if _large(store, i, v))
     if not count:
         return None
     return (f"{count} low-bit variable{'s' if count > 1 else ''} of "
             f"{MIN_SIZE} elements or more: one compiled function each "
             "when run eagerly (torch_compiled)")
+
+
+def _large(store, index, variable):
+    """Whether `variable` (position `index`) keeps block-wise state and
+    has at least `MIN_SIZE` elements."""
+    return (store.scale_of(store.slots(index)[0]) is not None
+            and storage.size(variable.shape) >= MIN_SIZE)
 
 
 @torch.no_grad()
@@ -86,7 +88,6 @@ def run(step, grads, variables, slots, index):
         slot.value, store.scale_of(slot)[0].value) for slot in slots)
     scalars = step.scalars(dtype, step.plan.group(index))
     hyper = step.plan.setting(index).hyper
-    lowbit.torch_tables()  # once: inside the function a graph break
     try:
         with _no_recompile_limit():
             _compiled(variable.value, grads[0], tensors, scalars, hyper,
