@@ -620,6 +620,41 @@ class SlotState:
             target.finish()
 
 
+class TensorState:
+    """`rule.step`'s state over tensors rather than variables: for the
+    compiled steps of one block-wise variable (`keras_adam_plus.backends`).
+
+    `value` is theta in the compute dtype `dtype`, `slots` maps each kind
+    to its `(codes, scales)`, `shape` is the (flattened or whole) shape
+    they decode to. Writes are not assigned: each kind's new `(codes,
+    scales)` is kept in `written`, theta in `value`, for the caller.
+    """
+
+    def __init__(self, value, slots, fmt, dtype, shape):
+        self.value, self.slots, self.format = value, slots, fmt
+        self.dtype, self.shape = dtype, tuple(shape)
+        self.written = {}
+
+    def theta(self):
+        return self.value
+
+    def sub_theta(self, delta):
+        if delta is not None:
+            self.value = ops.subtract(self.value, delta)
+
+    def read(self, kind):
+        codes, scales = self.slots[kind]
+        return self.format.decode_scaled(codes, scales, self.dtype,
+                                         kind == "m", self.shape)
+
+    def add(self, kind, old, increment):
+        return self.put(kind, ops.add(old, increment))
+
+    def put(self, kind, new):
+        self.written[kind] = self.format.encode_scaled(new, kind == "m")
+        return new
+
+
 class Target:
     """Where an update step writes theta.
 

@@ -20,6 +20,7 @@ import pytest
 from keras import ops
 
 from keras_adam_plus import AdamPlus, lowbit
+from tests.pairwise import all_pairs
 from tests.reference import (
     ReferenceAdam,
     reference_dequantize,
@@ -739,19 +740,33 @@ COMPILED = {
 }
 
 
-def _compiled_run(config, dtype, generic=False, steps=3):
-    rng = np.random.default_rng(0)
-    variable = keras.Variable(rng.normal(size=(201, 201)).astype("float32"),
+def _built(config, dtype, generic, shape=(201, 201), seed=0):
+    """`(rng, variable, optimizer)`: a variable of `shape` and `dtype`, an
+    AdamPlus of `config` built for it (forced generic if `generic`)."""
+    rng = np.random.default_rng(seed)
+    variable = keras.Variable(rng.normal(size=shape).astype("float32"),
                               dtype=dtype)
-    optimizer = AdamPlus(learning_rate=0.01, **config)
+    optimizer = AdamPlus(**dict(dict(learning_rate=0.01), **config))
     if generic:
         optimizer._force_generic = "forced by the test"
     optimizer.build([variable])
+    return rng, variable, optimizer
+
+
+def _gradient(rng, shape, dtype, nan=False):
+    # Gradients over many decades, so that every code's range is used.
+    g = rng.normal(size=shape) * np.exp(rng.normal(size=shape) * 3)
+    if dtype == "float16":
+        g = np.clip(g, -6e4, 6e4)  # finite in float16 (max 65504)
+    if nan:
+        g.flat[7] = np.nan
+    return ops.cast(g.astype("float32"), dtype)
+
+
+def _compiled_run(config, dtype, generic=False, steps=3):
+    rng, variable, optimizer = _built(config, dtype, generic)
     for _ in range(steps):
-        # Gradients over many decades, so that every code's range is used.
-        g = rng.normal(size=(201, 201)) * np.exp(rng.normal(size=(201,
-                                                                  201)) * 3)
-        optimizer.apply([ops.cast(g.astype("float32"), dtype)], [variable])
+        optimizer.apply([_gradient(rng, (201, 201), dtype)], [variable])
     return _numpy(ops.cast(variable, "float32")), optimizer
 
 
@@ -837,6 +852,174 @@ def test_small_forced_and_stateless_steps_are_not_compiled(monkeypatch):
     values, state = optimizer.stateless_apply(state, [ops.ones((201, 201))],
                                               [large.value])
     assert not torch_compiled._FAILED
+
+
+def _jitted_run(config, dtype, generic=False, steps=3, nonfinite=(),
+                shape=(201, 201), seed=0):
+    # As `fit` runs a step: `stateless_apply` inside `jax.jit`. Steps in
+    # `nonfinite` get a NaN gradient.
+    import jax
+
+    rng, variable, optimizer = _built(config, dtype, generic, shape, seed)
+    apply = jax.jit(optimizer.stateless_apply)
+    values, state = [variable.value], [v.value for v in optimizer.variables]
+    for i in range(steps):
+        values, state = apply(state, [_gradient(rng, shape, dtype,
+                                                nan=i in nonfinite)], values)
+    return [_numpy(ops.cast(values[0], "float32"))] + [
+        _numpy(v) for v in state], optimizer
+
+
+CHUNKED = pytest.mark.skipif(BACKEND != "jax", reason="JAX's chunked path")
+
+
+@CHUNKED
+@pytest.mark.parametrize("name", list(COMPILED))
+def test_a_chunked_step_is_the_generic_one(name, monkeypatch):
+    # The chunked loop against the generic step, both inside one jitted
+    # step as `fit` runs them (201 * 201 elements: two whole chunks, then
+    # a tail of whole blocks and a partial one, an odd count of nibbles
+    # for 4 bits).
+    from keras_adam_plus.backends import jax_chunked
+
+    calls = []
+    chunked = jax_chunked._step
+    monkeypatch.setattr(jax_chunked, "_step",
+                        lambda *a: calls.append(1) or chunked(*a))
+    monkeypatch.setattr(jax_chunked, "_PROGRAMS", {})
+    config, dtype = COMPILED[name]
+    got, optimizer = _jitted_run(config, dtype)
+    assert calls == [1]  # traced once, run three times
+    assert optimizer.fast_path.endswith(
+        "; 1 low-bit variable of 32768 elements or more: one loop over "
+        "chunks of 16384 each (jax_chunked)")
+    want, generic = _jitted_run(config, dtype, generic=True)
+    assert calls == [1]
+    assert any(v.dtype == np.uint8 for v in got)
+    _same_but_theta_ulp(got, want, optimizer, dtype)
+
+
+# The chunked loop's space: where a variable's last chunk ends (exactly 2
+# chunks; a tail of 1 element; a tail of whole 4-bit blocks and half an
+# 8-bit one, in 4-D), each mode's reads and writes, both formats and the
+# weights' dtypes, sampled by pairs.
+CHUNK_SHAPES = [(128, 256), (32769,), (1, 3, 97, 113)]
+CHUNK_MODES = {
+    "nesterov lr schedule": dict(nesterov=True, learning_rate=(
+        keras.optimizers.schedules.ExponentialDecay(0.01, 2, 0.5))),
+    "amsgrad unscaled wd ema": dict(
+        amsgrad=True, weight_decay=0.1,
+        weight_decay_mode="decoupled_unscaled", use_ema=True),
+    "hat no bias correction accumulation": dict(
+        epsilon_mode="hat", bias_correction=False,
+        gradient_accumulation_steps=2),
+    "groups beta schedule average": dict(
+        beta_2=lambda t: 0.99, average_decay=0.9, variable_groups=[
+            {"match": ".*", "learning_rate_multiplier": 0.5}]),
+}
+CHUNK_CELLS = all_pairs([CHUNK_SHAPES, list(CHUNK_MODES), list(FORMATS),
+                         ["float32", "bfloat16", "float16"]])
+
+
+@CHUNKED
+@pytest.mark.parametrize("shape,mode,state_format,dtype", CHUNK_CELLS)
+def test_every_chunk_layout_and_mode_is_the_generic_step(
+        shape, mode, state_format, dtype):
+    def run(generic):
+        return _jitted_run(dict(CHUNK_MODES[mode], state_format=state_format),
+                           dtype, generic, shape=shape, seed=1)
+
+    got, optimizer = run(False)
+    assert "(jax_chunked)" in optimizer.fast_path
+    want, _ = run(True)
+    _same_but_theta_ulp(got, want, optimizer, dtype)
+
+
+def _same_but_theta_ulp(got, want, optimizer, dtype):
+    # Codes, scales and every other variable bit for bit; theta within an
+    # ulp of its dtype, or 2.5e-7: XLA contracts a multiply and an add
+    # where its fusions allow, and the chunked program fuses theta's
+    # update differently. Nesterov's numerator `beta_1 * m / c1_next +
+    # (1 - beta_1) * g / c1` cancels where m and g are large and opposed,
+    # which makes that ulp of its terms about 1e-7 of theta.
+    assert len(got) == len(want) == 1 + len(optimizer.variables)
+    ulp = {"float32": 2.0 ** -23, "bfloat16": 2.0 ** -7,
+           "float16": 2.0 ** -10}[dtype]
+    np.testing.assert_allclose(_numpy(ops.cast(got[0], "float32")),
+                               _numpy(ops.cast(want[0], "float32")),
+                               rtol=ulp, atol=2.5e-7, err_msg="theta")
+    for a, b, variable in zip(got[1:], want[1:], optimizer.variables):
+        np.testing.assert_array_equal(_numpy(a), _numpy(b),
+                                      err_msg=variable.path)
+
+
+@CHUNKED
+@pytest.mark.parametrize("name", list(COMPILED))
+def test_an_eager_chunked_step_is_the_generic_one_but_for_fusion(name):
+    # Run eagerly, the chunked step is one compiled program and the
+    # generic step is op by op: XLA's fusions (a multiply and an add
+    # contracted) move some values by an ulp, a scale with them, and so,
+    # rarely, a code by one.
+    config, dtype = COMPILED[name]
+    theta, optimizer = _compiled_run(config, dtype)
+    want_theta, generic = _compiled_run(config, dtype, generic=True)
+    ulp = 2.0 ** -23 if dtype == "float32" else 2.0 ** -7
+    np.testing.assert_allclose(theta, want_theta, rtol=2 * ulp, atol=1e-8)
+    bits = 4 if "4bit" in name else 8
+    for (path, a), (_, b) in zip(*(_state(o).items()
+                                   for o in (optimizer, generic))):
+        if a.dtype != np.uint8:
+            np.testing.assert_allclose(a, b, rtol=2.5e-7, err_msg=path)
+            continue
+        a, b = (_numpy(lowbit.unpack(x.reshape(-1), 2 * x.size))
+                if bits == 4 else x for x in (a, b))
+        off = np.abs(a.astype(int) - b.astype(int))
+        assert off.max() <= 1 and np.mean(off > 0) < 1e-3, path
+
+
+@CHUNKED
+def test_small_and_forced_steps_are_not_chunked(monkeypatch):
+    from keras_adam_plus.backends import jax_chunked
+
+    def fail(*args):
+        raise AssertionError("chunked")
+
+    monkeypatch.setattr(jax_chunked, "_step", fail)
+    monkeypatch.setattr(jax_chunked, "_PROGRAMS", {})
+    config, dtype = COMPILED["8bit amsgrad decoupled float32"]
+    _jitted_run(config, dtype, generic=True, steps=1)  # forced generic
+    small = keras.Variable(np.ones((181, 181), "float32"))  # 32761
+    optimizer = AdamPlus(state_format="8bit")
+    optimizer.build([small])
+    optimizer.apply([ops.ones((181, 181))], [small])
+    assert int(optimizer.iterations) == 1
+    assert "jax_chunked" not in optimizer.fast_path  # none that large
+    assert AdamPlus(state_format="8bit").fast_path.endswith(  # unbuilt
+        "; low-bit variables of 32768 elements or more: one loop over "
+        "chunks of 16384 each (jax_chunked)")
+
+
+@CHUNKED
+def test_a_skipped_chunked_step_leaves_the_state_bit_for_bit():
+    # `skip_nonfinite` guards every write of a traced step: the chunked
+    # step's too. A NaN step leaves theta, codes and scales as they were,
+    # and the steps around it are the generic step's.
+    config, dtype = COMPILED["4bit adamax l2 bfloat16"]
+    config = dict(config, skip_nonfinite=True)
+    got, optimizer = _jitted_run(config, dtype, steps=3, nonfinite=(1,))
+    want, generic = _jitted_run(config, dtype, steps=3, nonfinite=(1,),
+                                generic=True)
+    assert "jax_chunked" in optimizer.fast_path
+    paths = ["theta"] + [v.path for v in optimizer.variables]
+    for a, b, path in zip(got, want, paths):
+        np.testing.assert_array_equal(a, b, err_msg=path)
+    before, _ = _jitted_run(config, dtype, steps=1)
+    after, _ = _jitted_run(config, dtype, steps=2, nonfinite=(1,))
+    for a, b, path in zip(before, after, paths):
+        if path.endswith("skipped_steps"):
+            assert (int(a), int(b)) == (0, 1)
+        elif not path.endswith("iteration"):
+            np.testing.assert_array_equal(a, b, err_msg=path)
 
 
 @pytest.mark.parametrize("state_format", list(FORMATS))

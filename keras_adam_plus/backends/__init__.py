@@ -24,15 +24,26 @@ def _module():
     return None
 
 
+def _compiled_module():
+    """The module of the current backend that runs a large low-bit
+    variable's step as one compiled program (torch: `torch_compiled`;
+    JAX: `jax_chunked`), or None."""
+    if keras.backend.backend() == "torch":
+        from keras_adam_plus.backends import torch_compiled
+
+        return torch_compiled
+    if keras.backend.backend() == "jax":
+        from keras_adam_plus.backends import jax_chunked
+
+        return jax_chunked
+    return None
+
+
 def compiled_step(step, variables, index):
     """The module that runs the generic step of `variables` (position
-    `index`) as one compiled function (torch, low-bit state:
-    `torch_compiled`), or None."""
-    if keras.backend.backend() != "torch":
-        return None
-    from keras_adam_plus.backends import torch_compiled
-
-    return torch_compiled if torch_compiled.handles(
+    `index`) as one compiled program (`_compiled_module`), or None."""
+    module = _compiled_module()
+    return module if module is not None and module.handles(
         step, variables, index) else None
 
 
@@ -60,14 +71,13 @@ def fast_path(plan, variables, store):
 def describe(plan, variables, store):
     """`AdamPlus.fast_path`: the path's name, with the fallback reason
     (a state format other than the native one is always named, with its
-    groups where groups keep different formats; on torch, with the
-    compiled step of large low-bit variables)."""
+    groups where groups keep different formats; on torch and JAX, with
+    the compiled step of large low-bit variables)."""
     text = _with_formats(plan, variables, store)
-    if keras.backend.backend() == "torch" and not plan.generic_only and (
+    module = _compiled_module()
+    if module is not None and not plan.generic_only and (
             any(f.scaled for f in plan.group_formats)):
-        from keras_adam_plus.backends import torch_compiled
-
-        compiled = torch_compiled.describe(variables, store)
+        compiled = module.describe(variables, store)
         text = text if compiled is None else f"{text}; {compiled}"
     return text
 

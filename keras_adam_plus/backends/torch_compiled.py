@@ -29,7 +29,6 @@ import contextlib
 import warnings
 
 import torch
-from keras import ops
 
 from keras_adam_plus import rule, storage
 
@@ -102,7 +101,10 @@ def run(step, grads, variables, slots, index):
 
 
 def _step(theta, gradient, tensors, scalars, hyper, decays, fmt, dtype):
-    state = _State(theta, tensors, fmt, dtype)
+    state = storage.TensorState(
+        theta.to(getattr(torch, dtype)), dict(zip(("m", "v", "v_max"),
+                                                  tensors)),
+        fmt, dtype, theta.shape)
     rule.step(hyper, scalars, gradient.to(getattr(torch, dtype)), state,
               decays)
     theta.copy_(state.value.to(theta.dtype))
@@ -113,36 +115,6 @@ def _step(theta, gradient, tensors, scalars, hyper, decays, fmt, dtype):
 
 
 _compiled = torch.compile(_step, fullgraph=True, dynamic=False)
-
-
-class _State:
-    """`rule.step`'s state over a variable's tensors (`SlotState`'s
-    reads and writes, kept in the function until its end)."""
-
-    def __init__(self, theta, tensors, fmt, dtype):
-        self.value = theta.to(getattr(torch, dtype))
-        self.shape, self.format, self.dtype = tuple(theta.shape), fmt, dtype
-        self.slots = dict(zip(("m", "v", "v_max"), tensors))
-        self.written = {}
-
-    def theta(self):
-        return self.value
-
-    def sub_theta(self, delta):
-        if delta is not None:
-            self.value = ops.subtract(self.value, delta)
-
-    def read(self, kind):
-        codes, scales = self.slots[kind]
-        return self.format.decode_scaled(codes, scales, self.dtype,
-                                         kind == "m", self.shape)
-
-    def add(self, kind, old, increment):
-        return self.put(kind, ops.add(old, increment))
-
-    def put(self, kind, new):
-        self.written[kind] = self.format.encode_scaled(new, kind == "m")
-        return new
 
 
 def _no_recompile_limit():
