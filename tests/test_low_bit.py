@@ -1000,6 +1000,23 @@ def test_small_and_forced_steps_are_not_chunked(monkeypatch):
 
 
 @CHUNKED
+def test_the_chunked_programs_kept_are_bounded(monkeypatch):
+    # Each optimizer whose beta is a new lambda is a new configuration;
+    # the cache of jitted programs kept every one of them (review).
+    from keras_adam_plus.backends import jax_chunked
+
+    monkeypatch.setattr(jax_chunked, "_PROGRAMS", {})
+    monkeypatch.setattr(jax_chunked, "MAX_PROGRAMS", 2)
+    for i in range(4):
+        _, optimizer = _compiled_run(
+            dict(state_format="8bit", beta_1=lambda t, i=i: 0.9), "float32",
+            steps=1)
+        assert len(jax_chunked._PROGRAMS) == min(i + 1, 2)
+    assert [key[0] for key in jax_chunked._PROGRAMS][-1] is (
+        optimizer._plan.hyper)
+
+
+@CHUNKED
 def test_a_skipped_chunked_step_leaves_the_state_bit_for_bit():
     # `skip_nonfinite` guards every write of a traced step: the chunked
     # step's too. A NaN step leaves theta, codes and scales as they were,

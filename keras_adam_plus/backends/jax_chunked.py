@@ -15,8 +15,10 @@ iteration. The elements after the last whole chunk (the short last block
 among them) take one more call of the same chunk step.
 
 It takes the steps of variables of at least `MIN_SIZE` elements, inside a
-trace (`fit`, `stateless_apply`: inlined in Keras's jitted step) and
-eagerly (one `jax.jit`ted program per shape and configuration); it stands
+trace (`fit`, `stateless_apply`: inlined in Keras's jitted step, whose
+buffers `fit` donates, so theta is updated in place) and eagerly (one
+`jax.jit`ted program per shape and configuration, which copies theta
+once); it stands
 aside, for the generic step, where `plan.generic_only` says so. Its results
 are written through the store, so a guarded step (`skip_nonfinite`) keeps
 the old values on a bad step, as the generic one.
@@ -29,9 +31,12 @@ allow, and it fuses this program differently. In one compiled program
 (where the last chunk ends, the modes, both formats, the weights' dtypes),
 codes, scales and every other variable are the generic step's bit for bit,
 and theta differs by at most an ulp of an intermediate (about 1e-7 where
-Nesterov's numerator cancels). Run eagerly, the generic step is op by op
-where this one is fused, and a scale (so, rarely, a code) may differ by as
-much.
+Nesterov's numerator cancels; the temporal average and the EMA, computed
+from theta, follow it). With gradient clipping (`clipnorm`,
+`global_clipnorm`) some scales differ by an ulp too (a review found the
+clipped gradient's multiply folded differently). Run eagerly, the generic
+step is op by op where this one is fused, and scales may differ by an ulp
+or two, so, rarely, a code by one.
 
 The loop is `keras.ops`; on TensorFlow under XLA the same loop measured
 slower than the generic step (the docs' speed page), so it is not used
@@ -50,6 +55,8 @@ CHUNK = 16384
 # Variables below this many elements take the generic step.
 MIN_SIZE = 2 * CHUNK
 KINDS = ("m", "v", "v_max")
+# Jitted programs kept, by configuration (`_program`), the oldest dropped.
+MAX_PROGRAMS = 32
 _PROGRAMS = {}
 
 
@@ -119,6 +126,9 @@ def _program(hyper, decays, fmt, dtype, kinds):
     key = (same, decays, fmt.bits, dtype, kinds)
     found = _PROGRAMS.get(key)
     if found is None or (same is not hyper and found[0] is not hyper):
+        if len(_PROGRAMS) >= MAX_PROGRAMS:  # the oldest goes (a sweep
+            # builds optimizers whose schedules are new objects each time)
+            del _PROGRAMS[next(iter(_PROGRAMS))]
         def program(theta, gradient, tensors, scalars):
             return _step(theta, gradient, tensors,
                          rule.Scalars(dtype, *scalars), hyper, decays, fmt,
