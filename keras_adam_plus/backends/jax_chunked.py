@@ -50,7 +50,9 @@ from keras_adam_plus import rule, storage
 
 # Elements a loop iteration: whole blocks of 8 bits (256) and 4 bits (128,
 # an even count: 4-bit codes are two a byte); small enough that a chunk's
-# temporaries stay in a core's cache (see the docs' speed page).
+# temporaries stay in a core's cache, large enough that an iteration's own
+# cost is small beside its chunk's work, and small enough that `MIN_SIZE`
+# takes the variables of common layers (`benchmarks/step_time.py`).
 CHUNK = 16384
 # Variables below this many elements take the generic step.
 MIN_SIZE = 2 * CHUNK
