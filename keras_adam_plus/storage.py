@@ -620,6 +620,14 @@ class SlotState:
             target.finish()
 
 
+def large_blockwise(store, index, variable, min_size):
+    """Whether `variable` (position `index` in `store`) keeps block-wise
+    state and has at least `min_size` elements (the compiled steps of
+    `keras_adam_plus.backends`)."""
+    return (store.scale_of(store.slots(index)[0]) is not None
+            and size(variable.shape) >= min_size)
+
+
 class TensorState:
     """`rule.step`'s state over tensors rather than variables: for the
     compiled steps of one block-wise variable (`keras_adam_plus.backends`).

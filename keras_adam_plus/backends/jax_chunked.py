@@ -67,7 +67,8 @@ def handles(step, variables, index):
     flat slots are never low-bit) of position `index`."""
     if len(variables) != 1 or step.plan.generic_only:
         return False
-    return _large(step.store, index, variables[0])
+    return storage.large_blockwise(step.store, index, variables[0],
+                                   MIN_SIZE)
 
 
 def describe(variables, store):
@@ -77,19 +78,13 @@ def describe(variables, store):
     if store is None:
         return (f"low-bit variables of {MIN_SIZE} elements or more: one "
                 f"loop over chunks of {CHUNK} each (jax_chunked)")
-    count = sum(1 for i, v in enumerate(variables) if _large(store, i, v))
+    count = sum(1 for i, v in enumerate(variables) if storage.large_blockwise(
+        store, i, v, MIN_SIZE))
     if not count:
         return None
     return (f"{count} low-bit variable{'s' if count > 1 else ''} of "
             f"{MIN_SIZE} elements or more: one loop over chunks of "
             f"{CHUNK} each (jax_chunked)")
-
-
-def _large(store, index, variable):
-    """Whether `variable` (position `index`) keeps block-wise state and
-    has at least `MIN_SIZE` elements."""
-    return (store.scale_of(store.slots(index)[0]) is not None
-            and storage.size(variable.shape) >= MIN_SIZE)
 
 
 def run(step, grads, variables, slots, index):

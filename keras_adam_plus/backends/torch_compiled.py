@@ -44,7 +44,8 @@ def handles(step, variables, index):
     if len(variables) != 1 or _FAILED or step.plan.generic_only:
         return False
     store = step.store
-    if store.finite is not None or not _large(store, index, variables[0]):
+    if store.finite is not None or not storage.large_blockwise(
+            store, index, variables[0], MIN_SIZE):
         return False
     from keras.src.backend.common.stateless_scope import in_stateless_scope
 
@@ -61,19 +62,13 @@ def describe(variables, store):
     if store is None:
         return (f"low-bit variables of {MIN_SIZE} elements or more: one "
                 "compiled function each when run eagerly (torch_compiled)")
-    count = sum(1 for i, v in enumerate(variables) if _large(store, i, v))
+    count = sum(1 for i, v in enumerate(variables) if storage.large_blockwise(
+        store, i, v, MIN_SIZE))
     if not count:
         return None
     return (f"{count} low-bit variable{'s' if count > 1 else ''} of "
             f"{MIN_SIZE} elements or more: one compiled function each "
             "when run eagerly (torch_compiled)")
-
-
-def _large(store, index, variable):
-    """Whether `variable` (position `index`) keeps block-wise state and
-    has at least `MIN_SIZE` elements."""
-    return (store.scale_of(store.slots(index)[0]) is not None
-            and storage.size(variable.shape) >= MIN_SIZE)
 
 
 @torch.no_grad()
