@@ -891,8 +891,8 @@ def test_a_chunked_step_is_the_generic_one(name, monkeypatch):
     got, optimizer = _jitted_run(config, dtype)
     assert calls == [1]  # traced once, run three times
     assert optimizer.fast_path.endswith(
-        "; 1 low-bit variable of 32768 elements or more: one loop over "
-        "chunks of 16384 each (jax_chunked)")
+        "; 1 low-bit variable of 32768 elements or more: one loop each "
+        "over chunks of about 131072 (jax_chunked)")
     want, generic = _jitted_run(config, dtype, generic=True)
     assert calls == [1]
     assert any(v.dtype == np.uint8 for v in got)
@@ -901,9 +901,10 @@ def test_a_chunked_step_is_the_generic_one(name, monkeypatch):
 
 # The chunked loop's space: where a variable's last chunk ends (exactly 2
 # chunks; a tail of 1 element; a tail of whole 4-bit blocks and half an
-# 8-bit one, in 4-D), each mode's reads and writes, both formats and the
-# weights' dtypes, sampled by pairs.
-CHUNK_SHAPES = [(128, 256), (32769,), (1, 3, 97, 113)]
+# 8-bit one, in 4-D; three chunks of no multiple of `TARGET`, then
+# whole blocks and a partial one), each mode's reads and writes, both
+# formats and the weights' dtypes, sampled by pairs.
+CHUNK_SHAPES = [(128, 256), (32769,), (1, 3, 97, 113), (2, 195001)]
 CHUNK_MODES = {
     "nesterov lr schedule": dict(nesterov=True, learning_rate=(
         keras.optimizers.schedules.ExponentialDecay(0.01, 2, 0.5))),
@@ -978,6 +979,31 @@ def test_an_eager_chunked_step_is_the_generic_one_but_for_fusion(name):
 
 
 @CHUNKED
+def test_the_chunk_layout_is_equal_chunks_of_whole_blocks_and_a_short_rest():
+    # Every size from `MIN_SIZE`, each one up to 4 chunks and then a
+    # sample: at least two chunks (XLA inlines a loop of one, which then
+    # runs as the slow generic step), of whole blocks of both widths (an
+    # even count), about `TARGET` elements, and a rest under a block a
+    # chunk.
+    from keras_adam_plus.backends import jax_chunked
+
+    target, grain = jax_chunked.TARGET, jax_chunked.GRAIN
+    sizes = list(range(jax_chunked.MIN_SIZE, 4 * target + 600)) + [
+        int(n) for n in np.geomspace(4 * target, 10 ** 9, 400)]
+    for n in sizes:
+        size, count = jax_chunked.layout(n)
+        rest = n - size * count
+        assert count >= 2 and size > 0 and size % grain == 0, n
+        assert size % lowbit.BLOCKS[8] == 0 == size % (2 * lowbit.BLOCKS[4])
+        assert 0 <= rest < count * (grain + 1), n
+        if n >= 3 * target:
+            assert target / 1.5 < size <= target * 1.5, n
+    assert jax_chunked.layout(jax_chunked.MIN_SIZE) == (16384, 2)
+    assert jax_chunked.layout(3 * 131075) == (131072, 3)
+    assert jax_chunked.layout(2 * 195001) == (129792, 3)  # rest 626
+
+
+@CHUNKED
 def test_small_and_forced_steps_are_not_chunked(monkeypatch):
     from keras_adam_plus.backends import jax_chunked
 
@@ -995,8 +1021,8 @@ def test_small_and_forced_steps_are_not_chunked(monkeypatch):
     assert int(optimizer.iterations) == 1
     assert "jax_chunked" not in optimizer.fast_path  # none that large
     assert AdamPlus(state_format="8bit").fast_path.endswith(  # unbuilt
-        "; low-bit variables of 32768 elements or more: one loop over "
-        "chunks of 16384 each (jax_chunked)")
+        "; low-bit variables of 32768 elements or more: one loop each "
+        "over chunks of about 131072 (jax_chunked)")
 
 
 @CHUNKED

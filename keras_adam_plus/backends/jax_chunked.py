@@ -6,13 +6,14 @@ producer into a reduction, so the updated m and v are written to buffers of
 the variable's size between each block's absmax and the encoding, fresh
 buffers every step, whose page faults cost about as much as the step's
 arithmetic. Here the same code, `rule.step` over the format's
-`decode_scaled` and `encode_scaled`, runs on `CHUNK` elements (whole blocks
-of either bit width) at a time inside one loop (`ops.fori_loop`) that
-updates theta in place and writes the new codes and scales chunk by chunk
-(`ops.slice_update` of the loop's carry, XLA's dynamic-update-slice); each
-chunk's intermediates fit in a core's cache and are reused every
-iteration. The elements after the last whole chunk (the short last block
-among them) take one more call of the same chunk step.
+`decode_scaled` and `encode_scaled`, runs on equal chunks of about
+`TARGET` elements (whole blocks of either bit width; `layout`) inside one
+loop (`ops.fori_loop`) that updates theta in place and writes the new codes
+and scales chunk by chunk (`ops.slice_update` of the loop's carry, XLA's
+dynamic-update-slice); each chunk's intermediates stay in cache and are
+reused every iteration, and each of its fusions is large enough for XLA to
+split over the cores. The few elements after the last chunk (the short
+last block among them) take one more call of the same chunk step.
 
 It takes the steps of variables of at least `MIN_SIZE` elements, inside a
 trace (`fit`, `stateless_apply`: inlined in Keras's jitted step, whose
@@ -48,14 +49,17 @@ from keras import ops
 
 from keras_adam_plus import rule, storage
 
-# Elements a loop iteration: whole blocks of 8 bits (256) and 4 bits (128,
-# an even count: 4-bit codes are two a byte); small enough that a chunk's
-# temporaries stay in a core's cache, large enough that an iteration's own
-# cost is small beside its chunk's work, and small enough that `MIN_SIZE`
-# takes the variables of common layers (`benchmarks/step_time.py`).
-CHUNK = 16384
-# Variables below this many elements take the generic step.
-MIN_SIZE = 2 * CHUNK
+# Elements a loop iteration, about: large enough that XLA's CPU code splits
+# an iteration's fusions over the cores (it runs a small chunk's on one),
+# small enough that a chunk's temporaries stay in cache (docs/speed.md has
+# the sizes measured). A variable is cut into `layout`'s equal chunks.
+TARGET = 131072
+# Variables below this many elements take the generic step (two chunks of
+# 16,384 at the least).
+MIN_SIZE = 32768
+# A chunk is whole blocks of both bit widths (256 and 128: an even count,
+# 4-bit codes being two a byte).
+GRAIN = 256
 KINDS = ("m", "v", "v_max")
 # Jitted programs kept, by configuration (`_program`), the oldest dropped.
 MAX_PROGRAMS = 32
@@ -77,14 +81,14 @@ def describe(variables, store):
     it would (before build)."""
     if store is None:
         return (f"low-bit variables of {MIN_SIZE} elements or more: one "
-                f"loop over chunks of {CHUNK} each (jax_chunked)")
+                f"loop each over chunks of about {TARGET} (jax_chunked)")
     count = sum(1 for i, v in enumerate(variables) if storage.large_blockwise(
         store, i, v, MIN_SIZE))
     if not count:
         return None
     return (f"{count} low-bit variable{'s' if count > 1 else ''} of "
-            f"{MIN_SIZE} elements or more: one loop over chunks of "
-            f"{CHUNK} each (jax_chunked)")
+            f"{MIN_SIZE} elements or more: one loop each over chunks of "
+            f"about {TARGET} (jax_chunked)")
 
 
 def run(step, grads, variables, slots, index):
@@ -135,6 +139,20 @@ def _program(hyper, decays, fmt, dtype, kinds):
     return found[1]
 
 
+def layout(n):
+    """`(size, count)`: the loop's `count` chunks of `size` elements, a
+    multiple of `GRAIN`, for a variable of `n >= MIN_SIZE` elements; the
+    rest, under `count * (GRAIN + 1)` elements, is one more call.
+
+    At least two chunks: XLA inlines a loop of one iteration, which then
+    fuses as the generic step does, materializing the moments. Equal
+    chunks rather than chunks of `TARGET` and a remainder: the call after
+    the loop is straight-line code, as slow as that.
+    """
+    count = max(2, round(n / TARGET))
+    return n // count // GRAIN * GRAIN, count
+
+
 def _step(theta, gradient, tensors, scalars, hyper, decays, fmt, dtype,
           kinds):
     """theta and each kind's `(codes, scales)` after the step."""
@@ -153,7 +171,7 @@ def _step(theta, gradient, tensors, scalars, hyper, decays, fmt, dtype,
     def chunk(start, length, carry):
         theta, new = carry
         # Where this chunk's codes and scales start: 4-bit codes are two a
-        # byte, and `start` is a multiple of `CHUNK` (of whole blocks).
+        # byte, and `start` is a multiple of `GRAIN` (of whole blocks).
         at = ((start // per_byte, -(-length // per_byte)),
               (start // fmt.block, -(-length // fmt.block)))
         state = storage.TensorState(
@@ -172,11 +190,11 @@ def _step(theta, gradient, tensors, scalars, hyper, decays, fmt, dtype,
              ops.slice_update(scales, (at[1][0],), state.written[kind][1]))
             for kind, (codes, scales) in zip(kinds, new))
 
-    whole = n // CHUNK
+    size, count = layout(n)
     carry = ops.fori_loop(
-        0, whole, lambda i, carry: chunk(i * CHUNK, CHUNK, carry), carry)
-    if n > whole * CHUNK:
-        carry = chunk(whole * CHUNK, n - whole * CHUNK, carry)
+        0, count, lambda i, carry: chunk(i * size, size, carry), carry)
+    if n > count * size:
+        carry = chunk(count * size, n - count * size, carry)
     theta, new = carry
     return ops.reshape(theta, shape), tuple(
         (ops.reshape(codes, tuple(was.shape)), scales)
