@@ -131,6 +131,12 @@ KEYS = [(bits, signed) for bits in BLOCKS for signed in (True, False)]
 TABLES = {key: table(*key) for key in KEYS}
 MIDPOINTS = {key: midpoints(TABLES[key]) for key in KEYS}
 LOOKUPS = {key: lookup(MIDPOINTS[key]) for key in KEYS}
+# Every table `gather` reads, by name: `("map", bits, signed)` (a code's
+# entry), `("first", ...)` and `("threshold", ...)` (`lookup`'s).
+NAMED = {}
+for _key in KEYS:
+    NAMED[("map",) + _key] = TABLES[_key]
+    NAMED[("first",) + _key], NAMED[("threshold",) + _key] = LOOKUPS[_key]
 
 
 def blocks(shape, bits=8):
@@ -181,7 +187,9 @@ def encode(value, signed, bits=8):
         safe = ops.where(ops.greater(scale, 0.0), scale,
                          ops.ones_like(scale))
         codes.append(ops.cast(nearest(ops.divide(grid, safe[:, None]),
-                                      *LOOKUPS[bits, signed]), "uint8"))
+                                      ("first", bits, signed),
+                                      ("threshold", bits, signed)),
+                              "uint8"))
         scales.append(scale)
     codes, scales = joined(codes), joined(scales)
     if bits == 4:
@@ -215,7 +223,8 @@ def unpack(packed, n):
 def nearest(normalized, first, threshold):
     """The index of the nearest map entry to each of `normalized`
     (float32), a tie to the larger: the number of midpoints <= the value,
-    by the bucket tables `first` and `threshold` of `lookup`.
+    by the bucket tables `first` and `threshold` of `lookup` (`gather`'s
+    names or the arrays).
 
     The same codes as a search over the midpoints (a binary search, as
     torchao's `quantize_8bit_with_qmap`, or `searchsorted`), from two
@@ -232,22 +241,28 @@ _TORCH_TABLES = {}
 
 
 def gather(table, indices):
-    """`table[indices]` of a NumPy `table` and int32 `indices` in range.
+    """`table[indices]` of a table named in `NAMED` (or a NumPy array)
+    and int32 `indices` in range.
 
-    On torch, the table is converted once and read by `index_select` on
-    the int32 indices as they are: keras's `take` widens them to int64 and
-    wraps negative ones first (three more passes over a tensor of the
-    variable's size), and `table[indices]` converts int32 indices too.
+    On torch, a named table is converted once (`torch_tables`) and read by
+    `index_select` on the int32 indices as they are: keras's `take` widens
+    them to int64 and wraps negative ones first (three more passes over a
+    tensor of the variable's size), and `table[indices]` converts int32
+    indices too. By name, not by array: inside a `torch.compile`d step a
+    NumPy array is converted to a tensor on every call.
     """
     if keras.backend.backend() != "torch":
-        return ops.take(ops.convert_to_tensor(table), indices)
+        array = NAMED[table] if isinstance(table, tuple) else table
+        return ops.take(ops.convert_to_tensor(array), indices)
     import torch
 
-    tensor = _TORCH_TABLES.get(id(table))
-    if tensor is None:
-        tensor = _TORCH_TABLES[id(table)] = (
-            table, ops.convert_to_tensor(table))
-    return torch.index_select(tensor[1], 0, indices.reshape(-1)).reshape(
+    if not isinstance(table, tuple):
+        tensor = ops.convert_to_tensor(table)
+    else:
+        if table not in _TORCH_TABLES:
+            torch_tables()
+        tensor = _TORCH_TABLES[table]
+    return torch.index_select(tensor, 0, indices.reshape(-1)).reshape(
         indices.shape)
 
 
@@ -255,11 +270,10 @@ def torch_tables():
     """Converts every table of `gather` for torch, once: inside a
     `torch.compile`d step (ours, or Keras's `jit_compile=True`) a
     conversion from NumPy is a graph break."""
-    if len(_TORCH_TABLES) == 3 * len(KEYS):
+    if len(_TORCH_TABLES) == len(NAMED):
         return
-    for key in KEYS:
-        for table in (TABLES[key],) + LOOKUPS[key]:
-            gather(table, ops.zeros((1,), "int32"))
+    for name, array in NAMED.items():
+        _TORCH_TABLES[name] = ops.convert_to_tensor(array)
 
 
 def decode(codes, scales, dtype, signed, shape=None, bits=8):
@@ -272,7 +286,7 @@ def decode(codes, scales, dtype, signed, shape=None, bits=8):
     # Each block times its scale by broadcasting (a repeated scale per
     # element would be one more tensor of the variable's size).
     scaled, row = [], 0
-    for grid in grids(gather(TABLES[bits, signed], indices), BLOCKS[bits]):
+    for grid in grids(gather(("map", bits, signed), indices), BLOCKS[bits]):
         rows = int(grid.shape[0])
         scaled.append(ops.multiply(grid, scales[row:row + rows, None]))
         row += rows

@@ -771,21 +771,27 @@ def _compiled_run(config, dtype, generic=False, steps=3):
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="torch's compiled path")
+@pytest.mark.parametrize("chunk", [None, 16384])
 @pytest.mark.parametrize("name", list(COMPILED))
-def test_a_compiled_step_is_the_eager_one(name, monkeypatch):
+def test_a_compiled_step_is_the_eager_one(name, chunk, monkeypatch):
     # The compiled step against the generic one run eagerly: the same
     # codes and scales (which, before `lowbit.grids`, inductor got wrong
     # in the last, partial block), theta within an ulp or two (torch's
-    # eager `sqrt` is not correctly rounded; see `torch_compiled`).
+    # eager `sqrt` is not correctly rounded; see `torch_compiled`). In
+    # one call, or in chunks of 16384: two, then 7633 elements (29 whole
+    # blocks and a partial one, an odd count of nibbles).
     from keras_adam_plus.backends import torch_compiled
 
     calls = []
     compiled = torch_compiled._compiled
     monkeypatch.setattr(torch_compiled, "_compiled",
-                        lambda *a: calls.append(1) or compiled(*a))
+                        lambda *a: calls.append(a[0].shape[0]) or compiled(*a))
+    if chunk:
+        monkeypatch.setattr(torch_compiled, "CHUNK", chunk)
     config, dtype = COMPILED[name]
     theta, optimizer = _compiled_run(config, dtype)
-    assert calls == [1, 1, 1] and not torch_compiled._FAILED
+    assert calls == ([16384, 16384, 7633] if chunk else [40401]) * 3
+    assert not torch_compiled._FAILED
     assert optimizer.fast_path.endswith(
         "; 1 low-bit variable of 32768 elements or more: one compiled "
         "function each when run eagerly (torch_compiled)")
@@ -824,6 +830,38 @@ def test_a_failed_compilation_falls_back_to_the_generic_step(monkeypatch):
     np.testing.assert_array_equal(theta, want_theta)
     for a, b in zip(*(_state(o).values() for o in (optimizer, generic))):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="torch's compiled path")
+def test_a_compilation_failing_after_a_chunk_finishes_the_step_eagerly(
+        monkeypatch):
+    # The first chunk is written when the second fails to compile: the
+    # generic step over the whole variable would step that chunk twice.
+    # The rest runs uncompiled, and the state is the generic step's.
+    from keras_adam_plus.backends import torch_compiled
+
+    calls = []
+    compiled = torch_compiled._compiled
+
+    def second_fails(*args):
+        calls.append(args[0].shape[0])
+        if len(calls) == 2:
+            raise RuntimeError("no program for this shape")
+        return compiled(*args)
+
+    monkeypatch.setattr(torch_compiled, "_compiled", second_fails)
+    monkeypatch.setattr(torch_compiled, "_FAILED", [])
+    monkeypatch.setattr(torch_compiled, "CHUNK", 16384)
+    config, dtype = COMPILED["8bit amsgrad decoupled float32"]
+    with pytest.warns(UserWarning, match="no program for this shape"):
+        theta, optimizer = _compiled_run(config, dtype)
+    assert calls == [16384, 16384]  # then eager chunks, then the generic
+    assert "failed (RuntimeError: no program" in optimizer.fast_path
+    want_theta, generic = _compiled_run(config, dtype, generic=True)
+    np.testing.assert_allclose(theta, want_theta, rtol=2.5e-7, atol=1e-8)
+    for (path, a), (_, b) in zip(*(_state(o).items()
+                                   for o in (optimizer, generic))):
+        np.testing.assert_array_equal(a, b, err_msg=path)
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="torch's compiled path")

@@ -4,10 +4,11 @@ Run eagerly, a step of block-wise state (`keras_adam_plus.lowbit`) is
 about thirty `keras.ops` calls per variable (decode m and v, the rule,
 each block's absmax, encode), each a pass over memory and Python time.
 Here the same code, `rule.step` over the format's `decode_scaled` and
-`encode_scaled`, runs on the variable's tensors inside one
-`torch.compile`d function (`fullgraph=True`, one program per shape and
-configuration, as torchao compiles its low-bit Adam per parameter), which
-inductor fuses into a few loops.
+`encode_scaled`, runs inside one `torch.compile`d function
+(`fullgraph=True`, one program per shape and configuration, as torchao
+compiles its low-bit Adam per parameter), which inductor fuses into a few
+loops, called on the variable's flattened tensors in chunks of at most
+`CHUNK` elements (views: theta, codes and scales are written in place).
 
 It takes the steps of variables of at least `MIN_SIZE` elements, run
 eagerly: where Keras compiles the whole step (`jit_compile=True`) the
@@ -34,6 +35,13 @@ from keras_adam_plus import rule, storage
 
 # Variables below this many elements take the generic step.
 MIN_SIZE = 32768
+# Elements a call, at most: a larger variable is stepped in chunks of this
+# many (whole blocks of both bit widths, an even count), so that the
+# moments inductor writes between each block's absmax and its encoding
+# stay in cache rather than in buffers of the variable's size. One
+# program serves every variable's whole chunks (docs/speed.md has the
+# sizes measured).
+CHUNK = 262144
 # Set after a compilation failed: the reason, and no more attempts.
 _FAILED = []
 
@@ -78,20 +86,42 @@ def run(step, grads, variables, slots, index):
     variable, store = variables[0], step.store
     dtype = rule.compute_dtype(storage.dtype_of(variable))
     fmt = store.formats[index]
-    tensors = tuple(None if slot is None else (
-        slot.value, store.scale_of(slot)[0].value) for slot in slots)
+    theta, gradient = variable.value.view(-1), grads[0].reshape(-1)
+    flat = tuple(None if slot is None else (
+        slot.value.view(-1), store.scale_of(slot)[0].value) for slot in slots)
     scalars = step.scalars(dtype, step.plan.group(index))
-    hyper = step.plan.setting(index).hyper
-    try:
-        with _no_recompile_limit():
-            _compiled(variable.value, grads[0], tensors, scalars, hyper,
-                      step.plan.decays[index], fmt, dtype)
-    except Exception as error:  # inductor needs a C++ compiler, etc.
-        _FAILED.append(f"{type(error).__name__}: {error}".splitlines()[0])
-        warnings.warn("AdamPlus: the compiled low-bit step failed "
-                      f"({_FAILED[0]}); low-bit variables take the "
-                      "generic step", stacklevel=2)
-        return False
+    hyper, decays = step.plan.setting(index).hyper, step.plan.decays[index]
+    per_byte = 2 if fmt.bits == 4 else 1
+    n, start = theta.shape[0], 0
+    step_chunk = _compiled
+    with _no_recompile_limit():
+        while start < n:
+            end = min(n, start + CHUNK)
+            # Each slot's codes and scales of elements start..end: `start`
+            # is whole blocks, 4-bit codes two a byte.
+            tensors = tuple(None if pair is None else (
+                pair[0][start // per_byte:-(-end // per_byte)],
+                pair[1][start // fmt.block:-(-end // fmt.block)])
+                for pair in flat)
+            try:
+                step_chunk(theta[start:end], gradient[start:end], tensors,
+                           scalars, hyper, decays, fmt, dtype)
+            except Exception as error:  # inductor needs a C++ compiler, etc.
+                if step_chunk is _step:
+                    raise
+                _FAILED.append(
+                    f"{type(error).__name__}: {error}".splitlines()[0])
+                warnings.warn("AdamPlus: the compiled low-bit step failed "
+                              f"({_FAILED[0]}); low-bit variables take the "
+                              "generic step", stacklevel=2)
+                if not start:
+                    return False  # nothing written: the generic step runs
+                # Chunks before this one are written: the rest runs the
+                # same function uncompiled (compilation fails before a
+                # program writes anything).
+                step_chunk = _step
+                continue
+            start = end
     return True
 
 
