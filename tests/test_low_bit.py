@@ -11,6 +11,7 @@ refusals, the skip of non-finite steps, every execution, and a short
 training run against float32 state.
 """
 
+import functools
 import pickle
 import re
 
@@ -864,14 +865,19 @@ def test_a_compilation_failing_after_a_chunk_finishes_the_step_eagerly(
         np.testing.assert_array_equal(a, b, err_msg=path)
 
 
+def _forbid(monkeypatch, module, name):
+    """Makes a call of `module.name` fail the test."""
+    def fail(*args):
+        raise AssertionError(f"{name} was called")
+
+    monkeypatch.setattr(module, name, fail)
+
+
 @pytest.mark.skipif(BACKEND != "torch", reason="torch's compiled path")
 def test_small_forced_and_stateless_steps_are_not_compiled(monkeypatch):
     from keras_adam_plus.backends import torch_compiled
 
-    def fail(*args):
-        raise AssertionError("compiled")
-
-    monkeypatch.setattr(torch_compiled, "_compiled", fail)
+    _forbid(monkeypatch, torch_compiled, "_compiled")
     config, dtype = COMPILED["8bit amsgrad decoupled float32"]
     _compiled_run(config, dtype, generic=True, steps=1)  # forced generic
     small = keras.Variable(np.ones((181, 181), "float32"))  # 32761
@@ -894,11 +900,21 @@ def test_small_forced_and_stateless_steps_are_not_compiled(monkeypatch):
 
 def _jitted_run(config, dtype, generic=False, steps=3, nonfinite=(),
                 shape=(201, 201), seed=0):
-    # As `fit` runs a step: `stateless_apply` inside `jax.jit`. Steps in
-    # `nonfinite` get a NaN gradient.
+    # As `fit` runs a step: `stateless_apply` inside `jax.jit` (on
+    # TensorFlow, a `tf.function` XLA compiles). Steps in `nonfinite` get
+    # a NaN gradient.
+    rng, variable, optimizer = _built(config, dtype, generic, shape, seed)
+    if BACKEND == "tensorflow":  # no `stateless_apply` on TensorFlow
+        import tensorflow as tf
+
+        apply = tf.function(lambda g: optimizer.apply(g, [variable]),
+                            jit_compile=True)
+        for i in range(steps):
+            apply([_gradient(rng, shape, dtype, nan=i in nonfinite)])
+        return [_numpy(ops.cast(variable, "float32"))] + [
+            _numpy(v) for v in optimizer.variables], optimizer
     import jax
 
-    rng, variable, optimizer = _built(config, dtype, generic, shape, seed)
     apply = jax.jit(optimizer.stateless_apply)
     values, state = [variable.value], [v.value for v in optimizer.variables]
     for i in range(steps):
@@ -909,28 +925,44 @@ def _jitted_run(config, dtype, generic=False, steps=3, nonfinite=(),
 
 
 CHUNKED = pytest.mark.skipif(BACKEND != "jax", reason="JAX's chunked path")
+# The loop's own tests, on JAX and on TensorFlow under XLA (whose path
+# takes variables from `chunked.MIN_SIZE` here: `_chunked_tf`).
+LOOPED = pytest.mark.skipif(BACKEND == "torch", reason="chunked loop (XLA)")
 
 
-@CHUNKED
+@pytest.fixture
+def _chunked_tf(monkeypatch):
+    if BACKEND == "tensorflow":
+        from keras_adam_plus.backends import chunked, tf_chunked
+
+        monkeypatch.setattr(tf_chunked, "MIN_SIZE", chunked.MIN_SIZE)
+
+
+@LOOPED
 @pytest.mark.parametrize("name", list(COMPILED))
-def test_a_chunked_step_is_the_generic_one(name, monkeypatch):
+def test_a_chunked_step_is_the_generic_one(name, monkeypatch, _chunked_tf):
     # The chunked loop against the generic step, both inside one jitted
     # step as `fit` runs them (201 * 201 elements: two whole chunks, then
     # a tail of whole blocks and a partial one, an odd count of nibbles
     # for 4 bits).
-    from keras_adam_plus.backends import jax_chunked
+    from keras_adam_plus.backends import chunked
 
     calls = []
-    chunked = jax_chunked._step
-    monkeypatch.setattr(jax_chunked, "_step",
-                        lambda *a: calls.append(1) or chunked(*a))
-    monkeypatch.setattr(jax_chunked, "_PROGRAMS", {})
+    loop = chunked.loop
+    monkeypatch.setattr(chunked, "loop",
+                        lambda *a: calls.append(1) or loop(*a))
+    if BACKEND == "jax":
+        from keras_adam_plus.backends import jax_chunked
+
+        monkeypatch.setattr(jax_chunked, "_PROGRAMS", {})
     config, dtype = COMPILED[name]
     got, optimizer = _jitted_run(config, dtype)
     assert calls == [1]  # traced once, run three times
     assert optimizer.fast_path.endswith(
         "; 1 low-bit variable of 32768 elements or more: one loop each "
-        "over chunks of about 131072 (jax_chunked)")
+        "over chunks of about 131072 " + (
+            "(jax_chunked)" if BACKEND == "jax" else
+            "under XLA (tf_chunked)"))
     want, generic = _jitted_run(config, dtype, generic=True)
     assert calls == [1]
     assert any(v.dtype == np.uint8 for v in got)
@@ -960,16 +992,16 @@ CHUNK_CELLS = all_pairs([CHUNK_SHAPES, list(CHUNK_MODES), list(FORMATS),
                          ["float32", "bfloat16", "float16"]])
 
 
-@CHUNKED
+@LOOPED
 @pytest.mark.parametrize("shape,mode,state_format,dtype", CHUNK_CELLS)
 def test_every_chunk_layout_and_mode_is_the_generic_step(
-        shape, mode, state_format, dtype):
+        shape, mode, state_format, dtype, _chunked_tf):
     def run(generic):
         return _jitted_run(dict(CHUNK_MODES[mode], state_format=state_format),
                            dtype, generic, shape=shape, seed=1)
 
     got, optimizer = run(False)
-    assert "(jax_chunked)" in optimizer.fast_path
+    assert "_chunked)" in optimizer.fast_path
     want, _ = run(True)
     _same_but_theta_ulp(got, want, optimizer, dtype)
 
@@ -1023,32 +1055,29 @@ def test_the_chunk_layout_is_equal_chunks_of_whole_blocks_and_a_short_rest():
     # runs as the slow generic step), of whole blocks of both widths (an
     # even count), about `TARGET` elements, and a rest under a block a
     # chunk.
-    from keras_adam_plus.backends import jax_chunked
+    from keras_adam_plus.backends import chunked
 
-    target, grain = jax_chunked.TARGET, jax_chunked.GRAIN
-    sizes = list(range(jax_chunked.MIN_SIZE, 4 * target + 600)) + [
+    target, grain = chunked.TARGET, chunked.GRAIN
+    sizes = list(range(chunked.MIN_SIZE, 4 * target + 600)) + [
         int(n) for n in np.geomspace(4 * target, 10 ** 9, 400)]
     for n in sizes:
-        size, count = jax_chunked.layout(n)
+        size, count = chunked.layout(n)
         rest = n - size * count
         assert count >= 2 and size > 0 and size % grain == 0, n
         assert size % lowbit.BLOCKS[8] == 0 == size % (2 * lowbit.BLOCKS[4])
         assert 0 <= rest < count * (grain + 1), n
         if n >= 3 * target:
             assert target / 1.5 < size <= target * 1.5, n
-    assert jax_chunked.layout(jax_chunked.MIN_SIZE) == (16384, 2)
-    assert jax_chunked.layout(3 * 131075) == (131072, 3)
-    assert jax_chunked.layout(2 * 195001) == (129792, 3)  # rest 626
+    assert chunked.layout(chunked.MIN_SIZE) == (16384, 2)
+    assert chunked.layout(3 * 131075) == (131072, 3)
+    assert chunked.layout(2 * 195001) == (129792, 3)  # rest 626
 
 
 @CHUNKED
 def test_small_and_forced_steps_are_not_chunked(monkeypatch):
-    from keras_adam_plus.backends import jax_chunked
+    from keras_adam_plus.backends import chunked, jax_chunked
 
-    def fail(*args):
-        raise AssertionError("chunked")
-
-    monkeypatch.setattr(jax_chunked, "_step", fail)
+    _forbid(monkeypatch, chunked, "loop")
     monkeypatch.setattr(jax_chunked, "_PROGRAMS", {})
     config, dtype = COMPILED["8bit amsgrad decoupled float32"]
     _jitted_run(config, dtype, generic=True, steps=1)  # forced generic
@@ -1061,6 +1090,33 @@ def test_small_and_forced_steps_are_not_chunked(monkeypatch):
     assert AdamPlus(state_format="8bit").fast_path.endswith(  # unbuilt
         "; low-bit variables of 32768 elements or more: one loop each "
         "over chunks of about 131072 (jax_chunked)")
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's loop")
+def test_tensorflow_loops_only_under_xla_and_from_its_min_size(monkeypatch):
+    # Eagerly and in a `tf.function` without XLA a loop would be a kernel
+    # per operation per chunk; under XLA, variables under
+    # `tf_chunked.MIN_SIZE` keep the generic step (each loop adds to the
+    # compilation).
+    import tensorflow as tf
+
+    from keras_adam_plus.backends import chunked, tf_chunked
+
+    _forbid(monkeypatch, chunked, "loop")
+    config, dtype = COMPILED["8bit amsgrad decoupled float32"]
+    _jitted_run(config, dtype, steps=1)  # 40401 < 2**20, under XLA
+    assert not tf_chunked.in_xla()
+    monkeypatch.setattr(tf_chunked, "MIN_SIZE", chunked.MIN_SIZE)
+    for wrap in (lambda f: f, tf.function,  # eagerly; graphs, no XLA
+                 lambda f: tf.function(f, jit_compile=False)):
+        rng, variable, optimizer = _built(config, dtype, False)
+        gradient = _gradient(rng, (201, 201), dtype)
+        wrap(functools.partial(optimizer.apply, [gradient], [variable]))()
+        assert int(optimizer.iterations) == 1
+    assert tf.function(tf_chunked.in_xla, jit_compile=True)()
+    assert AdamPlus(state_format="8bit").fast_path.endswith(  # unbuilt
+        "; low-bit variables of 32768 elements or more: one loop each "
+        "over chunks of about 131072 under XLA (tf_chunked)")
 
 
 @CHUNKED
@@ -1080,8 +1136,8 @@ def test_the_chunked_programs_kept_are_bounded(monkeypatch):
         optimizer._plan.hyper)
 
 
-@CHUNKED
-def test_a_skipped_chunked_step_leaves_the_state_bit_for_bit():
+@LOOPED
+def test_a_skipped_chunked_step_leaves_the_state_bit_for_bit(_chunked_tf):
     # `skip_nonfinite` guards every write of a traced step: the chunked
     # step's too. A NaN step leaves theta, codes and scales as they were,
     # and the steps around it are the generic step's.
@@ -1090,7 +1146,7 @@ def test_a_skipped_chunked_step_leaves_the_state_bit_for_bit():
     got, optimizer = _jitted_run(config, dtype, steps=3, nonfinite=(1,))
     want, generic = _jitted_run(config, dtype, steps=3, nonfinite=(1,),
                                 generic=True)
-    assert "jax_chunked" in optimizer.fast_path
+    assert "_chunked)" in optimizer.fast_path
     paths = ["theta"] + [v.path for v in optimizer.variables]
     for a, b, path in zip(got, want, paths):
         np.testing.assert_array_equal(a, b, err_msg=path)

@@ -27,7 +27,7 @@ def _module():
 def _compiled_module():
     """The module of the current backend that runs a large low-bit
     variable's step as one compiled program (torch: `torch_compiled`;
-    JAX: `jax_chunked`), or None."""
+    JAX: `jax_chunked`; TensorFlow: `tf_chunked`), or None."""
     if keras.backend.backend() == "torch":
         from keras_adam_plus.backends import torch_compiled
 
@@ -36,6 +36,10 @@ def _compiled_module():
         from keras_adam_plus.backends import jax_chunked
 
         return jax_chunked
+    if keras.backend.backend() == "tensorflow":
+        from keras_adam_plus.backends import tf_chunked
+
+        return tf_chunked
     return None
 
 
@@ -71,8 +75,8 @@ def fast_path(plan, variables, store):
 def describe(plan, variables, store):
     """`AdamPlus.fast_path`: the path's name, with the fallback reason
     (a state format other than the native one is always named, with its
-    groups where groups keep different formats; on torch and JAX, with
-    the compiled step of large low-bit variables)."""
+    groups where groups keep different formats; with the compiled step
+    of large low-bit variables where the backend has one)."""
     text = _with_formats(plan, variables, store)
     module = _compiled_module()
     if module is not None and not plan.generic_only and (

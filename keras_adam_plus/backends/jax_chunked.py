@@ -1,118 +1,43 @@
-"""JAX backend: a large low-bit variable's step, chunk by chunk, in one loop.
+"""JAX backend: a large low-bit variable's step as `chunked`'s loop.
 
-XLA on a CPU runs the generic step of block-wise state
-(`keras_adam_plus.lowbit`) over the whole variable: it never fuses a
-producer into a reduction, so the updated m and v are written to buffers of
-the variable's size between each block's absmax and the encoding, fresh
-buffers every step, whose page faults cost about as much as the step's
-arithmetic. Here the same code, `rule.step` over the format's
-`decode_scaled` and `encode_scaled`, runs on equal chunks of about
-`TARGET` elements (whole blocks of either bit width; `layout`) inside one
-loop (`ops.fori_loop`) that updates theta in place and writes the new codes
-and scales chunk by chunk (`ops.slice_update` of the loop's carry, XLA's
-dynamic-update-slice); each chunk's intermediates stay in cache and are
-reused every iteration, and each of its fusions is large enough for XLA to
-split over the cores. The few elements after the last chunk (the short
-last block among them) take one more call of the same chunk step.
-
-It takes the steps of variables of at least `MIN_SIZE` elements, inside a
+`keras_adam_plus.backends.chunked` has the loop and why. On JAX it takes
+the steps of variables of at least `chunked.MIN_SIZE` elements, inside a
 trace (`fit`, `stateless_apply`: inlined in Keras's jitted step, whose
 buffers `fit` donates, so theta is updated in place) and eagerly (one
 `jax.jit`ted program per shape and configuration, which copies theta
-once); it stands
-aside, for the generic step, where `plan.generic_only` says so. Its results
-are written through the store, so a guarded step (`skip_nonfinite`) keeps
-the old values on a bad step, as the generic one.
+once); it stands aside, for the generic step, where `plan.generic_only`
+says so.
 
-Every chunk is elementwise the generic step (blocks are independent, the
-absmax is exact), but XLA contracts a multiply and an add where its fusions
-allow, and it fuses this program differently. In one compiled program
-(`fit`, a jitted `stateless_apply`), in every cell of
-`tests/test_low_bit.py::test_every_chunk_layout_and_mode_is_the_generic_step`
-(where the last chunk ends, the modes, both formats, the weights' dtypes),
-codes, scales and every other variable are the generic step's bit for bit,
-and theta differs by at most an ulp of an intermediate (about 1e-7 where
-Nesterov's numerator cancels; the temporal average and the EMA, computed
-from theta, follow it). With gradient clipping (`clipnorm`,
-`global_clipnorm`) some scales differ by an ulp too (a review found the
-clipped gradient's multiply folded differently). Run eagerly, the generic
-step is op by op where this one is fused, and scales may differ by an ulp
-or two, so, rarely, a code by one.
-
-The loop is `keras.ops`; on TensorFlow under XLA the same loop measured
-slower than the generic step (the docs' speed page), so it is not used
-there.
+Run eagerly, the generic step is op by op where this one is fused, and
+scales may differ by an ulp or two, so, rarely, a code by one.
 """
 
 import jax
-from keras import ops
 
-from keras_adam_plus import rule, storage
+from keras_adam_plus import rule
+from keras_adam_plus.backends import chunked
 
-# Elements a loop iteration, about: large enough that XLA's CPU code splits
-# an iteration's fusions over the cores (it runs a small chunk's on one),
-# small enough that a chunk's temporaries stay in cache (docs/speed.md has
-# the sizes measured). A variable is cut into `layout`'s equal chunks.
-TARGET = 131072
-# Variables below this many elements take the generic step (two chunks of
-# 16,384 at the least).
-MIN_SIZE = 32768
-# A chunk is whole blocks of both bit widths (256 and 128: an even count,
-# 4-bit codes being two a byte).
-GRAIN = 256
-KINDS = ("m", "v", "v_max")
+# Variables below this many elements take the generic step.
+MIN_SIZE = chunked.MIN_SIZE
 # Jitted programs kept, by configuration (`_program`), the oldest dropped.
 MAX_PROGRAMS = 32
 _PROGRAMS = {}
 
 
 def handles(step, variables, index):
-    """Whether this path takes the step of `variables` (one: a group's
-    flat slots are never low-bit) of position `index`."""
-    if len(variables) != 1 or step.plan.generic_only:
-        return False
-    return storage.large_blockwise(step.store, index, variables[0],
-                                   MIN_SIZE)
+    """Whether this path takes the step of `variables` of position
+    `index`."""
+    return chunked.handles(step, variables, index, MIN_SIZE)
 
 
 def describe(variables, store):
-    """What `AdamPlus.fast_path` adds where a group keeps low-bit state:
-    how many variables this path takes (built; None for none), or which
-    it would (before build)."""
-    if store is None:
-        return (f"low-bit variables of {MIN_SIZE} elements or more: one "
-                f"loop each over chunks of about {TARGET} (jax_chunked)")
-    count = sum(1 for i, v in enumerate(variables) if storage.large_blockwise(
-        store, i, v, MIN_SIZE))
-    if not count:
-        return None
-    return (f"{count} low-bit variable{'s' if count > 1 else ''} of "
-            f"{MIN_SIZE} elements or more: one loop each over chunks of "
-            f"about {TARGET} (jax_chunked)")
+    """What `AdamPlus.fast_path` adds (`chunked.describe`)."""
+    return chunked.describe(variables, store, MIN_SIZE, "(jax_chunked)")
 
 
 def run(step, grads, variables, slots, index):
     """The rule on one low-bit variable, chunk by chunk; True (taken)."""
-    variable, store = variables[0], step.store
-    dtype = rule.compute_dtype(storage.dtype_of(variable))
-    present = [slot for slot in slots if slot is not None]
-    kinds = tuple(kind for kind, slot in zip(KINDS, slots) if slot is not None)
-    scales = [store.scale_of(slot)[0] for slot in present]
-    program = _program(step.plan.setting(index).hyper,
-                       step.plan.decays[index], store.formats[index], dtype,
-                       kinds)
-    value = ops.convert_to_tensor  # a scope's value where in one
-    theta, written = program(
-        value(variable), grads[0],
-        tuple((value(slot), value(scale))
-              for slot, scale in zip(present, scales)),
-        tuple(step.scalars(dtype, step.plan.group(index))[1:]))
-    store.assign(variable, theta)
-    for slot, scale, (new_codes, new_scales) in zip(present, scales,
-                                                     written):
-        store.assign(slot, new_codes)
-        store.assign(scale, new_scales)
-    return True
+    return chunked.run(step, grads, variables, slots, index, _program)
 
 
 def _program(hyper, decays, fmt, dtype, kinds):
@@ -131,71 +56,9 @@ def _program(hyper, decays, fmt, dtype, kinds):
             # builds optimizers whose schedules are new objects each time)
             del _PROGRAMS[next(iter(_PROGRAMS))]
         def program(theta, gradient, tensors, scalars):
-            return _step(theta, gradient, tensors,
-                         rule.Scalars(dtype, *scalars), hyper, decays, fmt,
-                         dtype, kinds)
+            return chunked.loop(theta, gradient, tensors,
+                                rule.Scalars(dtype, *scalars), hyper, decays,
+                                fmt, dtype, kinds)
 
         found = _PROGRAMS[key] = (hyper, jax.jit(program))
     return found[1]
-
-
-def layout(n):
-    """`(size, count)`: the loop's `count` chunks of `size` elements, a
-    multiple of `GRAIN`, for a variable of `n >= MIN_SIZE` elements; the
-    rest, under `count * (GRAIN + 1)` elements, is one more call.
-
-    At least two chunks: XLA inlines a loop of one iteration, which then
-    fuses as the generic step does, materializing the moments. Equal
-    chunks rather than chunks of `TARGET` and a remainder: the call after
-    the loop is straight-line code, as slow as that.
-    """
-    count = max(2, round(n / TARGET))
-    return n // count // GRAIN * GRAIN, count
-
-
-def _step(theta, gradient, tensors, scalars, hyper, decays, fmt, dtype,
-          kinds):
-    """theta and each kind's `(codes, scales)` after the step."""
-    shape, n = tuple(theta.shape), storage.size(theta.shape)
-    flat_gradient = ops.reshape(ops.cast(gradient, dtype), (-1,))
-    old = tuple((ops.reshape(c, (-1,)), s) for c, s in tensors)
-    # The loop reads the old codes and scales and writes new buffers: were
-    # it to write into the buffers it reads, XLA (which fuses a chunk's
-    # decoding into each of its consumers, theta's update among them)
-    # would copy them whole every iteration to keep the old values.
-    carry = (ops.reshape(theta, (-1,)),
-             tuple((ops.zeros(c.shape, c.dtype), ops.zeros(s.shape, s.dtype))
-                   for c, s in old))
-    per_byte = 2 if fmt.bits == 4 else 1
-
-    def chunk(start, length, carry):
-        theta, new = carry
-        # Where this chunk's codes and scales start: 4-bit codes are two a
-        # byte, and `start` is a multiple of `GRAIN` (of whole blocks).
-        at = ((start // per_byte, -(-length // per_byte)),
-              (start // fmt.block, -(-length // fmt.block)))
-        state = storage.TensorState(
-            ops.cast(ops.slice(theta, (start,), (length,)), dtype), {
-                kind: (ops.slice(codes, (at[0][0],), (at[0][1],)),
-                       ops.slice(scales, (at[1][0],), (at[1][1],)))
-                for kind, (codes, scales) in zip(kinds, old)},
-            fmt, dtype, (length,))
-        rule.step(hyper, scalars,
-                  ops.slice(flat_gradient, (start,), (length,)), state,
-                  decays)
-        theta = ops.slice_update(theta, (start,),
-                                 ops.cast(state.value, theta.dtype))
-        return theta, tuple(
-            (ops.slice_update(codes, (at[0][0],), state.written[kind][0]),
-             ops.slice_update(scales, (at[1][0],), state.written[kind][1]))
-            for kind, (codes, scales) in zip(kinds, new))
-
-    size, count = layout(n)
-    carry = ops.fori_loop(
-        0, count, lambda i, carry: chunk(i * size, size, carry), carry)
-    if n > count * size:
-        carry = chunk(count * size, n - count * size, carry)
-    theta, new = carry
-    return ops.reshape(theta, shape), tuple(
-        (ops.reshape(codes, tuple(was.shape)), scales)
-        for (codes, scales), (was, _) in zip(new, tensors))
