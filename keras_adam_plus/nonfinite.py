@@ -136,21 +136,23 @@ def _concrete(flag):
     return not torch.compiler.is_compiling()
 
 
-def _in_xla():
+def in_xla():
     """Whether TensorFlow is tracing for XLA (`jit_compile=True`).
 
     There a cond around the step measured 2-4.6x the step (XLA copies the
-    state into the conditional): the step's writes are guarded instead.
+    state into the conditional): the step's writes are guarded instead;
+    and a large low-bit variable steps through a loop (`tf_chunked`).
     TF has no public test; this uses its own (tensorflow.python), False if
-    absent.
+    absent or renamed.
     """
     try:
         import tensorflow as tf
         from tensorflow.python.ops import control_flow_util
-    except ImportError:  # pragma: no cover
+
+        return bool(control_flow_util.GraphOrParentsInXlaContext(
+            tf.compat.v1.get_default_graph()))
+    except (ImportError, AttributeError):  # pragma: no cover
         return False
-    return control_flow_util.GraphOrParentsInXlaContext(
-        tf.compat.v1.get_default_graph())
 
 
 class Skip:
@@ -222,7 +224,7 @@ def apply(skip, apply_fn, grads):
         else:
             count()
         return
-    if keras.backend.backend() == "tensorflow" and not _in_xla():
+    if keras.backend.backend() == "tensorflow" and not in_xla():
         ops.cond(finite, lambda: step(grads), count)
         return
     # TF under XLA, traced JAX, compiled torch: every write of the step

@@ -865,6 +865,30 @@ def test_a_compilation_failing_after_a_chunk_finishes_the_step_eagerly(
         np.testing.assert_array_equal(a, b, err_msg=path)
 
 
+@pytest.mark.skipif(BACKEND != "torch", reason="torch's compiled path")
+def test_a_non_contiguous_variable_takes_the_generic_step(monkeypatch):
+    # Keras keeps a transposed array's strides: no flat view of it to
+    # step in chunks (the view raised), so the generic step runs.
+    from keras_adam_plus.backends import torch_compiled
+
+    _forbid(monkeypatch, torch_compiled, "_compiled")
+    rng = np.random.default_rng(0)
+    start = rng.normal(size=(256, 201)).astype("float32").T
+    gradient = _gradient(rng, (201, 256), "float32")
+    states = []
+    for generic in (False, True):
+        variable = keras.Variable(start)
+        assert not variable.value.is_contiguous()
+        optimizer = AdamPlus(state_format="8bit")
+        if generic:
+            optimizer._force_generic = "forced by the test"
+        optimizer.build([variable])
+        optimizer.apply([gradient], [variable])
+        states.append([_numpy(variable)] + list(_state(optimizer).values()))
+    for a, b in zip(*states):
+        np.testing.assert_array_equal(a, b)
+
+
 def _forbid(monkeypatch, module, name):
     """Makes a call of `module.name` fail the test."""
     def fail(*args):
@@ -1048,7 +1072,6 @@ def test_an_eager_chunked_step_is_the_generic_one_but_for_fusion(name):
         assert off.max() <= 1 and np.mean(off > 0) < 1e-3, path
 
 
-@CHUNKED
 def test_the_chunk_layout_is_equal_chunks_of_whole_blocks_and_a_short_rest():
     # Every size from `MIN_SIZE`, each one up to 4 chunks and then a
     # sample: at least two chunks (XLA inlines a loop of one, which then
@@ -1087,6 +1110,9 @@ def test_small_and_forced_steps_are_not_chunked(monkeypatch):
     optimizer.apply([ops.ones((181, 181))], [small])
     assert int(optimizer.iterations) == 1
     assert "jax_chunked" not in optimizer.fast_path  # none that large
+    # Measured on CPUs only: on a GPU the generic step runs.
+    monkeypatch.setattr(jax_chunked.jax, "default_backend", lambda: "gpu")
+    _jitted_run(config, dtype, steps=1)
     assert AdamPlus(state_format="8bit").fast_path.endswith(  # unbuilt
         "; low-bit variables of 32768 elements or more: one loop each "
         "over chunks of about 131072 (jax_chunked)")
@@ -1100,12 +1126,13 @@ def test_tensorflow_loops_only_under_xla_and_from_its_min_size(monkeypatch):
     # compilation).
     import tensorflow as tf
 
+    from keras_adam_plus import nonfinite
     from keras_adam_plus.backends import chunked, tf_chunked
 
     _forbid(monkeypatch, chunked, "loop")
     config, dtype = COMPILED["8bit amsgrad decoupled float32"]
     _jitted_run(config, dtype, steps=1)  # 40401 < 2**20, under XLA
-    assert not tf_chunked.in_xla()
+    assert not nonfinite.in_xla()
     monkeypatch.setattr(tf_chunked, "MIN_SIZE", chunked.MIN_SIZE)
     for wrap in (lambda f: f, tf.function,  # eagerly; graphs, no XLA
                  lambda f: tf.function(f, jit_compile=False)):
@@ -1113,7 +1140,10 @@ def test_tensorflow_loops_only_under_xla_and_from_its_min_size(monkeypatch):
         gradient = _gradient(rng, (201, 201), dtype)
         wrap(functools.partial(optimizer.apply, [gradient], [variable]))()
         assert int(optimizer.iterations) == 1
-    assert tf.function(tf_chunked.in_xla, jit_compile=True)()
+    assert tf.function(nonfinite.in_xla, jit_compile=True)()
+    # Measured on CPUs only: a variable on a GPU keeps the generic step.
+    monkeypatch.setattr(tf_chunked, "_device", lambda v: "/device:GPU:0")
+    _jitted_run(config, dtype, steps=1)
     assert AdamPlus(state_format="8bit").fast_path.endswith(  # unbuilt
         "; low-bit variables of 32768 elements or more: one loop each "
         "over chunks of about 131072 under XLA (tf_chunked)")

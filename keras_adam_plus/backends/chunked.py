@@ -51,14 +51,21 @@ GRAIN = 256
 KINDS = ("m", "v", "v_max")
 
 
+# Variables of this many elements or more take the generic step: the
+# loop's offsets are int32 (TensorFlow; JAX without x64).
+MAX_SIZE = 2 ** 31
+
+
 def handles(step, variables, index, min_size):
     """Whether a chunked path may take the step of `variables` (one: a
     group's flat slots are never low-bit) of position `index`: block-wise
-    state of at least `min_size` elements, not forced generic."""
+    state of at least `min_size` elements (under `MAX_SIZE`), not forced
+    generic."""
     if len(variables) != 1 or step.plan.generic_only:
         return False
     return storage.large_blockwise(step.store, index, variables[0],
-                                   min_size)
+                                   min_size) and (
+        storage.size(variables[0].shape) < MAX_SIZE)
 
 
 def describe(variables, store, min_size, how):

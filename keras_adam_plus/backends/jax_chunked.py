@@ -5,8 +5,8 @@ the steps of variables of at least `chunked.MIN_SIZE` elements, inside a
 trace (`fit`, `stateless_apply`: inlined in Keras's jitted step, whose
 buffers `fit` donates, so theta is updated in place) and eagerly (one
 `jax.jit`ted program per shape and configuration, which copies theta
-once); it stands aside, for the generic step, where `plan.generic_only`
-says so.
+once), on a CPU; it stands aside, for the generic step, where
+`plan.generic_only` says so and on other devices.
 
 Run eagerly, the generic step is op by op where this one is fused, and
 scales may differ by an ulp or two, so, rarely, a code by one.
@@ -26,8 +26,10 @@ _PROGRAMS = {}
 
 def handles(step, variables, index):
     """Whether this path takes the step of `variables` of position
-    `index`."""
-    return chunked.handles(step, variables, index, MIN_SIZE)
+    `index`: on a CPU (it is measured there only; on a GPU a loop's
+    iterations would be small kernels in turn)."""
+    return (chunked.handles(step, variables, index, MIN_SIZE)
+            and jax.default_backend() == "cpu")
 
 
 def describe(variables, store):

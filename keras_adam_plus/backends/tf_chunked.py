@@ -10,9 +10,11 @@ a loop is one small kernel per operation per chunk, so the generic step
 runs; and for smaller variables, since each loop adds to XLA's
 compilation (time and memory, which grow with the variables of a model
 on TensorFlow) more than it saves. It stands aside, for the generic step,
-where `plan.generic_only` says so.
+where `plan.generic_only` says so, and on a GPU or TPU (it is measured
+on CPUs only; there a loop's iterations would be small kernels in turn).
 """
 
+from keras_adam_plus import nonfinite
 from keras_adam_plus.backends import chunked
 
 # Variables below this many elements take the generic step.
@@ -21,21 +23,20 @@ MIN_SIZE = 2 ** 20
 
 def handles(step, variables, index):
     """Whether this path takes the step of `variables` of position
-    `index`: large enough, inside an XLA-compiled function."""
+    `index`: large enough, on a CPU, inside an XLA-compiled function."""
     return (chunked.handles(step, variables, index, MIN_SIZE)
-            and in_xla())
+            and "CPU" in (_device(variables[0]) or "CPU").upper()
+            and nonfinite.in_xla())
 
 
-def in_xla():
-    """Whether the step is being traced for XLA (`jit_compile=True`); False
-    where TensorFlow's internal module to tell is missing."""
-    try:
-        import tensorflow as tf
-        from tensorflow.python.ops import control_flow_util
-    except ImportError:
-        return False
-    return bool(control_flow_util.GraphOrParentsInXlaContext(
-        tf.compat.v1.get_default_graph()))
+def _device(variable):
+    """The device string of a Keras or a TensorFlow variable ("" where it
+    has none): Keras's steps get either."""
+    for candidate in (variable, getattr(variable, "value", None)):
+        device = getattr(candidate, "device", None)
+        if isinstance(device, str):
+            return device
+    return ""
 
 
 def describe(variables, store):

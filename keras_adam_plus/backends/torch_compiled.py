@@ -8,7 +8,8 @@ Here the same code, `rule.step` over the format's `decode_scaled` and
 (`fullgraph=True`, one program per shape and configuration, as torchao
 compiles its low-bit Adam per parameter), which inductor fuses into a few
 loops, called on the variable's flattened tensors in chunks of at most
-`CHUNK` elements (views: theta, codes and scales are written in place).
+`CHUNK` elements on a CPU, once on other devices (views: theta, codes and
+scales are written in place).
 
 It takes the steps of variables of at least `MIN_SIZE` elements, run
 eagerly: where Keras compiles the whole step (`jit_compile=True`) the
@@ -16,7 +17,8 @@ generic step is compiled with it, and small variables are not worth a
 compilation each (a few seconds a shape). It stands aside, for the
 generic step, where `plan.generic_only` says so, inside a stateless scope
 (`stateless_apply` records assignments), while a step is guarded
-(`Store.finite`), and once a compilation failed (a warning says why).
+(`Store.finite`), for a variable not contiguous in memory (no flat view),
+and once a compilation failed (a warning says why).
 
 Codes and scales are the generic step's (but for a block whose scale is
 NaN: which of its end codes a NaN takes follows the NaN's sign, which
@@ -54,6 +56,8 @@ def handles(step, variables, index):
     store = step.store
     if store.finite is not None or not storage.large_blockwise(
             store, index, variables[0], MIN_SIZE):
+        return False
+    if not variables[0].value.is_contiguous():  # no flat view of it
         return False
     from keras.src.backend.common.stateless_scope import in_stateless_scope
 
@@ -93,10 +97,13 @@ def run(step, grads, variables, slots, index):
     hyper, decays = step.plan.setting(index).hyper, step.plan.decays[index]
     per_byte = 2 if fmt.bits == 4 else 1
     n, start = theta.shape[0], 0
+    # On a GPU one call (measured on CPUs only; there each call's Python
+    # and launches would repeat a chunk at a time).
+    chunk = CHUNK if theta.device.type == "cpu" else n
     step_chunk = _compiled
     with _no_recompile_limit():
         while start < n:
-            end = min(n, start + CHUNK)
+            end = min(n, start + chunk)
             # Each slot's codes and scales of elements start..end: `start`
             # is whole blocks, 4-bit codes two a byte.
             tensors = tuple(None if pair is None else (
