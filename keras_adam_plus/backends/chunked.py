@@ -45,15 +45,13 @@ from keras_adam_plus import rule, storage
 TARGET = 131072
 # The least size `layout` cuts (two chunks of 16,384).
 MIN_SIZE = 32768
+# Variables of this many elements or more take the generic step: the
+# loop's offsets are int32 (TensorFlow; JAX without x64).
+MAX_SIZE = 2 ** 31
 # A chunk is whole blocks of both bit widths (256 and 128: an even count,
 # 4-bit codes being two a byte).
 GRAIN = 256
 KINDS = ("m", "v", "v_max")
-
-
-# Variables of this many elements or more take the generic step: the
-# loop's offsets are int32 (TensorFlow; JAX without x64).
-MAX_SIZE = 2 ** 31
 
 
 def handles(step, variables, index, min_size):
@@ -121,6 +119,15 @@ def traced(hyper, decays, fmt, dtype, kinds):
     return call
 
 
+def spans(start, length, fmt):
+    """Where the codes and scales of elements `start` to `start + length`
+    lie: `((first byte, bytes), (first scale, scales))`, for a `start` of
+    whole blocks (4-bit codes are two a byte)."""
+    per_byte = 2 if fmt.bits == 4 else 1
+    return ((start // per_byte, -(-length // per_byte)),
+            (start // fmt.block, -(-length // fmt.block)))
+
+
 def layout(n):
     """`(size, count)`: the loop's `count` chunks of `size` elements, a
     multiple of `GRAIN`, for a variable of `n >= MIN_SIZE` elements; the
@@ -148,14 +155,9 @@ def loop(theta, gradient, tensors, scalars, hyper, decays, fmt, dtype,
     carry = (ops.reshape(theta, (-1,)),
              tuple((ops.zeros(c.shape, c.dtype), ops.zeros(s.shape, s.dtype))
                    for c, s in old))
-    per_byte = 2 if fmt.bits == 4 else 1
-
     def chunk(start, length, carry):
         theta, new = carry
-        # Where this chunk's codes and scales start: 4-bit codes are two a
-        # byte, and `start` is a multiple of `GRAIN` (of whole blocks).
-        at = ((start // per_byte, -(-length // per_byte)),
-              (start // fmt.block, -(-length // fmt.block)))
+        at = spans(start, length, fmt)  # `start`: a multiple of `GRAIN`
         state = storage.TensorState(
             ops.cast(ops.slice(theta, (start,), (length,)), dtype), {
                 kind: (ops.slice(codes, (at[0][0],), (at[0][1],)),

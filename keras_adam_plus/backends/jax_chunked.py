@@ -14,7 +14,6 @@ scales may differ by an ulp or two, so, rarely, a code by one.
 
 import jax
 
-from keras_adam_plus import rule
 from keras_adam_plus.backends import chunked
 
 # Variables below this many elements take the generic step.
@@ -57,10 +56,6 @@ def _program(hyper, decays, fmt, dtype, kinds):
         if len(_PROGRAMS) >= MAX_PROGRAMS:  # the oldest goes (a sweep
             # builds optimizers whose schedules are new objects each time)
             del _PROGRAMS[next(iter(_PROGRAMS))]
-        def program(theta, gradient, tensors, scalars):
-            return chunked.loop(theta, gradient, tensors,
-                                rule.Scalars(dtype, *scalars), hyper, decays,
-                                fmt, dtype, kinds)
-
-        found = _PROGRAMS[key] = (hyper, jax.jit(program))
+        found = _PROGRAMS[key] = (hyper, jax.jit(
+            chunked.traced(hyper, decays, fmt, dtype, kinds)))
     return found[1]

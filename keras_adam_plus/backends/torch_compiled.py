@@ -34,6 +34,7 @@ import warnings
 import torch
 
 from keras_adam_plus import rule, storage
+from keras_adam_plus.backends import chunked
 
 # Variables below this many elements take the generic step.
 MIN_SIZE = 32768
@@ -95,7 +96,6 @@ def run(step, grads, variables, slots, index):
         slot.value.view(-1), store.scale_of(slot)[0].value) for slot in slots)
     scalars = step.scalars(dtype, step.plan.group(index))
     hyper, decays = step.plan.setting(index).hyper, step.plan.decays[index]
-    per_byte = 2 if fmt.bits == 4 else 1
     n, start = theta.shape[0], 0
     # On a GPU one call (measured on CPUs only; there each call's Python
     # and launches would repeat a chunk at a time).
@@ -104,11 +104,10 @@ def run(step, grads, variables, slots, index):
     with _no_recompile_limit():
         while start < n:
             end = min(n, start + chunk)
-            # Each slot's codes and scales of elements start..end: `start`
-            # is whole blocks, 4-bit codes two a byte.
+            (byte, size), (first, count) = chunked.spans(
+                start, end - start, fmt)  # `start` is whole blocks
             tensors = tuple(None if pair is None else (
-                pair[0][start // per_byte:-(-end // per_byte)],
-                pair[1][start // fmt.block:-(-end // fmt.block)])
+                pair[0][byte:byte + size], pair[1][first:first + count])
                 for pair in flat)
             try:
                 step_chunk(theta[start:end], gradient[start:end], tensors,
